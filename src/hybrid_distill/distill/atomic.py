@@ -1,0 +1,41 @@
+"""Publish files and directories so that a reader sees either the old content or the complete new one."""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a file's or a directory's entry to disk (a kill never loses written data; a node crash could)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write `text` to a temp file beside `path` and rename it into place."""
+    staging = path.with_name(f".{path.name}.partial")
+    with open(staging, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(staging, path)
+    fsync_path(path.parent)
+
+
+def publish_dir(staging: Path, final: Path) -> None:
+    """Rename a fully written `staging` directory to `final`, replacing an existing one."""
+    for entry in staging.rglob("*"):
+        if entry.is_file():
+            fsync_path(entry)
+    fsync_path(staging)
+    if final.exists():  # only when a finished job is asked to save the same step again
+        retired = final.with_name(f".{final.name}.retired")
+        shutil.rmtree(retired, ignore_errors=True)
+        os.replace(final, retired)
+        shutil.rmtree(retired)
+    os.replace(staging, final)
+    fsync_path(final.parent)

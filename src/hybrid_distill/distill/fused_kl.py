@@ -1,0 +1,164 @@
+"""Stage-2 KL(teacher || student) from final hidden states, without ever holding [tokens x vocab] logits.
+
+Loss (paper, stage 2), with w_t the token weights (all ones without a mask):
+    L = τ² · Σ_t w_t KL(softmax(ℓ_T,t/τ) ‖ softmax(ℓ_S,t/τ)) / Σ_t w_t,   ℓ = hidden @ Wᵀ (+ bias).
+Gradient, with p = softmax(ℓ/τ): ∂KL_t/∂ℓ_S,t = (p_S,t − p_T,t)/τ, hence
+    ∂L/∂ℓ_S,t = τ · w_t (p_S,t − p_T,t) / Σ_t w_t.
+Because L is a sum over tokens, the forward pass computes each chunk's gradient at once and keeps only the
+[N, d] and [V, d] results; backward scales them by grad_output. The teacher gets no gradient.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+__all__ = ["chunked_kl_from_hidden", "naive_kl"]
+
+
+def naive_kl(
+    student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0, token_mask: Tensor | None = None
+) -> Tensor:
+    """The plain formula on full logits [..., V]: the reference for tests and the benchmark's baseline."""
+    _check_temperature(temperature)
+    compute_dtype = _compute_dtype(student_logits)
+    log_p_student = torch.log_softmax(student_logits.to(compute_dtype) / temperature, dim=-1)
+    log_p_teacher = torch.log_softmax(teacher_logits.to(compute_dtype) / temperature, dim=-1)
+    per_token = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(dim=-1)
+    if token_mask is None:
+        return temperature**2 * per_token.mean()
+    weights = token_mask.to(per_token.dtype)
+    return temperature**2 * (per_token * weights).sum() / weights.sum()
+
+
+def chunked_kl_from_hidden(
+    student_hidden: Tensor,
+    student_head_weight: Tensor,
+    teacher_hidden: Tensor,
+    teacher_head_weight: Tensor,
+    temperature: float = 1.0,
+    chunk_tokens: int = 1024,
+    student_head_bias: Tensor | None = None,
+    teacher_head_bias: Tensor | None = None,
+    token_mask: Tensor | None = None,
+) -> Tensor:
+    """τ²-scaled mean KL(teacher ‖ student) over (masked) tokens, as a float32 scalar (float64 for fp64 input).
+
+    Hidden states may be [N, d] or [..., N, d] (flattened here); `token_mask` is bool or float with the same
+    leading shape. Teacher tensors must not require grad: the teacher is frozen.
+    """
+    _check_temperature(temperature)
+    if not isinstance(chunk_tokens, int) or chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be a positive integer, got {chunk_tokens!r}")
+    teacher_inputs = {"teacher_hidden": teacher_hidden, "teacher_head_weight": teacher_head_weight,
+                      "teacher_head_bias": teacher_head_bias}
+    for name, tensor in teacher_inputs.items():
+        if tensor is not None and tensor.requires_grad:
+            raise ValueError(f"{name} requires grad, but the teacher is frozen: detach it or use torch.no_grad()")
+    leading_shape = student_hidden.shape[:-1]
+    if teacher_hidden.shape[:-1] != leading_shape:
+        raise ValueError(f"teacher_hidden {tuple(teacher_hidden.shape)} and student_hidden "
+                         f"{tuple(student_hidden.shape)} differ in their token dimensions")
+    if student_head_weight.shape[0] != teacher_head_weight.shape[0]:
+        raise ValueError(f"student vocab {student_head_weight.shape[0]} != teacher vocab "
+                         f"{teacher_head_weight.shape[0]}")
+    if token_mask is not None and token_mask.shape != leading_shape:
+        raise ValueError(f"token_mask {tuple(token_mask.shape)} must have shape {tuple(leading_shape)}")
+    if leading_shape.numel() == 0:
+        raise ValueError("chunked_kl_from_hidden got no tokens")
+
+    student_flat = student_hidden.reshape(-1, student_hidden.shape[-1])
+    teacher_flat = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
+    mask_flat = None if token_mask is None else token_mask.reshape(-1)
+    return _ChunkedKL.apply(student_flat, student_head_weight, student_head_bias, teacher_flat,
+                            teacher_head_weight, teacher_head_bias, mask_flat, float(temperature), chunk_tokens,
+                            torch.is_grad_enabled())
+
+
+class _ChunkedKL(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
+                token_mask, temperature, chunk_tokens, grad_enabled):
+        num_tokens = student_hidden.shape[0]
+        device = student_hidden.device
+        # Under no_grad (held-out evaluation) the per-chunk gradients are skipped entirely.
+        wants_grad = tuple(grad_enabled and ctx.needs_input_grad[i] for i in range(3))
+        compute_dtype = _compute_dtype(student_hidden)
+        # Upcast ("wide") the heads once; per chunk only the hidden slice is upcast.
+        wide_student_weight = student_weight.to(compute_dtype)
+        wide_teacher_weight = teacher_weight.to(compute_dtype)
+        wide_student_bias = None if student_bias is None else student_bias.to(compute_dtype)
+        wide_teacher_bias = None if teacher_bias is None else teacher_bias.to(compute_dtype)
+
+        if token_mask is None:
+            token_weights = None
+            weight_total = torch.tensor(float(num_tokens), dtype=compute_dtype, device=device)
+        else:
+            token_weights = token_mask.to(device=device, dtype=compute_dtype)
+            weight_total = token_weights.sum()
+        # An all-masked batch contributes nothing rather than 0/0.
+        inverse_total = torch.where(weight_total > 0, 1.0 / weight_total, torch.zeros_like(weight_total))
+
+        loss_sum = torch.zeros((), dtype=compute_dtype, device=device)
+        grad_hidden = torch.empty_like(student_hidden) if wants_grad[0] else None
+        wide_grad_weight = torch.zeros_like(wide_student_weight) if wants_grad[1] else None
+        wide_grad_bias = torch.zeros_like(wide_student_bias) if wants_grad[2] else None
+
+        for start in range(0, num_tokens, chunk_tokens):
+            rows = slice(start, min(start + chunk_tokens, num_tokens))
+            wide_hidden = student_hidden[rows].to(compute_dtype)
+            log_p_student = _scaled_log_softmax(wide_hidden, wide_student_weight, wide_student_bias, temperature)
+            log_p_teacher = _scaled_log_softmax(teacher_hidden[rows].to(compute_dtype), wide_teacher_weight,
+                                                wide_teacher_bias, temperature)
+            log_ratio = log_p_teacher - log_p_student
+            p_teacher = log_p_teacher.exp_()
+            per_token = log_ratio.mul_(p_teacher).sum(dim=-1)
+            del log_ratio
+            if token_weights is not None:
+                per_token = per_token * token_weights[rows]
+            loss_sum += per_token.sum()
+
+            if any(wants_grad):
+                row_scale = temperature * inverse_total
+                if token_weights is not None:
+                    row_scale = row_scale * token_weights[rows]
+                    row_scale = row_scale.unsqueeze(-1)
+                grad_logits = log_p_student.exp_().sub_(p_teacher).mul_(row_scale)
+                if grad_hidden is not None:
+                    grad_hidden[rows] = (grad_logits @ wide_student_weight).to(grad_hidden.dtype)
+                if wide_grad_weight is not None:
+                    wide_grad_weight.addmm_(grad_logits.T, wide_hidden)
+                if wide_grad_bias is not None:
+                    wide_grad_bias += grad_logits.sum(dim=0)
+
+        ctx.save_for_backward(
+            grad_hidden,
+            None if wide_grad_weight is None else wide_grad_weight.to(student_weight.dtype),
+            None if wide_grad_bias is None else wide_grad_bias.to(student_bias.dtype),
+        )
+        return temperature**2 * loss_sum * inverse_total
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+        scaled = [None if grad is None else grad * grad_output.to(grad.dtype)
+                  for grad in (grad_hidden, grad_weight, grad_bias)]
+        return (*scaled, None, None, None, None, None, None, None)
+
+
+def _scaled_log_softmax(hidden: Tensor, weight: Tensor, bias: Tensor | None, temperature: float) -> Tensor:
+    logits = hidden @ weight.T if bias is None else torch.addmm(bias, hidden, weight.T)
+    if temperature != 1.0:
+        logits.div_(temperature)
+    return torch.log_softmax(logits, dim=-1)
+
+
+def _compute_dtype(reference: Tensor) -> torch.dtype:
+    """float32 for half-precision and fp32 input; float64 stays float64 so that gradcheck is exact."""
+    return torch.promote_types(reference.dtype, torch.float32)
+
+
+def _check_temperature(temperature: float) -> None:
+    if not temperature > 0:
+        raise ValueError(f"temperature must be positive, got {temperature!r}")

@@ -1,0 +1,105 @@
+"""What GDN and GLA mixers share: the HF attention call signature, padding, the decoding cache, output norm."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .short_conv import ShortConvolution
+from .spec import MixerSpec
+
+STATE_ATTRIBUTE = "hybrid_linear_states"  # dict on the HF Cache object: layer_idx -> (conv caches, recurrent state)
+
+
+class RMSNorm(nn.Module):
+    """Per-head RMS norm (weight shared across heads), optionally gated by silu(g) as fla's FusedRMSNormGated."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()
+        if gate is not None:
+            normed = normed * F.silu(gate.float())
+        return normed.to(x.dtype)
+
+
+class LinearMixer(nn.Module):
+    """Drop-in for a HF attention module: same call, returns (output, None); state lives in the HF cache."""
+
+    def __init__(self, spec: MixerSpec, layer_idx: int):
+        super().__init__()
+        self.spec = spec
+        self.layer_idx = layer_idx
+        self.padding_mask: torch.Tensor | None = None  # set per forward by the model's pre-hook (1 = real token)
+        inner = spec.num_heads * spec.head_dim
+        self.q_proj = nn.Linear(spec.hidden_size, inner, bias=spec.qkv_bias)
+        self.k_proj = nn.Linear(spec.hidden_size, inner, bias=spec.qkv_bias)
+        self.v_proj = nn.Linear(spec.hidden_size, inner, bias=spec.qkv_bias)
+        self.o_proj = nn.Linear(inner, spec.hidden_size, bias=False)
+        if spec.use_short_conv:
+            self.q_conv1d = ShortConvolution(inner, spec.conv_size)
+            self.k_conv1d = ShortConvolution(inner, spec.conv_size)
+            self.v_conv1d = ShortConvolution(inner, spec.conv_size)
+        if spec.use_output_gate:
+            self.g_proj = nn.Linear(spec.hidden_size, inner, bias=False)
+
+    # -- pieces the subclasses combine ---------------------------------------------------------------
+    def _keep_mask(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        """[B, T] float mask of real tokens for this call, or None when nothing is padded."""
+        mask = self.padding_mask
+        if mask is None or mask.dim() != 2 or bool(mask.all()):
+            return None
+        return mask[:, -hidden_states.shape[1]:].to(hidden_states.dtype)
+
+    def _project_qkv(self, hidden_states, keep, conv_caches):
+        """q, k, v as [B, T, H, D] after the optional short convolutions; padded positions zeroed."""
+        projected = [self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)]
+        if keep is not None:
+            projected = [x * keep[..., None] for x in projected]
+        new_caches = None
+        if self.spec.use_short_conv:
+            convs = (self.q_conv1d, self.k_conv1d, self.v_conv1d)
+            caches = conv_caches or (None, None, None)
+            results = [conv(x, cache) for conv, x, cache in zip(convs, projected, caches)]
+            projected = [out for out, _ in results]
+            new_caches = tuple(cache for _, cache in results)
+            if keep is not None:
+                projected = [x * keep[..., None] for x in projected]
+        shape = (*hidden_states.shape[:2], self.spec.num_heads, self.spec.head_dim)
+        q, k, v = (x.reshape(shape) for x in projected)
+        return q, k, v, new_caches
+
+    def _finish(self, output, hidden_states):
+        """Output norm (gated if configured) per head, then the output projection."""
+        gate = None
+        if self.spec.use_output_gate:
+            gate = self.g_proj(hidden_states).reshape(output.shape)
+        output = self.output_norm(output.to(hidden_states.dtype), gate)
+        return self.o_proj(output.flatten(-2))
+
+    def _load_state(self, cache):
+        if cache is None:
+            return None, None
+        return getattr(cache, STATE_ATTRIBUTE, {}).get(self.layer_idx, (None, None))
+
+    def _store_state(self, cache, hidden_states, conv_caches, recurrent_state):
+        """Keep the recurrent state beside the KV cache and advance the layer's length by a zero-width entry."""
+        if cache is None:
+            return
+        if not hasattr(cache, STATE_ATTRIBUTE):
+            setattr(cache, STATE_ATTRIBUTE, {})
+        getattr(cache, STATE_ATTRIBUTE)[self.layer_idx] = (conv_caches, recurrent_state)
+        batch, length = hidden_states.shape[:2]
+        empty = hidden_states.new_zeros(batch, 1, length, 0)
+        cache.update(empty, empty, self.layer_idx)
+
+    @property
+    def output_norm(self) -> RMSNorm:
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"kind={self.spec.kind}, heads={self.spec.num_heads}, head_dim={self.spec.head_dim}"

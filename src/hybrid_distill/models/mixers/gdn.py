@@ -1,0 +1,66 @@
+"""Gated DeltaNet mixer with flash-linear-attention's parameter names (q/k/v/a/b_proj, A_log, dt_bias, ...)."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import LinearMixer, RMSNorm
+from .kernels import gated_delta_rule
+from .spec import MixerSpec
+
+
+class GatedDeltaNetMixer(LinearMixer):
+    """o_t = S_t^T q_t with S_t = a_t (I - b_t k_t k_t^T) S_{t-1} + b_t k_t v_t^T; a_t, b_t data-dependent."""
+
+    def __init__(self, spec: MixerSpec, layer_idx: int):
+        super().__init__(spec, layer_idx)
+        heads = spec.num_heads
+        self.a_proj = nn.Linear(spec.hidden_size, heads, bias=False)
+        self.b_proj = nn.Linear(spec.hidden_size, heads, bias=False)
+        self.A_log = nn.Parameter(torch.zeros(heads))
+        self.dt_bias = nn.Parameter(torch.zeros(heads))
+        self.o_norm = RMSNorm(spec.head_dim, spec.norm_eps)
+        self.reset_fresh_parameters()
+
+    @property
+    def output_norm(self) -> RMSNorm:
+        return self.o_norm
+
+    def reset_fresh_parameters(self) -> None:
+        """Init of everything the teacher has no counterpart for; each choice aims at a near-teacher start."""
+        with torch.no_grad():
+            # gates start input-independent, so the first steps see a plain decayed linear attention
+            self.a_proj.weight.zero_()
+            self.b_proj.weight.zero_()            # beta = sigmoid(0) = 0.5: a half-strength delta update
+            self.A_log.zero_()                    # A = 1: the decay rate is softplus(dt_bias) alone
+            # per-head decays spread log-uniformly over e^-0.1 .. e^-0.001: short- and long-memory heads,
+            # the slow ones close to softmax attention, which never forgets
+            steps = torch.linspace(0, 1, self.spec.num_heads)
+            dt = torch.exp(math.log(1e-1) + steps * (math.log(1e-3) - math.log(1e-1)))
+            self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))   # inverse softplus
+            if self.spec.use_short_conv:
+                for conv in (self.q_conv1d, self.k_conv1d, self.v_conv1d):
+                    conv.reset_to_identity()      # the conv passes the teacher's projections through
+            if self.spec.use_output_gate:
+                nn.init.normal_(self.g_proj.weight, std=0.02)
+            self.o_norm.weight.fill_(1.0)
+
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
+        keep = self._keep_mask(hidden_states)
+        conv_caches, recurrent_state = self._load_state(past_key_values)
+        q, k, v, conv_caches = self._project_qkv(hidden_states, keep, conv_caches)
+        q, k = F.normalize(q.float(), dim=-1, eps=1e-6).to(v.dtype), F.normalize(k.float(), dim=-1, eps=1e-6).to(v.dtype)
+        decay_log = -self.A_log.float().exp() * F.softplus(self.a_proj(hidden_states).float() + self.dt_bias.float())
+        beta = torch.sigmoid(self.b_proj(hidden_states).float())
+        if self.spec.allow_neg_eigval:
+            beta = beta * 2.0
+        if keep is not None:  # padded positions neither decay nor write the state
+            decay_log, beta = decay_log * keep[..., None], beta * keep[..., None]
+        output, recurrent_state = gated_delta_rule(
+            q, k, v, decay_log, beta.to(v.dtype), scale=self.spec.head_dim ** -0.5,
+            initial_state=recurrent_state, output_final_state=past_key_values is not None)
+        self._store_state(past_key_values, hidden_states, conv_caches, recurrent_state)
+        return self._finish(output, hidden_states), None

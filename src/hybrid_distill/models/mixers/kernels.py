@@ -1,0 +1,60 @@
+"""One entry point per mixer op: fla's Triton kernels on CUDA, the plain-PyTorch twins everywhere else.
+
+`HD_MIXER_BACKEND=torch` forces the PyTorch path on CUDA too (the GPU equality test compares the two).
+fla is imported lazily: importing it costs seconds and it is useless on CPU.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+from . import torch_ops
+
+DECODE_MAX_TOKENS = 64  # below this and without grad, fla's fused recurrent kernel beats the chunked one
+
+
+def use_fla(tensor: torch.Tensor) -> bool:
+    backend = os.environ.get("HD_MIXER_BACKEND", "auto")
+    if backend not in ("auto", "torch", "fla"):
+        raise ValueError(f"HD_MIXER_BACKEND must be auto, torch or fla, not {backend!r}")
+    if backend == "torch" or not tensor.is_cuda:
+        if backend == "fla":
+            raise RuntimeError("HD_MIXER_BACKEND=fla needs CUDA tensors")
+        return False
+    return True
+
+
+@functools.cache
+def _fla_ops():
+    from fla.ops.gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
+    from fla.ops.gla import chunk_gla, fused_recurrent_gla
+
+    return chunk_gated_delta_rule, fused_recurrent_gated_delta_rule, chunk_gla, fused_recurrent_gla
+
+
+def _decoding(q: torch.Tensor) -> bool:
+    return not torch.is_grad_enabled() and q.shape[1] <= DECODE_MAX_TOKENS
+
+
+def gated_delta_rule(q, k, v, g, beta, scale, initial_state=None, output_final_state=False):
+    """Gated delta rule with L2-normalised q/k given; returns (output [B,T,H,V], final state [B,H,K,V] or None)."""
+    if not use_fla(q):
+        return torch_ops.gated_delta_rule_chunked(q, k, v, g, beta, scale, initial_state, output_final_state)
+    chunk_op, recurrent_op, _, _ = _fla_ops()
+    op = recurrent_op if _decoding(q) else chunk_op
+    return op(q=q, k=k, v=v, g=g, beta=beta, scale=scale, initial_state=initial_state,
+              output_final_state=output_final_state)
+
+
+def gated_linear_attention(q, k, v, gk, scale, initial_state=None, output_final_state=False):
+    """GLA with per-channel log decays gk; returns (output, final state or None)."""
+    if not use_fla(q):
+        return torch_ops.gla_chunked(q, k, v, gk, scale, initial_state, output_final_state)
+    _, _, chunk_op, recurrent_op = _fla_ops()
+    if _decoding(q):
+        return recurrent_op(q=q, k=k, v=v, gk=gk, scale=scale, initial_state=initial_state,
+                            output_final_state=output_final_state)
+    return chunk_op(q=q, k=k, v=v, g=gk, scale=scale, initial_state=initial_state,
+                    output_final_state=output_final_state)

@@ -1,0 +1,48 @@
+"""The chunked PyTorch ops compute the same function as their token-by-token recurrences."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hybrid_distill.models.mixers import torch_ops
+
+
+def inputs(length, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shape = (2, length, 3, 8)
+    q = torch.randn(shape, generator=g, dtype=torch.float64)
+    k = F.normalize(torch.randn(shape, generator=g, dtype=torch.float64), dim=-1)
+    v = torch.randn(2, length, 3, 5, generator=g, dtype=torch.float64)
+    state = torch.randn(2, 3, 8, 5, generator=g, dtype=torch.float64)
+    return q, k, v, state, g
+
+
+@pytest.mark.parametrize("length,chunk", [(1, 4), (13, 4), (16, 16), (37, 8)])
+def test_gated_delta_rule_chunked_equals_recurrent(length, chunk):
+    q, k, v, state, g = inputs(length)
+    decay = -torch.rand(2, length, 3, generator=g, dtype=torch.float64)
+    beta = torch.rand(2, length, 3, generator=g, dtype=torch.float64)
+    ref_out, ref_state = torch_ops.gated_delta_rule_recurrent(q, k, v, decay, beta, 0.35, state, True)
+    out, final = torch_ops.gated_delta_rule_chunked(q, k, v, decay, beta, 0.35, state, True, chunk_size=chunk)
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(final, ref_state.to(final.dtype), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("length,chunk", [(1, 4), (13, 4), (37, 8)])
+def test_gla_chunked_equals_recurrent(length, chunk):
+    q, k, v, state, g = inputs(length)
+    decay = F.logsigmoid(torch.randn(2, length, 3, 8, generator=g, dtype=torch.float64) * 3) / 2
+    ref_out, ref_state = torch_ops.gla_recurrent(q, k, v, decay, 0.35, state, True)
+    out, final = torch_ops.gla_chunked(q, k, v, decay, 0.35, state, True, chunk_size=chunk)
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(final, ref_state.to(final.dtype), atol=1e-5, rtol=1e-5)
+
+
+def test_delta_rule_overwrites_a_key_with_beta_one():
+    """Known answer: with beta = 1 and no decay, writing (k, v1) then (k, v2) leaves exactly v2 under k."""
+    k = torch.zeros(1, 2, 1, 4, dtype=torch.float64)
+    k[..., 0] = 1.0
+    v = torch.tensor([[[[1.0, 2.0]]], [[[5.0, -1.0]]]], dtype=torch.float64).reshape(1, 2, 1, 2)
+    out, state = torch_ops.gated_delta_rule_recurrent(k, k, v, torch.zeros(1, 2, 1, dtype=torch.float64),
+                                                      torch.ones(1, 2, 1, dtype=torch.float64), 1.0, None, True)
+    assert torch.allclose(out[0, 1, 0], torch.tensor([5.0, -1.0], dtype=torch.float64))
+    assert torch.allclose(state[0, 0, 0], torch.tensor([5.0, -1.0], dtype=torch.float64))
