@@ -81,9 +81,9 @@ def test_left_padded_batch_generates_like_single_prompts(teacher, mixer):
     pad = torch.zeros(1, 5, dtype=torch.long)
     batch = torch.cat([torch.cat([pad, short], 1), long])
     mask = torch.cat([torch.cat([torch.zeros(1, 5), torch.ones(1, 7)], 1), torch.ones(1, 12)]).long()
-    together = student.generate(batch, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
-    alone = [student.generate(p, attention_mask=torch.ones_like(p), max_new_tokens=8, do_sample=False, pad_token_id=0)
-             for p in (short, long)]
+    options = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, suppress_tokens=[0])  # 0 only ever pads
+    together = student.generate(batch, attention_mask=mask, **options)
+    alone = [student.generate(p, attention_mask=torch.ones_like(p), **options) for p in (short, long)]
     assert torch.equal(together[0, 5:], alone[0][0])
     assert torch.equal(together[1], alone[1][0])
 

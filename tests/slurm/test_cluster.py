@@ -29,6 +29,22 @@ def sacct_rows(cluster, *selection: str, since: datetime) -> list[dict[str, str]
     return [dict(zip(fields, line.split("|"))) for line in result.stdout.splitlines() if line]
 
 
+def settled_sacct_rows(cluster, *selection: str, since: datetime, count: int, timeout_s: float = 60):
+    """Poll sacct until `count` jobs are finished and fully recorded.
+
+    slurmdbd fills a record in several messages: a quick job can read COMPLETED before its Partition is set.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        rows = sacct_rows(cluster, *selection, since=since)
+        settled = len(rows) == count and all(
+            row["State"] not in {"PENDING", "RUNNING", "COMPLETING"} and row["Partition"] for row in rows
+        )
+        if settled or time.monotonic() > deadline:
+            return rows
+        time.sleep(0.5)
+
+
 def test_sbatch_job_completes_and_is_accounted(slurm_cluster, tmp_path):
     since = datetime.now() - timedelta(minutes=1)
     marker = tmp_path / "marker.txt"
@@ -39,14 +55,7 @@ def test_sbatch_job_completes_and_is_accounted(slurm_cluster, tmp_path):
     )
     job_id = submitted.stdout.strip().split(";")[0]
 
-    deadline = time.monotonic() + 60
-    rows = []
-    while time.monotonic() < deadline:
-        rows = sacct_rows(slurm_cluster, f"--jobs={job_id}", since=since)
-        if rows and rows[0]["State"] not in {"PENDING", "RUNNING", "COMPLETING"}:
-            break
-        time.sleep(0.5)
-
+    rows = settled_sacct_rows(slurm_cluster, f"--jobs={job_id}", since=since, count=1)
     assert [row["State"] for row in rows] == ["COMPLETED"], rows
     assert rows[0]["Account"] == slurm_cluster.account and rows[0]["Partition"] == slurm_cluster.partition
     assert marker.read_text().startswith("ran on ")
@@ -68,7 +77,7 @@ def test_snakemake_submits_each_rule_as_a_slurm_job(slurm_cluster, tmp_path):
     # The plugin names every job of one run after the run ID and puts the rule into the comment.
     run_id = re.search(r"SLURM run ID: (\S+)", run.stderr).group(1)
     assert run_id.startswith("hd_smoke_")
-    rows = sacct_rows(slurm_cluster, f"--name={run_id}", since=since)
+    rows = settled_sacct_rows(slurm_cluster, f"--name={run_id}", since=since, count=2)
     assert sorted(row["Comment"] for row in rows) == ["rule_shout_greeting", "rule_write_greeting"], rows
     assert {(row["State"], row["Account"], row["Partition"]) for row in rows} == {
         ("COMPLETED", slurm_cluster.account, slurm_cluster.partition)

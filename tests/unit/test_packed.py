@@ -88,6 +88,20 @@ def test_failure_after_data_rename_removes_the_data_file(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == []
 
 
+def test_manifest_is_renamed_into_place_last(tmp_path, monkeypatch):
+    real_replace = os.replace
+    destinations = []
+
+    def recording_replace(source, destination):
+        destinations.append(os.path.basename(destination))
+        real_replace(source, destination)
+
+    monkeypatch.setattr(os, "replace", recording_replace)
+    write_packed(tmp_path / "train.bin", make_tokens(), {"vocab_size": 1000})
+    assert destinations == ["train.bin", "train.json"]
+    assert sorted(os.listdir(tmp_path)) == ["train.bin", "train.json"]
+
+
 def test_truncated_bin_is_detected(packed_path):
     with open(packed_path, "r+b") as handle:
         handle.truncate(packed_path.stat().st_size - 2)

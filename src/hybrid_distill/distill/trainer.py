@@ -3,7 +3,6 @@ Accelerate, a token budget turned into steps, atomic resumable states and a JSON
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 import re
@@ -16,14 +15,15 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import SAFE_WEIGHTS_NAME, DistributedDataParallelKwargs, parse_flag_from_env, set_seed
+from accelerate.logging import get_logger
+from accelerate.utils import SAFE_WEIGHTS_NAME, parse_flag_from_env, set_seed
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from hybrid_distill.distill.atomic import publish_dir, write_text_atomic
 from hybrid_distill.distill.schedule import lr_multiplier
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)  # logs on the main process only
 
 STATE_RECORD = "trainer_state.json"
 STATE_NAME = re.compile(r"^step_(\d{8})$")
@@ -88,7 +88,6 @@ def train(
         cpu=on_cpu,  # also makes a multi-process launch on a CPU-only node use gloo
         mixed_precision="no" if on_cpu else "bf16",
         step_scheduler_with_optimizer=False,  # else Accelerate steps the schedule once per process
-        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
     )
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if accelerator.num_processes != launched:

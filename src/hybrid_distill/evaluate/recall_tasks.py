@@ -112,32 +112,34 @@ class _Haystack:
 def _fit(tokenizer, budget: int, render: Callable[[int], str], min_units: int, max_units: int, task: str):
     """Largest unit count whose rendered input fits the budget; returns (input, token count).
 
-    Token counts grow with the unit count (not always strictly), so the result is checked, never assumed.
+    Tokens grow about linearly with units, so the search interpolates (bisecting whenever the same
+    side moves twice); counts are always measured, never assumed, so the budget is never exceeded.
     """
-    def tokens_at(n: int) -> int:
-        return count_tokens(tokenizer, render(n))
-
-    base_tokens = tokens_at(min_units)
-    if base_tokens > budget:
-        raise ValueError(f"{task}: context_length {budget} is too short; the smallest input needs {base_tokens} tokens")
-    low, high = min_units, max_units + 1  # low fits; high is the smallest count known to overflow
-    guess = min(max_units, min_units + 64)
-    while low < max_units:  # bracket the answer, extrapolating from the tokens per unit seen so far
-        guess_tokens = tokens_at(guess)
-        if guess_tokens > budget:
-            high = guess
-            break
-        low = guess
-        per_unit = max((guess_tokens - base_tokens) / max(guess - min_units, 1), 1e-3)
-        guess = min(max_units, max(low + 1, int(low + 1.05 * (budget - guess_tokens) / per_unit) + 2))
+    low, low_tokens = min_units, count_tokens(tokenizer, render(min_units))
+    if low_tokens > budget:
+        raise ValueError(f"{task}: context_length {budget} is too short; the smallest input needs {low_tokens} tokens")
+    high, high_tokens = max_units + 1, None  # the smallest count known to overflow (or one past the cap)
+    per_unit = None
+    last_side = None
     while high - low > 1:
-        mid = (low + high) // 2
-        if tokens_at(mid) <= budget:
-            low = mid
+        if per_unit is None:
+            probe = low + 64
+        elif high_tokens is None:
+            probe = low + int(1.02 * (budget - low_tokens) / per_unit) + 2
+        elif last_side in ("low-twice", "high-twice"):
+            probe = (low + high) // 2
         else:
-            high = mid
-    text = render(low)
-    return text, count_tokens(tokenizer, text)
+            probe = low + int((budget - low_tokens) * (high - low) / (high_tokens - low_tokens))
+        probe = min(max(probe, low + 1), high - 1)
+        probe_tokens = count_tokens(tokenizer, render(probe))
+        per_unit = max((probe_tokens - low_tokens) / (probe - low), 1e-3)
+        side = "low" if probe_tokens <= budget else "high"
+        last_side = f"{side}-twice" if last_side and last_side.startswith(side) and not last_side.endswith("twice") else side
+        if side == "low":
+            low, low_tokens = probe, probe_tokens
+        else:
+            high, high_tokens = probe, probe_tokens
+    return render(low), low_tokens
 
 
 def _distinct(draw: Callable[[int], list[str]], count: int) -> list[str]:
