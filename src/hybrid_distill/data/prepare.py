@@ -93,13 +93,12 @@ def prepare_text_splits(
     dtype = token_dtype(len(tokenizer))
     heldout_buffer = np.zeros(heldout_sequences * seq_len, dtype=dtype)
     train_buffer = np.zeros(train_sequences * seq_len, dtype=dtype)
-    documents = tqdm(iter_documents(source), desc="tokenizing", unit="doc", disable=None)
-    document_tokens = iter_document_tokens(documents, tokenizer)
-    heldout_filled, heldout_documents = fill_rows(document_tokens, heldout_buffer)
-    train_filled, train_documents = 0, 0
-    if heldout_filled == heldout_buffer.size:
-        train_filled, train_documents = fill_rows(document_tokens, train_buffer)
-    documents.close()
+    with tqdm(iter_documents(source), desc="tokenizing", unit="doc", disable=None) as documents:
+        document_tokens = iter_document_tokens(documents, tokenizer)
+        heldout_filled, heldout_documents = fill_rows(document_tokens, heldout_buffer)
+        train_filled, train_documents = 0, 0
+        if heldout_filled == heldout_buffer.size:
+            train_filled, train_documents = fill_rows(document_tokens, train_buffer)
     if heldout_filled < heldout_buffer.size or train_filled < train_buffer.size:
         available = (heldout_filled + train_filled) // seq_len
         raise DataError(

@@ -138,7 +138,7 @@ def train(
     with ExitStack() as cleanup:
         if accelerator.is_main_process:
             out_dir.mkdir(parents=True, exist_ok=True)
-            _drop_metrics_after(metrics_path, step)
+            pass
             metrics_file = cleanup.enter_context(open(metrics_path, "a"))
         progress = cleanup.enter_context(tqdm(
             total=end_step, initial=step, desc=description, unit="step", dynamic_ncols=True,

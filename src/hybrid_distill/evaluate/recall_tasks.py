@@ -283,7 +283,8 @@ TASKS = tuple(LAYOUTS)
 HAYSTACK_TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "variable_tracking")
 
 
-def _check_task(task: str) -> None:
+def check_task(task: str) -> None:
+    """Raise one clear error for a task name this module cannot generate."""
     if task not in LAYOUTS:
         raise ValueError(f"unknown recall task {task!r}; known tasks: {', '.join(TASKS)}")
 
@@ -298,7 +299,7 @@ def _build(task, tokenizer, context_length, example_seed, words) -> dict:
 def build_example(task: str, tokenizer, context_length: int, example_seed: int,
                   haystack_texts: Sequence[str] | None = None) -> dict:
     """One example from its own seed (the `seed` field of a generated example)."""
-    _check_task(task)
+    check_task(task)
     return _build(task, tokenizer, context_length, example_seed, _haystack_words(haystack_texts))
 
 
@@ -309,7 +310,7 @@ def generate_examples(task: str, tokenizer, context_length: int, num_examples: i
     haystack_texts replace the filler sentences in the needle and variable-tracking tasks; the list
     tasks (common_words, kv_retrieval, associative_recall) are their own haystack and ignore them.
     """
-    _check_task(task)
+    check_task(task)
     if context_length < 1 or num_examples < 1:
         raise ValueError(f"{task}: context_length and num_examples must be positive, got {context_length}, {num_examples}")
     words = _haystack_words(haystack_texts) if task in HAYSTACK_TASKS else None
@@ -340,11 +341,26 @@ def task_file_name(task: str, context_length: int) -> str:
     return f"{task}_{context_length}.jsonl"
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write through a temporary file in the same folder and os.replace, so readers never see half a file."""
+    handle = tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp",
+                                         delete=False, encoding="utf-8")
+    try:
+        with handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(handle.name, path)
+    except BaseException:
+        Path(handle.name).unlink(missing_ok=True)
+        raise
+
+
 def write_task_files(out_dir, tokenizer, tasks: Sequence[str], context_lengths: Sequence[int],
                      num_examples: int, seed: int, haystack_texts: Sequence[str] | None = None) -> list[Path]:
-    """One JSONL per (task, length), each written to a temporary file and moved into place."""
+    """One JSONL per (task, length) at out_dir/{task}_{length}.jsonl, each written atomically."""
     for task in tasks:
-        _check_task(task)
+        check_task(task)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -352,18 +368,7 @@ def write_task_files(out_dir, tokenizer, tasks: Sequence[str], context_lengths: 
         for context_length in context_lengths:
             examples = generate_examples(task, tokenizer, context_length, num_examples, seed, haystack_texts)
             path = out_dir / task_file_name(task, context_length)
-            handle = tempfile.NamedTemporaryFile("w", dir=out_dir, prefix=f".{path.name}.", suffix=".tmp",
-                                                 delete=False, encoding="utf-8")
-            try:
-                with handle:
-                    for example in examples:
-                        handle.write(json.dumps(example, ensure_ascii=False) + "\n")
-                    handle.flush()
-                    os.fsync(handle.fileno())
-                os.replace(handle.name, path)
-            except BaseException:
-                Path(handle.name).unlink(missing_ok=True)
-                raise
+            write_text_atomic(path, "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in examples))
             log.info("wrote %d %s examples of %d tokens to %s", len(examples), task, context_length, path)
             paths.append(path)
     return paths

@@ -5,10 +5,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .cache_layer import state_layer
 from .short_conv import ShortConvolution
 from .spec import MixerSpec
-
-STATE_ATTRIBUTE = "hybrid_linear_states"  # dict on the HF Cache object: layer_idx -> (conv caches, recurrent state)
 
 
 class RMSNorm(nn.Module):
@@ -84,18 +83,12 @@ class LinearMixer(nn.Module):
     def _load_state(self, cache):
         if cache is None:
             return None, None
-        return getattr(cache, STATE_ATTRIBUTE, {}).get(self.layer_idx, (None, None))
+        slot = state_layer(cache, self.layer_idx)
+        return slot.conv_caches, slot.recurrent_state
 
     def _store_state(self, cache, hidden_states, conv_caches, recurrent_state):
-        """Keep the recurrent state beside the KV cache and advance the layer's length by a zero-width entry."""
-        if cache is None:
-            return
-        if not hasattr(cache, STATE_ATTRIBUTE):
-            setattr(cache, STATE_ATTRIBUTE, {})
-        getattr(cache, STATE_ATTRIBUTE)[self.layer_idx] = (conv_caches, recurrent_state)
-        batch, length = hidden_states.shape[:2]
-        empty = hidden_states.new_zeros(batch, 1, length, 0)
-        cache.update(empty, empty, self.layer_idx)
+        if cache is not None:
+            state_layer(cache, self.layer_idx).store(conv_caches, recurrent_state, hidden_states.shape[1])
 
     @property
     def output_norm(self) -> RMSNorm:
