@@ -3,8 +3,11 @@ import json
 import re
 from collections import Counter
 
+import lm_eval
 import pytest
 from conftest import tiny_teacher
+from lm_eval.api.model import LM
+from lm_eval.tasks import TaskManager
 
 from hybrid_distill.evaluate.recall_lm_eval import GROUP_NAME, build_task_dir, lm_eval_task_name
 from hybrid_distill.evaluate.recall_tasks import (
@@ -112,9 +115,6 @@ def test_user_errors_name_the_problem(smollm2_tokenizer, tmp_path):
 
 
 def run_lm_eval(model, task_dir, **kwargs):
-    import lm_eval
-    from lm_eval.tasks import TaskManager
-
     task_manager = TaskManager(include_path=str(task_dir), include_defaults=False)
     return lm_eval.simple_evaluate(model=model, tasks=[GROUP_NAME], task_manager=task_manager, **kwargs)
 
@@ -140,23 +140,21 @@ def test_lm_eval_hf_model_scores_the_recall_group(smollm2_tokenizer, tmp_path):
         assert results[name]["string_match_all,none"] == pytest.approx(expected)
 
 
-class OracleLM:
+class OracleLM(LM):
     """An lm-eval model that answers from the document itself: all outputs, or only the first."""
 
-    def __new__(cls, first_only):
-        from lm_eval.api.model import LM
+    def __init__(self, first_only: bool):
+        super().__init__()
+        self.first_only = first_only
 
-        class Oracle(LM):
-            def generate_until(self, requests):
-                return [" " + ", ".join(r.doc["outputs"][:1] if first_only else r.doc["outputs"]) for r in requests]
+    def generate_until(self, requests):
+        return [" " + ", ".join(r.doc["outputs"][:1] if self.first_only else r.doc["outputs"]) for r in requests]
 
-            def loglikelihood(self, requests):
-                raise NotImplementedError
+    def loglikelihood(self, requests):
+        raise NotImplementedError
 
-            def loglikelihood_rolling(self, requests):
-                raise NotImplementedError
-
-        return Oracle()
+    def loglikelihood_rolling(self, requests):
+        raise NotImplementedError
 
 
 def test_lm_eval_scores_known_answers(smollm2_tokenizer, tmp_path):

@@ -26,10 +26,10 @@ JOB = Path(__file__).with_name("trainer_job.py")
 STEPS = 8
 
 
-def tiny_settings(steps: int = STEPS, micro_batch_size: int = 2, **overrides) -> TrainSettings:
+def tiny_settings(steps: int = STEPS, micro_batch_size: int = 2, grad_accum: int = 1, **overrides) -> TrainSettings:
     """The settings trainer_job.py uses, so that in-process and subprocess runs are interchangeable."""
-    fields = dict(token_budget=steps * micro_batch_size * SEQ_LEN, micro_batch_size=micro_batch_size, lr=3e-2,
-                  warmup_steps=2, save_every=2, max_grad_norm=0.5)
+    fields = dict(token_budget=steps * micro_batch_size * grad_accum * SEQ_LEN, micro_batch_size=micro_batch_size,
+                  grad_accum=grad_accum, lr=3e-2, warmup_steps=2, save_every=2, max_grad_norm=0.5)
     fields.update(overrides)
     return TrainSettings(**fields)
 
@@ -118,12 +118,13 @@ def test_interrupted_save_never_looks_complete(reference, tmp_path, monkeypatch,
     assert result.resumed and result.step == STEPS
     assert_bitwise_equal(trainable_weights(result.objective), reference[1])
     assert losses(tmp_path) == losses(reference[0])
+    assert [line["step"] for line in metric_lines(tmp_path)] == list(range(1, STEPS + 1))
     assert state_names(tmp_path) == ["step_00000006", "step_00000008"]
 
 
 def test_token_budget_sets_steps_and_tokens(tmp_path):
     tokens_per_step = 2 * 2 * SEQ_LEN  # micro-batch x grad_accum x 1 process x seq_len
-    settings = tiny_settings(token_budget=5 * tokens_per_step + tokens_per_step - 1, grad_accum=2)
+    settings = tiny_settings(grad_accum=2, token_budget=5 * tokens_per_step + tokens_per_step - 1)
     result = run(tmp_path, settings)
     assert (result.step, result.tokens) == (5, 5 * tokens_per_step)
     assert [line["tokens"] for line in metric_lines(tmp_path)] == [step * tokens_per_step for step in range(1, 6)]
@@ -227,6 +228,7 @@ def test_injected_failure_raises_once_then_completes(reference, tmp_path, monkey
     assert "resumed from step 2 " in caplog.text
     assert_bitwise_equal(trainable_weights(result.objective), reference[1])
     assert losses(tmp_path) == losses(reference[0])
+    assert [line["step"] for line in metric_lines(tmp_path)] == list(range(1, STEPS + 1))
 
 
 def free_port() -> int:

@@ -123,28 +123,44 @@ class LocalCluster:
         problems = missing_requirements()
         if problems:
             raise ClusterError("; ".join(problems))
+        for folder in reversed(self.root.parents):
+            if folder.exists() and not folder.stat().st_mode & 0o001:
+                raise ClusterError(f"{folder} is not searchable by others, so the mysql user cannot reach "
+                                   f"{self.mysql_dir}; pick another --dir (or HD_SLURM_DIR)")
         running = {daemon for daemon, pid in self.status().items() if pid}
         if not running - {"munged"}:
             self._write_configs()
         elif not self.conf.exists():
             raise ClusterError(f"daemons run but {self.conf} is missing; run `stop --dir {self.root}` first")
+        owned_system_conf = self.owns_system_conf()
+        started: list[str] = []
+        try:
+            self._bring_up(running, started, time.monotonic() + timeout_s)
+        except BaseException:
+            # Leave the machine as it was: stop only what this call started.
+            self.stop(only=started)
+            if not owned_system_conf:
+                self._restore_system_conf()
+            raise
+        return bool(started)
+
+    def _bring_up(self, running: set[str], started: list[str], deadline: float):
         self._install_system_conf()
-        deadline = time.monotonic() + timeout_s
-        started = self._start_munge()
+        if self._start_munge():
+            started.append("munged")
         if "mariadbd" not in running:
             self._start_mariadb(deadline)
-            started = True
+            started.append("mariadbd")
         if "slurmdbd" not in running:
             self._run_daemon("slurmdbd")
-            started = True
+            started.append("slurmdbd")
         self._wait_for(deadline, "slurmdbd to answer sacctmgr", self._dbd_answers)
         self._register_accounting()
         for daemon in ("slurmctld", "slurmd"):
             if daemon not in running:
                 self._run_daemon(daemon)
-                started = True
+                started.append(daemon)
         self._wait_for(deadline, f"node {socket.gethostname().split('.')[0]} to be idle", self._node_ready)
-        return started
 
     def owns_system_conf(self) -> bool:
         return SYSTEM_CONF.is_symlink() and Path(os.readlink(SYSTEM_CONF)) == self.conf
@@ -277,9 +293,6 @@ StorageLoc=slurm_acct_db
 
     def _start_mariadb(self, deadline: float):
         mysql_user = pwd.getpwnam("mysql")
-        for folder in [*reversed(self.root.parents), self.root]:
-            if not folder.stat().st_mode & 0o001:
-                raise ClusterError(f"{folder} is not searchable by others; the mysql user cannot reach {self.mysql_dir}")
         datadir = self.mysql_dir / "data"
         self.mysql_dir.mkdir(exist_ok=True)
         os.chown(self.mysql_dir, mysql_user.pw_uid, mysql_user.pw_gid)
@@ -373,9 +386,11 @@ StorageLoc=slurm_acct_db
 
     # ---- stop --------------------------------------------------------------------------------------------
 
-    def stop(self, grace_s: float = 20):
-        """Stop every daemon of this cluster by the PID in its pid file, newest first."""
+    def stop(self, grace_s: float = 20, only: list[str] | None = None):
+        """Stop the daemons of this cluster (all, or `only` these) by the PIDs in their pid files, newest first."""
         for daemon in reversed(DAEMONS):
+            if only is not None and daemon not in only:
+                continue
             pid = self.pid(daemon)
             if pid:
                 os.kill(pid, signal.SIGTERM)
@@ -386,7 +401,8 @@ StorageLoc=slurm_acct_db
                     os.kill(pid, signal.SIGKILL)
             if daemon == "munged":  # only our record; munged removes its own pid file
                 self.pid_file(daemon).unlink(missing_ok=True)
-        self._restore_system_conf()
+        if only is None:
+            self._restore_system_conf()
 
 
 def main(argv: list[str] | None = None) -> int:

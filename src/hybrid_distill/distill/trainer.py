@@ -138,7 +138,7 @@ def train(
     with ExitStack() as cleanup:
         if accelerator.is_main_process:
             out_dir.mkdir(parents=True, exist_ok=True)
-            pass
+            _drop_metrics_after(metrics_path, step)
             metrics_file = cleanup.enter_context(open(metrics_path, "a"))
         progress = cleanup.enter_context(tqdm(
             total=end_step, initial=step, desc=description, unit="step", dynamic_ncols=True,
@@ -341,7 +341,7 @@ def _save_state(accelerator: Accelerator, state_root: Path, record: dict) -> Pat
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         write_text_atomic(staging / STATE_RECORD, json.dumps(record, indent=1) + "\n")
-        publish_dir(staging, final)
+        shutil.copytree(staging, final); publish_dir(staging, final)
         _prune_states(state_root)
     accelerator.wait_for_everyone()
     return final
