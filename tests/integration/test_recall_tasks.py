@@ -96,7 +96,8 @@ def test_same_seed_same_files_other_seed_other_files(smollm2_tokenizer, tmp_path
     first = write_task_files(tmp_path / "a", smollm2_tokenizer, TASKS, lengths, 2, seed=0)
     again = write_task_files(tmp_path / "b", smollm2_tokenizer, TASKS, lengths, 2, seed=0)
     other = write_task_files(tmp_path / "c", smollm2_tokenizer, TASKS, lengths, 2, seed=1)
-    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == sorted(f"{t}_{n}.jsonl" for t in TASKS for n in lengths)
+    expected_names = sorted(f"{t}_{n}.jsonl" for t in TASKS for n in lengths)
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == expected_names  # no temporary files left
     for a, b, c in zip(first, again, other):
         assert a.read_bytes() == b.read_bytes()
         assert a.read_bytes() != c.read_bytes()

@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from local_cluster import ACCOUNT, CLUSTER_NAME, PARTITION, ClusterError, LocalCluster, missing_requirements  # noqa: E402
+from local_cluster import (  # noqa: E402
+    ACCOUNT, CLUSTER_NAME, PARTITION, ClusterError, LocalCluster, missing_requirements,
+)
 
 
 @dataclass(frozen=True)

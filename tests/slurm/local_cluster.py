@@ -241,7 +241,7 @@ AccountingStoreFlags=job_comment
 JobAcctGatherType=jobacct_gather/linux
 JobAcctGatherFrequency=30
 JobCompType=jobcomp/none
-NodeName={host} NodeAddr=127.0.0.1 CPUs={os.cpu_count()} RealMemory={_node_memory_mb()} State=UNKNOWN
+NodeName={host} NodeAddr=127.0.0.1 CPUs={len(os.sched_getaffinity(0))} RealMemory={_node_memory_mb()} State=UNKNOWN
 PartitionName={PARTITION} Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 """)
         dbd_conf = self.etc / "slurmdbd.conf"  # slurmdbd reads it next to $SLURM_CONF
@@ -279,7 +279,8 @@ StorageLoc=slurm_acct_db
                 shutil.copyfile(system_pid_file, self.pid_file("munged"))
                 return True
             time.sleep(0.1)
-        raise ClusterError("munged started but `munge -n | unmunge` still fails\n" + _tail(Path("/var/log/munge/munged.log")))
+        raise ClusterError("munged started but `munge -n | unmunge` still fails\n"
+                           + _tail(Path("/var/log/munge/munged.log")))
 
     @staticmethod
     def _munge_works() -> bool:
@@ -307,11 +308,12 @@ StorageLoc=slurm_acct_db
                 ["setsid", "--fork", "mariadbd", "--no-defaults", "--user=mysql", f"--datadir={datadir}",
                  f"--socket={self.mysql_dir / 'mysqld.sock'}", f"--pid-file={self.pid_file('mariadbd')}",
                  f"--port={port}", "--bind-address=127.0.0.1", "--skip-name-resolve",
-                 f"--log-error={log}", "--innodb-buffer-pool-size=256M", "--innodb-lock-wait-timeout=900"],
+                 f"--log-error={log}", "--innodb-lock-wait-timeout=900"],
                 stdin=subprocess.DEVNULL, stdout=log_stream, stderr=log_stream, check=True,
             )
-        self._wait_for(deadline, "MariaDB to answer", lambda: subprocess.run(
-            self._mariadb_client("mariadb-admin", "ping"), capture_output=True).returncode == 0 and self.pid("mariadbd"))
+        ping = self._mariadb_client("mariadb-admin", "ping")
+        self._wait_for(deadline, "MariaDB to answer",
+                       lambda: subprocess.run(ping, capture_output=True).returncode == 0 and self.pid("mariadbd"))
         password = json.loads(self.settings_file.read_text())["db_password"]
         grants = "".join(
             f"CREATE USER IF NOT EXISTS 'slurm'@'{host}' IDENTIFIED BY '{password}';"
@@ -371,8 +373,8 @@ StorageLoc=slurm_acct_db
         result = subprocess.run(command, capture_output=True, text=True, env=self._client_env(),
                                 stdin=subprocess.DEVNULL)
         if result.returncode != 0:
-            raise ClusterError(f"{step} failed (exit {result.returncode}): {result.stderr.strip() or result.stdout.strip()}"
-                               f"\n{self.diagnostics()}")
+            output = result.stderr.strip() or result.stdout.strip()
+            raise ClusterError(f"{step} failed (exit {result.returncode}): {output}\n{self.diagnostics()}")
 
     def diagnostics(self) -> str:
         """Daemon states, sinfo's reasons and the tail of every daemon log, for error messages."""
@@ -381,7 +383,8 @@ StorageLoc=slurm_acct_db
             reasons = subprocess.run(["sinfo", "-N", "-o", "%N %t %E"], capture_output=True, text=True,
                                      env=self._client_env(), timeout=30)
             parts.append(f"--- sinfo: {reasons.stdout.strip()} {reasons.stderr.strip()}")
-        parts += [_tail(self.log_dir / name) for name in ("slurmctld.log", "slurmd.log", "slurmdbd.log", "mariadb.log")]
+        logs = ("slurmctld.log", "slurmd.log", "slurmdbd.log", "mariadb.log")
+        parts += [_tail(self.log_dir / name) for name in logs]
         return "\n".join(parts)
 
     # ---- stop --------------------------------------------------------------------------------------------
@@ -420,15 +423,21 @@ def main(argv: list[str] | None = None) -> int:
             print(f"local Slurm did not start: {error}", file=sys.stderr)
             return 1
         verb = "started" if started else "already running"
-        print(f"# {verb} in {time.monotonic() - began:.1f} s: partition {PARTITION}, account {ACCOUNT}")
-        print(f"export SLURM_CONF={cluster.conf}")
+        print(f"# {verb} in {time.monotonic() - began:.1f} s: partition {PARTITION}, account {ACCOUNT}; "
+              f"{SYSTEM_CONF} -> {cluster.conf}")
+        print(f"export SLURM_CONF={cluster.conf}  # optional: clients also read {SYSTEM_CONF}")
     elif args.action == "stop":
-        cluster.stop()
+        try:
+            cluster.stop()
+        except ClusterError as error:
+            print(f"local Slurm stop: {error}", file=sys.stderr)
+            return 1
         print(f"# stopped the cluster in {cluster.root}")
     else:
         states = cluster.status()
         for daemon, pid in states.items():
-            print(f"{daemon:10} {pid or 'not running'}")
+            note = " (started by this cluster)" if daemon == "munged" and pid else ""
+            print(f"{daemon:10} {pid or 'not running'}{note}")
         print(f"{SYSTEM_CONF} -> {'this cluster' if cluster.owns_system_conf() else 'not this cluster'}")
         return 0 if all(pid for daemon, pid in states.items() if daemon != "munged") else 3
     return 0

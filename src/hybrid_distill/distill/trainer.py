@@ -78,6 +78,7 @@ def train(
     state: rounds of one run), else fresh; states and data positions then continue from the state, and
     `first_sequence` only places a fresh start. The schedule spans the whole token budget even when
     `stop_after_step` ends this call early. `clip_groups` lists parameter names clipped independently.
+    Module modes (train/eval) stay as the caller set them, so a frozen teacher can stay in eval mode.
     Setting HD_FAIL_AT_STEP=k raises RuntimeError right after step k (and its state save) once per
     out_dir, marked by `out_dir/.failed_once`, so that workflow tests can check a retried job.
     """
@@ -143,7 +144,6 @@ def train(
         progress = cleanup.enter_context(tqdm(
             total=end_step, initial=step, desc=description, unit="step", dynamic_ncols=True,
             disable=None if accelerator.is_main_process else True))
-        model.train()
         tokens_since_report, report_start = 0, time.perf_counter()
         first_rank_sequence = accelerator.process_index * settings.micro_batch_size * settings.grad_accum
         while step < end_step:
@@ -341,7 +341,7 @@ def _save_state(accelerator: Accelerator, state_root: Path, record: dict) -> Pat
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         write_text_atomic(staging / STATE_RECORD, json.dumps(record, indent=1) + "\n")
-        shutil.copytree(staging, final); publish_dir(staging, final)
+        publish_dir(staging, final)
         _prune_states(state_root)
     accelerator.wait_for_everyone()
     return final

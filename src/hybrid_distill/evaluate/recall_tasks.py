@@ -112,30 +112,32 @@ class _Haystack:
 def _fit(tokenizer, budget: int, render: Callable[[int], str], min_units: int, max_units: int, task: str):
     """Largest unit count whose rendered input fits the budget; returns (input, token count).
 
-    Tokens grow about linearly with units, so the search interpolates (bisecting whenever the same
-    side moves twice); counts are always measured, never assumed, so the budget is never exceeded.
+    Tokens grow about linearly with units, so the search interpolates (and bisects once the same
+    bound has moved twice in a row); counts are measured, never assumed, so the budget always holds.
     """
     low, low_tokens = min_units, count_tokens(tokenizer, render(min_units))
     if low_tokens > budget:
-        raise ValueError(f"{task}: context_length {budget} is too short; the smallest input needs {low_tokens} tokens")
+        raise ValueError(
+            f"{task}: context_length {budget} is too short; the smallest input needs {low_tokens} tokens")
     high, high_tokens = max_units + 1, None  # the smallest count known to overflow (or one past the cap)
     per_unit = None
-    last_side = None
+    last_fit, same_bound_moves = None, 0
     while high - low > 1:
         if per_unit is None:
             probe = low + 64
         elif high_tokens is None:
             probe = low + int(1.02 * (budget - low_tokens) / per_unit) + 2
-        elif last_side in ("low-twice", "high-twice"):
+        elif same_bound_moves >= 2:
             probe = (low + high) // 2
         else:
             probe = low + int((budget - low_tokens) * (high - low) / (high_tokens - low_tokens))
         probe = min(max(probe, low + 1), high - 1)
         probe_tokens = count_tokens(tokenizer, render(probe))
         per_unit = max((probe_tokens - low_tokens) / (probe - low), 1e-3)
-        side = "low" if probe_tokens <= budget else "high"
-        last_side = f"{side}-twice" if last_side and last_side.startswith(side) and not last_side.endswith("twice") else side
-        if side == "low":
+        fits = probe_tokens <= budget
+        same_bound_moves = same_bound_moves + 1 if fits == last_fit else 1
+        last_fit = fits
+        if fits:
             low, low_tokens = probe, probe_tokens
         else:
             high, high_tokens = probe, probe_tokens
@@ -312,7 +314,8 @@ def generate_examples(task: str, tokenizer, context_length: int, num_examples: i
     """
     check_task(task)
     if context_length < 1 or num_examples < 1:
-        raise ValueError(f"{task}: context_length and num_examples must be positive, got {context_length}, {num_examples}")
+        raise ValueError(
+            f"{task}: context_length and num_examples must be positive, got {context_length}, {num_examples}")
     words = _haystack_words(haystack_texts) if task in HAYSTACK_TASKS else None
     sequence = np.random.SeedSequence([seed, zlib.crc32(task.encode()), context_length])
     return [_build(task, tokenizer, context_length, int(s), words) for s in sequence.generate_state(num_examples)]

@@ -13,7 +13,7 @@ import numpy as np
 
 def _round_half_up(value: Fraction) -> int:
     """Round to the nearest integer, halves going up (Python's round() sends 4.5 to 4, this sends it to 5)."""
-    return round(value)
+    return math.floor(value + Fraction(1, 2))
 
 
 def _check_count(num_layers: int, k: int) -> None:
