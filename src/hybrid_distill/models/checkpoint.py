@@ -1,11 +1,7 @@
-"""Hybrid checkpoints: config.json (teacher config + `hybrid` section), safetensors weights, tokenizer.
-
-A directory appears only complete: it is written beside its final name and renamed into place.
-"""
+"""Hybrid checkpoints: config.json (teacher config + `hybrid` section), safetensors weights, tokenizer."""
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 from pathlib import Path
@@ -14,7 +10,6 @@ import torch
 
 from .student import HYBRID_CONFIG_KEY, MixerSpec, record_hybrid_config, replace_with_mixers
 
-log = logging.getLogger(__name__)
 WEIGHTS_NAME = "model.safetensors"
 
 
@@ -22,32 +17,25 @@ class CheckpointError(ValueError):
     """A checkpoint directory that is missing, incomplete or inconsistent; the message names it."""
 
 
-def replace_directory(staging: Path, final: Path) -> None:
-    """Swap a fully written staging directory into place (old content, if any, goes last)."""
-    final = Path(final)
-    if final.exists():
-        trash = final.with_name(f".{final.name}.old-{os.getpid()}")
-        os.replace(final, trash)
-        os.replace(staging, final)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(staging, final)
+def save_hybrid(model, directory, tokenizer=None) -> Path:
+    """Write model (+ tokenizer) into `directory`; the weights file is moved in last, so its presence means done.
 
-
-def save_hybrid(model, directory, tokenizer=None, extra_files: dict[str, dict] | None = None) -> Path:
-    """Write model (+ tokenizer, + small JSON side files) to `directory` atomically."""
+    The directory may already hold other files of the job (training states, metrics); they are kept.
+    """
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
+    directory.mkdir(parents=True, exist_ok=True)
+    staging = directory.with_name(f".{directory.name}.saving-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
+    (directory / WEIGHTS_NAME).unlink(missing_ok=True)
     model.save_pretrained(staging, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(staging)
-    for name, payload in (extra_files or {}).items():
-        (staging / name).write_text(json.dumps(payload, indent=2))
     if not (staging / WEIGHTS_NAME).is_file():
         raise CheckpointError(f"{directory}: save_pretrained wrote no {WEIGHTS_NAME}")
-    replace_directory(staging, directory)
+    names = sorted(p.name for p in staging.iterdir() if p.name != WEIGHTS_NAME) + [WEIGHTS_NAME]
+    for name in names:
+        os.replace(staging / name, directory / name)
+    shutil.rmtree(staging, ignore_errors=True)
     return directory
 
 

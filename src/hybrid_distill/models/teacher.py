@@ -67,3 +67,33 @@ def load_teacher(spec: str, dtype: torch.dtype = torch.float32, device: str | to
     model.config.name_or_path = spec
     model.to(device).eval().requires_grad_(False)
     return model, tokenizer
+
+
+def _gguf_field(reader, key: str):
+    field = reader.fields.get(key)
+    if field is None:
+        return None
+    value = field.parts[field.data[0]]
+    return bytes(value).decode() if value.dtype.kind == "u" and value.dtype.itemsize == 1 else int(value[0])
+
+
+def describe_teacher(spec: str, num_layers: int | None = None) -> tuple[str | None, int]:
+    """(architecture or None when unknown offline, layer count) without loading weights, for planning the DAG."""
+    import json
+
+    location, kwargs = resolve_teacher(spec)
+    if "gguf_file" in kwargs:
+        import gguf
+
+        reader = gguf.GGUFReader(str(Path(location) / kwargs["gguf_file"]))
+        architecture = _gguf_field(reader, "general.architecture")
+        check_architecture(architecture, spec)
+        return architecture, num_layers or _gguf_field(reader, f"{architecture}.block_count")
+    config_file = Path(location) / "config.json"
+    if config_file.is_file():
+        config = json.loads(config_file.read_text())
+        check_architecture(config.get("model_type"), spec)
+        return config["model_type"], num_layers or config["num_hidden_layers"]
+    if num_layers is None:
+        raise TeacherError(f"teacher {spec}: its layer count cannot be read offline; set teacher.num_layers")
+    return None, num_layers

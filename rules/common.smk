@@ -1,0 +1,181 @@
+# Config validation, the run's derived constants, and every path of the workflow (spelled only here).
+import json
+import math
+import re
+
+from snakemake.exceptions import WorkflowError
+from snakemake.utils import validate
+
+from hybrid_distill.config.load import SCHEMA_PATH, ConfigError, validate_config
+from hybrid_distill.models.teacher import TeacherError, describe_teacher
+from hybrid_distill.select.layer_sets import k_from_ratio, validate_layer_list
+
+
+def _validated(raw):
+    """Snakemake's validate fills the schema defaults; failures are re-worded as one line naming the key."""
+    try:
+        validate(raw, str(SCHEMA_PATH), set_default=True)
+    except WorkflowError:
+        pass
+    try:
+        return validate_config(raw)
+    except ConfigError as error:
+        raise WorkflowError(str(error)) from None
+
+
+config = _validated(config)
+RUN = config["run"]
+ROOT = f"results/{RUN}"
+try:
+    ARCHITECTURE, NUM_LAYERS = describe_teacher(config["teacher"]["spec"], config["teacher"]["num_layers"])
+except (TeacherError, ValueError, OSError) as error:
+    raise WorkflowError(f"teacher.spec: {error}") from None
+LAYERS = list(range(NUM_LAYERS))
+
+
+def _ks():
+    selection = config["selection"]
+    try:
+        ks = {k_from_ratio(NUM_LAYERS, r) for r in selection["ratios"]}
+    except ValueError as error:
+        raise WorkflowError(f"config: selection.ratios: {error}") from None
+    for k in selection["ks"]:
+        if k > NUM_LAYERS:
+            raise WorkflowError(f"config: selection.ks: K={k} is larger than the teacher's {NUM_LAYERS} layers")
+        ks.add(k)
+    if "user" in selection["selectors"]:
+        try:
+            validate_layer_list(selection["user_layers"], NUM_LAYERS, "selection.user_layers")
+        except ValueError as error:
+            raise WorkflowError(f"config: {error}") from None
+        if not selection["user_layers"]:
+            raise WorkflowError("config: selection.user_layers must list layers when the `user` selector is on")
+    if not ks:
+        raise WorkflowError("config: selection.ratios and selection.ks give no K")
+    return sorted(ks)
+
+
+KS = _ks()
+PROBE = config["mixer"]["probe"]
+FINAL_MIXERS = config["mixer"]["final"]
+EARLY_STOP_K = config["scoring"]["early_stop"]["k"] or KS[0]
+if EARLY_STOP_K > NUM_LAYERS:
+    raise WorkflowError(f"config: scoring.early_stop.k={EARLY_STOP_K} is larger than {NUM_LAYERS} layers")
+
+
+def _steps(stage):
+    """Optimizer steps of a stage on one process (more processes only shorten it)."""
+    s = stage
+    return max(1, s["tokens"] // (s["micro_batch_size"] * s["grad_accum"] * config["data"]["seq_len"]))
+
+
+SCORING_STEPS = _steps(config["scoring"]["stage2"])
+SNAPSHOT_EVERY = config["scoring"]["snapshot_every"]
+MAX_ROUNDS = math.ceil(SCORING_STEPS / SNAPSHOT_EVERY)
+SCORING_FULL_TOKENS = NUM_LAYERS * SCORING_STEPS * config["scoring"]["stage2"]["micro_batch_size"] \
+    * config["scoring"]["stage2"]["grad_accum"] * config["data"]["seq_len"]
+
+
+def selection_names(k):
+    """Names of the chosen layer sets at K: one per selector, one per random seed."""
+    names = []
+    for selector in config["selection"]["selectors"]:
+        if selector == "random":
+            names += [f"random_seed{seed}" for seed in config["selection"]["random_seeds"]]
+        elif selector == "user":
+            if len(config["selection"]["user_layers"]) == k:
+                names.append("user")
+        else:
+            names.append(selector)
+    return names
+
+
+def selector_of(selection):
+    return "random" if selection.startswith("random_seed") else selection
+
+
+def seed_of(selection):
+    match = re.fullmatch(r"random_seed(\d+)", selection)
+    return int(match.group(1)) if match else config["seed"]
+
+
+wildcard_constraints:
+    mixer="gdn|gla",
+    layer=r"\d+",
+    round=r"\d+",
+    k=r"\d+",
+    selection=r"[a-z0-9_]+",
+
+
+# ---- paths ---------------------------------------------------------------------------------------------
+RUN_CONFIG = f"{ROOT}/config.yaml"
+TEACHER_DIR = f"{ROOT}/teacher"
+DATA_DIR = f"{ROOT}/data"
+DATA_FILES = [f"{DATA_DIR}/{split}.{ext}" for split in ("train", "heldout") for ext in ("bin", "json")]
+LOGS = f"{ROOT}/logs"
+BENCH = f"{ROOT}/benchmarks"
+
+
+def stage1_dir(mixer):
+    return f"{ROOT}/{mixer}/all_linear/stage1"
+
+
+def stage1_model(mixer):
+    return f"{stage1_dir(mixer)}/model.safetensors"
+
+
+def swap_score(mixer, layer, round):
+    return f"{ROOT}/{mixer}/swap/layer{layer}/round{round}.json"
+
+
+def round_decision(mixer, round):
+    return f"{ROOT}/{mixer}/selection/rounds/round{round}.json"
+
+
+def selection_file(mixer, selection, k):
+    return f"{ROOT}/{mixer}/selection/{selection}_K{k}.json"
+
+
+def hybrid_model(mixer, selection, k):
+    return f"{ROOT}/{mixer}/hybrid/{selection}_K{k}/stage2/model.safetensors"
+
+
+def eval_file(mixer, model):
+    return f"{ROOT}/{mixer}/eval/{model}.json"
+
+
+def efficiency_file(mixer, model):
+    return f"{ROOT}/{mixer}/efficiency/{model}.json"
+
+
+def final_round(wildcards):
+    """The round at which scoring stopped: each round's checkpoint decides whether the next one is needed."""
+    round = 0
+    while True:
+        decision = checkpoints.check_early_stop.get(mixer=wildcards.mixer, round=round).output[0]
+        with open(decision) as handle:
+            if json.load(handle)["stop"]:
+                return round
+        round += 1
+
+
+def hybrid_models(mixer):
+    return [hybrid_model(mixer, name, k) for k in KS for name in selection_names(k)]
+
+
+def model_names(mixer):
+    return ["all_linear"] + [f"{name}_K{k}" for k in KS for name in selection_names(k)]
+
+
+def final_targets():
+    targets = [f"{ROOT}/report.md"]
+    for mixer in FINAL_MIXERS:
+        targets += hybrid_models(mixer)
+    return targets
+
+
+def train_command(resources):
+    """`accelerate launch` on GPUs, plain python on CPU: the same entry point either way."""
+    if resources.gpus > 0:
+        return f"accelerate launch --num_processes {resources.gpus} -m hybrid_distill.cli"
+    return "python -m hybrid_distill.cli"

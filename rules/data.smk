@@ -1,0 +1,49 @@
+# Phase 1: the run's resolved config, the teacher as a local HF directory, and the packed token streams.
+
+
+localrules: write_run_config
+
+
+rule write_run_config:
+    output:
+        RUN_CONFIG,
+    params:
+        resolved=config,
+    log:
+        f"{LOGS}/write_run_config.log",
+    run:
+        import yaml
+        from hybrid_distill.distill.atomic import write_text_atomic
+
+        write_text_atomic(Path(output[0]), yaml.safe_dump(params.resolved, sort_keys=False))
+
+
+rule prepare_teacher:
+    input:
+        RUN_CONFIG,
+    output:
+        directory(TEACHER_DIR),
+    params:
+        expect=f"--expect-layers {NUM_LAYERS}",
+    log:
+        f"{LOGS}/prepare_teacher.log",
+    benchmark:
+        f"{BENCH}/prepare_teacher.tsv"
+    shell:
+        "hybrid-distill prepare-teacher --config {input} --out {output} {params.expect} 2> {log}"
+
+
+rule prepare_data:
+    input:
+        config=RUN_CONFIG,
+        teacher=TEACHER_DIR,
+    output:
+        DATA_FILES,
+    params:
+        out=DATA_DIR,
+    log:
+        f"{LOGS}/prepare_data.log",
+    benchmark:
+        f"{BENCH}/prepare_data.tsv"
+    shell:
+        "hybrid-distill prepare-data --config {input.config} --teacher {input.teacher} --out {params.out} 2> {log}"

@@ -1,0 +1,46 @@
+# Phase 2: the all-linear student. Stage 1 runs once per mixer; every later student starts from it.
+
+
+rule distill_all_linear_stage1:
+    input:
+        config=RUN_CONFIG,
+        teacher=TEACHER_DIR,
+        data=DATA_FILES,
+    output:
+        model=stage1_model("{mixer}"),
+        layer_mse=f"{ROOT}/{{mixer}}/all_linear/stage1/layer_mse.json",
+    params:
+        out=lambda wc: stage1_dir(wc.mixer),
+        launch=lambda wc, resources: train_command(resources),
+    log:
+        f"{LOGS}/{{mixer}}/distill_all_linear_stage1.log",
+    benchmark:
+        f"{BENCH}/{{mixer}}/distill_all_linear_stage1.tsv"
+    resources:
+        gpus=0,
+    shell:
+        "{params.launch} distill-stage1 --config {input.config} --teacher {input.teacher} --data {DATA_DIR}"
+        " --mixer {wildcards.mixer} --out {params.out} 2> {log}"
+
+
+rule distill_all_linear_stage2:
+    input:
+        config=RUN_CONFIG,
+        teacher=TEACHER_DIR,
+        data=DATA_FILES,
+        stage1=stage1_model("{mixer}"),
+    output:
+        f"{ROOT}/{{mixer}}/all_linear/stage2/model.safetensors",
+    params:
+        init=lambda wc: stage1_dir(wc.mixer),
+        out=lambda wc, output: os.path.dirname(output[0]),
+        launch=lambda wc, resources: train_command(resources),
+    log:
+        f"{LOGS}/{{mixer}}/distill_all_linear_stage2.log",
+    benchmark:
+        f"{BENCH}/{{mixer}}/distill_all_linear_stage2.tsv"
+    resources:
+        gpus=0,
+    shell:
+        "{params.launch} distill-stage2 --config {input.config} --stage distill.stage2 --teacher {input.teacher}"
+        " --data {DATA_DIR} --init {params.init} --softmax-layers none --out {params.out} 2> {log}"

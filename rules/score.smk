@@ -1,0 +1,94 @@
+# Phase 3: one-swap scoring. Each layer's stage 2 advances in rounds of `snapshot_every` steps; after every
+# round a checkpoint applies the rolling-Jaccard rule and decides whether the next round is scheduled.
+
+
+def previous_round(wildcards):
+    round = int(wildcards.round)
+    return [swap_score(wildcards.mixer, wildcards.layer, round - 1)] if round > 0 else []
+
+
+rule score_layer:
+    input:
+        config=RUN_CONFIG,
+        teacher=TEACHER_DIR,
+        data=DATA_FILES,
+        stage1=stage1_model("{mixer}"),
+        previous=previous_round,
+    output:
+        f"{ROOT}/{{mixer}}/swap/layer{{layer}}/round{{round}}.json",
+    params:
+        init=lambda wc: stage1_dir(wc.mixer),
+        out=lambda wc: f"{ROOT}/{wc.mixer}/swap/layer{wc.layer}/stage2",
+        stop=lambda wc: min((int(wc.round) + 1) * SNAPSHOT_EVERY, SCORING_STEPS),
+        launch=lambda wc, resources: train_command(resources),
+    log:
+        f"{LOGS}/{{mixer}}/score_layer/layer{{layer}}_round{{round}}.log",
+    benchmark:
+        f"{BENCH}/{{mixer}}/score_layer/layer{{layer}}_round{{round}}.tsv"
+    resources:
+        gpus=0,
+    shell:
+        "{params.launch} distill-stage2 --config {input.config} --stage scoring.stage2 --teacher {input.teacher}"
+        " --data {DATA_DIR} --init {params.init} --softmax-layers {wildcards.layer} --out {params.out}"
+        " --stop-after-step {params.stop} --score-out {output} --no-model 2> {log}"
+
+
+def rounds_so_far(wildcards):
+    return [swap_score(wildcards.mixer, layer, round)
+            for round in range(int(wildcards.round) + 1) for layer in LAYERS]
+
+
+checkpoint check_early_stop:
+    input:
+        config=RUN_CONFIG,
+        scores=rounds_so_far,
+    output:
+        f"{ROOT}/{{mixer}}/selection/rounds/round{{round}}.json",
+    params:
+        k=EARLY_STOP_K,
+        layers=NUM_LAYERS,
+        max_rounds=MAX_ROUNDS,
+    log:
+        f"{LOGS}/{{mixer}}/check_early_stop/round{{round}}.log",
+    shell:
+        "hybrid-distill check-round --config {input.config} --layers {params.layers} --k {params.k}"
+        " --max-rounds {params.max_rounds} --scores {input.scores} --out {output} 2> {log}"
+
+
+def final_scores(wildcards):
+    return [swap_score(wildcards.mixer, layer, final_round(wildcards)) for layer in LAYERS]
+
+
+def all_decisions(wildcards):
+    return [round_decision(wildcards.mixer, round) for round in range(final_round(wildcards) + 1)]
+
+
+rule rank_layers:
+    input:
+        final_scores,
+    output:
+        f"{ROOT}/{{mixer}}/selection/importance.csv",
+    log:
+        f"{LOGS}/{{mixer}}/rank_layers.log",
+    shell:
+        "hybrid-distill rank-layers --scores {input} --out {output} 2> {log}"
+
+
+rule write_early_stop:
+    input:
+        config=RUN_CONFIG,
+        decisions=all_decisions,
+        scores=final_scores,
+    output:
+        f"{ROOT}/{{mixer}}/selection/early_stop.json",
+    params:
+        layers=NUM_LAYERS,
+        full=SCORING_FULL_TOKENS,
+    log:
+        f"{LOGS}/{{mixer}}/write_early_stop.log",
+    shell:
+        "hybrid-distill write-early-stop --config {input.config} --layers {params.layers}"
+        " --decisions {input.decisions} --scores {input.scores} --full-budget {params.full} --out {output} 2> {log}"
+
+
+localrules: check_early_stop, rank_layers, write_early_stop

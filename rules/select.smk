@@ -1,0 +1,117 @@
+# Phase 4: importance signals of the baselines and the chosen softmax layers of every selector at every K.
+
+
+rule score_bypass:
+    input:
+        config=RUN_CONFIG,
+        teacher=TEACHER_DIR,
+        data=DATA_FILES,
+    output:
+        f"{ROOT}/signals/bypass.json",
+    log:
+        f"{LOGS}/score_bypass.log",
+    benchmark:
+        f"{BENCH}/score_bypass.tsv"
+    shell:
+        "hybrid-distill score-bypass --config {input.config} --teacher {input.teacher} --data {DATA_DIR}"
+        " --out {output} 2> {log}"
+
+
+rule score_stage1_signals:
+    input:
+        config=RUN_CONFIG,
+        teacher=TEACHER_DIR,
+        data=DATA_FILES,
+        stage1=stage1_model("{mixer}"),
+    output:
+        f"{ROOT}/{{mixer}}/selection/signals/stage1.json",
+    params:
+        stage1=lambda wc: stage1_dir(wc.mixer),
+    log:
+        f"{LOGS}/{{mixer}}/score_stage1_signals.log",
+    benchmark:
+        f"{BENCH}/{{mixer}}/score_stage1_signals.tsv"
+    shell:
+        "hybrid-distill score-stage1 --config {input.config} --teacher {input.teacher} --data {DATA_DIR}"
+        " --stage1 {params.stage1} --out {output} 2> {log}"
+
+
+rule score_removal:
+    """GR-S2: linearise layer l alone in the teacher (stage-1 weights) and adapt it with a brief stage 2."""
+    input:
+        config=RUN_CONFIG,
+        teacher=TEACHER_DIR,
+        data=DATA_FILES,
+        stage1=stage1_model("{mixer}"),
+    output:
+        f"{ROOT}/{{mixer}}/removal/layer{{layer}}/score.json",
+    params:
+        init=lambda wc: stage1_dir(wc.mixer),
+        others=lambda wc: ",".join(str(i) for i in LAYERS if i != int(wc.layer)) or "none",
+        out=lambda wc: f"{ROOT}/{wc.mixer}/removal/layer{wc.layer}/stage2",
+        launch=lambda wc, resources: train_command(resources),
+    log:
+        f"{LOGS}/{{mixer}}/score_removal/layer{{layer}}.log",
+    benchmark:
+        f"{BENCH}/{{mixer}}/score_removal/layer{{layer}}.tsv"
+    resources:
+        gpus=0,
+    shell:
+        "{params.launch} distill-stage2 --config {input.config} --stage scoring.stage2 --teacher {input.teacher}"
+        " --data {DATA_DIR} --init {params.init} --softmax-layers {params.others} --out {params.out}"
+        " --score-out {output} --no-model 2> {log}"
+
+
+rule collect_removal_scores:
+    input:
+        expand(f"{ROOT}/{{{{mixer}}}}/removal/layer{{layer}}/score.json", layer=LAYERS),
+    output:
+        f"{ROOT}/{{mixer}}/selection/signals/removal.json",
+    log:
+        f"{LOGS}/{{mixer}}/collect_removal_scores.log",
+    shell:
+        "hybrid-distill removal-signal --scores {input} --out {output} 2> {log}"
+
+
+SIGNAL_SOURCES = {
+    "act_mse": "bypass", "lm_ppl": "bypass", "ar": "bypass", "kv": "bypass",
+    "ga_s1": "stage1", "gr_s1": "stage1", "avg_s1": "stage1", "gr_s2": "removal",
+}
+
+
+def selection_inputs(wildcards):
+    """What a selector reads: nothing for layouts, its signal file, or the GA-S2 ranking."""
+    selector = selector_of(wildcards.selection)
+    inputs = {"config": RUN_CONFIG}
+    if selector in ("ga_s2", "avg_s2"):
+        inputs["importance"] = f"{ROOT}/{wildcards.mixer}/selection/importance.csv"
+        inputs["early_stop"] = f"{ROOT}/{wildcards.mixer}/selection/early_stop.json"
+    if selector == "avg_s2":
+        inputs["signals"] = f"{ROOT}/{wildcards.mixer}/selection/signals/removal.json"
+    elif selector in ("act_mse", "lm_ppl", "ar", "kv"):
+        inputs["signals"] = f"{ROOT}/signals/bypass.json"
+    elif selector in SIGNAL_SOURCES:
+        inputs["signals"] = f"{ROOT}/{wildcards.mixer}/selection/signals/{SIGNAL_SOURCES[selector]}.json"
+    return inputs
+
+
+rule select_layers:
+    input:
+        unpack(selection_inputs),
+    output:
+        f"{ROOT}/{{mixer}}/selection/{{selection}}_K{{k}}.json",
+    params:
+        selector=lambda wc: selector_of(wc.selection),
+        seed=lambda wc: seed_of(wc.selection),
+        signals=lambda wc, input: f"--signals {input.signals}" if "signals" in input.keys() else "",
+        importance=lambda wc, input: f"--importance {input.importance}" if "importance" in input.keys() else "",
+        layers=NUM_LAYERS,
+    log:
+        f"{LOGS}/{{mixer}}/select_layers/{{selection}}_K{{k}}.log",
+    shell:
+        "hybrid-distill select-layers --config {input.config} --selector {params.selector} --k {wildcards.k}"
+        " --num-layers {params.layers} --seed {params.seed} {params.signals} {params.importance}"
+        " --out {output} 2> {log}"
+
+
+localrules: collect_removal_scores, select_layers

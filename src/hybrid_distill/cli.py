@@ -1,0 +1,234 @@
+"""`hybrid-distill <step>`: the steps the Snakemake rules run, each with explicit paths and values."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+log = logging.getLogger("hybrid_distill")
+
+
+def layer_list(text: str) -> list[int]:
+    """'3,7,11' -> [3, 7, 11]; '' or 'none' -> []."""
+    if text.strip().lower() in ("", "none"):
+        return []
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer indices, got {text!r}") from None
+
+
+def _config(args):
+    from hybrid_distill.config.load import load_config
+
+    return load_config(args.config)
+
+
+def step_prepare_teacher(args):
+    from hybrid_distill.models.export import export_teacher
+
+    config = _config(args)
+    export_teacher(config["teacher"]["spec"], args.out, config["teacher"]["dtype"], args.expect_layers)
+
+
+def step_prepare_data(args):
+    from hybrid_distill.data.prepare import prepare_data
+    from hybrid_distill.models.teacher import load_teacher
+
+    config = _config(args)
+    teacher, tokenizer = load_teacher(str(args.teacher))
+    data = config["data"]
+    prepare_data(data["source"], tokenizer, args.out, data["seq_len"], data["train_sequences"],
+                 data["heldout_sequences"], seed=config["seed"], teacher=teacher)
+
+
+def step_distill_stage1(args):
+    from hybrid_distill.distill.jobs import distill_all_linear_stage1
+
+    distill_all_linear_stage1(_config(args), args.teacher, args.data, args.mixer, args.out)
+
+
+def step_distill_stage2(args):
+    from hybrid_distill.distill.jobs import distill_stage2
+
+    softmax_layers = args.softmax_layers
+    if args.selection is not None:
+        from hybrid_distill.select.jobs import read_selection
+
+        softmax_layers = read_selection(args.selection)
+    distill_stage2(_config(args), args.stage, args.teacher, args.data, args.init, softmax_layers, args.out,
+                   stop_after_step=args.stop_after_step, score_path=args.score_out, save_model=not args.no_model)
+
+
+def step_score_bypass(args):
+    from hybrid_distill.select.jobs import score_bypass
+
+    score_bypass(_config(args), args.teacher, args.data, args.out)
+
+
+def step_score_stage1(args):
+    from hybrid_distill.select.jobs import score_stage1_signals
+
+    score_stage1_signals(_config(args), args.teacher, args.data, args.stage1, args.out)
+
+
+def _rounds(args) -> list[list[Path]]:
+    """--scores lists round-major, layer-minor files; --layers says how many per round."""
+    files = [Path(p) for p in args.scores]
+    if len(files) % args.layers:
+        raise SystemExit(f"check-round: {len(files)} score files is not a multiple of {args.layers} layers")
+    return [files[i:i + args.layers] for i in range(0, len(files), args.layers)]
+
+
+def step_check_round(args):
+    from hybrid_distill.select.jobs import decide_round
+
+    decide_round(_config(args), _rounds(args), args.k, args.max_rounds, args.out)
+
+
+def step_rank_layers(args):
+    from hybrid_distill.select.jobs import rank_layers
+
+    rank_layers([Path(p) for p in args.scores], args.out)
+
+
+def step_write_early_stop(args):
+    from hybrid_distill.select.jobs import summarise_early_stop
+
+    summarise_early_stop(_config(args), [Path(p) for p in args.decisions], _rounds(args), args.full_budget, args.out)
+
+
+def step_removal_signal(args):
+    from hybrid_distill.select.jobs import removal_signal
+
+    removal_signal([Path(p) for p in args.scores], args.out)
+
+
+def step_select_layers(args):
+    from hybrid_distill.select.jobs import select_layers
+
+    select_layers(_config(args), args.selector, args.k, args.num_layers, args.out, seed=args.seed,
+                  signal_files=[Path(p) for p in args.signals], importance_file=args.importance)
+
+
+def _add(subparsers, name, function, help_text):
+    parser = subparsers.add_parser(name, help=help_text, description=help_text)
+    parser.set_defaults(function=function)
+    return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hybrid-distill", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    steps = parser.add_subparsers(dest="step", required=True, metavar="<step>")
+
+    p = _add(steps, "prepare-teacher", step_prepare_teacher, "export the teacher as a local HF directory")
+    p.add_argument("--config", required=True, type=Path)
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--expect-layers", type=int, default=None, help="fail unless the teacher has this many layers")
+
+    p = _add(steps, "prepare-data", step_prepare_data, "pack the training and held-out token streams")
+    p.add_argument("--config", required=True, type=Path)
+    p.add_argument("--teacher", required=True, type=Path)
+    p.add_argument("--out", required=True, type=Path)
+
+    p = _add(steps, "distill-stage1", step_distill_stage1, "stage 1 (hidden-state alignment) of the all-linear student")
+    p.add_argument("--config", required=True, type=Path)
+    p.add_argument("--teacher", required=True, type=Path)
+    p.add_argument("--data", required=True, type=Path)
+    p.add_argument("--mixer", required=True, choices=["gdn", "gla"])
+    p.add_argument("--out", required=True, type=Path)
+
+    p = _add(steps, "distill-stage2", step_distill_stage2, "stage 2 (logit KL) from a stage-1 student")
+    p.add_argument("--config", required=True, type=Path)
+    p.add_argument("--stage", required=True, choices=["distill.stage2", "scoring.stage2"])
+    p.add_argument("--teacher", required=True, type=Path)
+    p.add_argument("--data", required=True, type=Path)
+    p.add_argument("--init", required=True, type=Path, help="stage-1 checkpoint directory")
+    layers = p.add_mutually_exclusive_group(required=True)
+    layers.add_argument("--softmax-layers", type=layer_list, help="layers restored to softmax, e.g. 3,7 (or none)")
+    layers.add_argument("--selection", type=Path, help="a selection JSON whose softmax_layers are restored")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--stop-after-step", type=int, default=None, help="end this job at this step (rounds)")
+    p.add_argument("--score-out", type=Path, default=None, help="write the held-out KL score here")
+    p.add_argument("--no-model", action="store_true", help="keep only the training state, save no model")
+
+    p = _add(steps, "score-bypass", step_score_bypass, "ACT-MSE, LM-PPL, AR and KV layer importances")
+    p.add_argument("--config", required=True, type=Path)
+    p.add_argument("--teacher", required=True, type=Path)
+    p.add_argument("--data", required=True, type=Path)
+    p.add_argument("--out", required=True, type=Path)
+
+    p = _add(steps, "score-stage1", step_score_stage1, "GA-S1 and GR-S1 importances from the stage-1 student")
+    p.add_argument("--config", required=True, type=Path)
+    p.add_argument("--teacher", required=True, type=Path)
+    p.add_argument("--data", required=True, type=Path)
+    p.add_argument("--stage1", required=True, type=Path)
+    p.add_argument("--out", required=True, type=Path)
+
+    p = _add(steps, "check-round", step_check_round, "early-stop decision after a scoring round")
+    p.add_argument("--config", required=True, type=Path)
+    p.add_argument("--layers", required=True, type=int)
+    p.add_argument("--k", required=True, type=int)
+    p.add_argument("--max-rounds", required=True, type=int)
+    p.add_argument("--scores", required=True, nargs="+", help="score files, round-major then layer order")
+    p.add_argument("--out", required=True, type=Path)
+
+    p = _add(steps, "rank-layers", step_rank_layers, "importance.csv from the final one-swap scores")
+    p.add_argument("--scores", required=True, nargs="+", help="one score file per layer, in layer order")
+    p.add_argument("--out", required=True, type=Path)
+
+    p = _add(steps, "write-early-stop", step_write_early_stop, "early_stop.json from the round decisions")
+    p.add_argument("--config", required=True, type=Path)
+    p.add_argument("--layers", required=True, type=int)
+    p.add_argument("--decisions", required=True, nargs="+")
+    p.add_argument("--scores", required=True, nargs="+", help="score files of the final round, layer order")
+    p.add_argument("--full-budget", required=True, type=int, help="tokens of scoring every layer in full")
+    p.add_argument("--out", required=True, type=Path)
+
+    p = _add(steps, "removal-signal", step_removal_signal, "GR-S2 importances from greedy-removal scores")
+    p.add_argument("--scores", required=True, nargs="+")
+    p.add_argument("--out", required=True, type=Path)
+
+    p = _add(steps, "select-layers", step_select_layers, "write one selector's softmax layers at one K")
+    p.add_argument("--config", required=True, type=Path)
+    p.add_argument("--selector", required=True)
+    p.add_argument("--k", required=True, type=int)
+    p.add_argument("--num-layers", required=True, type=int)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--signals", nargs="*", default=[])
+    p.add_argument("--importance", type=Path, default=None)
+    p.add_argument("--out", required=True, type=Path)
+
+    from hybrid_distill import cli_more
+
+    cli_more.add_steps(steps, _add)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    threads = os.environ.get("SLURM_CPUS_PER_TASK") or os.environ.get("HD_THREADS")
+    if threads:
+        import torch
+
+        torch.set_num_threads(int(threads))
+    from hybrid_distill.errors import USER_ERRORS
+
+    try:
+        args.function(args)
+    except USER_ERRORS as error:
+        print(f"hybrid-distill {args.step}: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,118 @@
+"""CLI steps for evaluation, reporting, benchmarks and Slurm submission (kept apart from the training steps)."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def _config(args):
+    from hybrid_distill.config.load import load_config
+
+    return load_config(args.config)
+
+
+def step_make_recall_data(args):
+    """Task files at the configured lengths with the teacher's tokenizer, plus the lm-eval task YAMLs."""
+    from hybrid_distill.data.packed import PackedTokens
+    from hybrid_distill.distill.atomic import publish_dir
+    from hybrid_distill.evaluate.recall_lm_eval import build_task_dir
+    from hybrid_distill.evaluate.recall_tasks import write_task_files
+    from hybrid_distill.models.checkpoint import load_tokenizer
+
+    config = _config(args)
+    evaluation = config["evaluate"]
+    tokenizer = load_tokenizer(args.teacher)
+    haystack = None
+    if evaluation["haystack"] == "heldout":
+        heldout = PackedTokens(Path(args.data) / "heldout.bin")
+        haystack = tokenizer.batch_decode(heldout.batch(0, heldout.num_sequences), skip_special_tokens=True)
+    out = Path(args.out)
+    staging = out.with_name(f".{out.name}.tmp")
+    write_task_files(staging / "data", tokenizer, evaluation["recall_tasks"], evaluation["context_lengths"],
+                     evaluation["num_examples"], config["seed"], haystack_texts=haystack)
+    publish_dir(staging, out)
+    build_task_dir(out / "data", out / "tasks", evaluation["recall_tasks"], evaluation["context_lengths"],
+                   datasets_cache_dir=out / "hf_cache")
+
+
+def recall_task_names(config) -> list[str]:
+    from hybrid_distill.evaluate.recall_lm_eval import lm_eval_task_name
+
+    evaluation = config["evaluate"]
+    return [lm_eval_task_name(task, length) for task in evaluation["recall_tasks"]
+            for length in evaluation["context_lengths"]]
+
+
+def _meta(args) -> dict:
+    from hybrid_distill.models.checkpoint import _read_config
+
+    model_config = _read_config(Path(args.model))
+    hybrid = getattr(model_config, "hybrid", None) or {}
+    layers = model_config.num_hidden_layers
+    return {"model": args.name, "kind": args.kind, "selector": args.selector, "k": args.k, "ratio": args.ratio,
+            "mixer": args.mixer, "num_layers": layers,
+            "softmax_layers": hybrid.get("softmax_layers", list(range(layers)))}
+
+
+def step_evaluate(args):
+    from hybrid_distill.evaluate.run_eval import evaluate_checkpoint
+
+    config = _config(args)
+    evaluation = config["evaluate"]
+    tasks = recall_task_names(config) + list(evaluation["lm_eval_tasks"])
+    evaluate_checkpoint(args.model, tasks, Path(args.recall) / "tasks", args.out,
+                        batch_size=evaluation["batch_size"], extra=_meta(args),
+                        heldout_dir=args.data, heldout_sequences=config["data"]["heldout_sequences"])
+
+
+def step_measure_efficiency(args):
+    from hybrid_distill.evaluate.efficiency import write_efficiency
+
+    config = _config(args)
+    write_efficiency(args.model, args.out, context_lengths=config["evaluate"]["efficiency_contexts"],
+                     batch_sizes=config["evaluate"]["efficiency_batches"], extra=_meta(args))
+
+
+def step_make_report(args):
+    from hybrid_distill.report.build import build_report
+
+    build_report(args.evals, args.efficiency, args.importance, args.selections, args.early_stop, args.out,
+                 args.title, report_path=args.report)
+
+
+def _model_args(parser):
+    parser.add_argument("--config", required=True, type=Path)
+    parser.add_argument("--model", required=True, type=Path, help="checkpoint directory")
+    parser.add_argument("--name", required=True)
+    parser.add_argument("--kind", required=True, choices=["teacher", "all_linear", "hybrid"])
+    parser.add_argument("--mixer", default=None)
+    parser.add_argument("--selector", default=None)
+    parser.add_argument("--k", type=int, default=None)
+    parser.add_argument("--ratio", type=float, default=None)
+    parser.add_argument("--out", required=True, type=Path)
+
+
+def add_steps(steps, add):
+    p = add(steps, "make-recall-data", step_make_recall_data, "generate the offline recall suite and its lm-eval tasks")
+    p.add_argument("--config", required=True, type=Path)
+    p.add_argument("--teacher", required=True, type=Path)
+    p.add_argument("--data", required=True, type=Path)
+    p.add_argument("--out", required=True, type=Path)
+
+    p = add(steps, "evaluate", step_evaluate, "run lm-eval (recall suite + configured tasks) and held-out perplexity")
+    _model_args(p)
+    p.add_argument("--recall", required=True, type=Path)
+    p.add_argument("--data", required=True, type=Path)
+
+    p = add(steps, "measure-efficiency", step_measure_efficiency, "prefill time, decode tokens/s and cache bytes")
+    _model_args(p)
+
+    p = add(steps, "make-report", step_make_report, "tables, figures and report.md")
+    p.add_argument("--title", required=True)
+    p.add_argument("--evals", nargs="+", required=True, type=Path)
+    p.add_argument("--efficiency", nargs="*", default=[], type=Path)
+    p.add_argument("--selections", nargs="*", default=[], type=Path)
+    p.add_argument("--importance", type=Path, default=None)
+    p.add_argument("--early-stop", type=Path, default=None)
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--report", required=True, type=Path)

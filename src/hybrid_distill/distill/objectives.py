@@ -1,0 +1,122 @@
+"""The two RADLADS stages as nn.Modules (forward(input_ids) -> (loss, metrics)), so DDP wraps the whole loss."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from hybrid_distill.distill.fused_kl import chunked_kl_from_hidden
+from hybrid_distill.models.student import decoder_layers, mixers_of
+
+
+def capture_attention_io(model: nn.Module, layers, input_ids: torch.Tensor) -> dict[int, tuple]:
+    """Run `model` once and return {layer: (normed attention input, attention output)} for the given layers."""
+    captured, handles = {}, []
+    for i in layers:
+        def hook(module, args, kwargs, output, i=i):
+            hidden = kwargs.get("hidden_states", args[0] if args else None)
+            captured[i] = (hidden.detach(), output[0].detach())
+        handles.append(decoder_layers(model)[i].self_attn.register_forward_hook(hook, with_kwargs=True))
+    try:
+        model.model(input_ids=input_ids, use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return captured
+
+
+class HiddenAlignment(nn.Module):
+    """Stage 1 (eq. 4): per linear layer, ||Mix_T(LN(X)) - Mix_S(LN(X))||^2 averaged over tokens, summed.
+
+    Teacher forcing, as RADLADS stage 1 does: every student mixer reads the teacher's own layer input, so each
+    layer's loss depends on that layer's mixer alone. Only mixer parameters train (FFN, norms, embeddings and
+    softmax layers are frozen); with per-layer clipping the stage decomposes exactly layer by layer.
+    """
+
+    def __init__(self, student: nn.Module, teacher: nn.Module):
+        super().__init__()
+        self.student, self.teacher = student, teacher
+        self.student.requires_grad_(False)
+        self.linear_layers = sorted(mixers_of(student))
+        for i in self.linear_layers:
+            decoder_layers(student)[i].self_attn.requires_grad_(True)
+        self.teacher.requires_grad_(False).eval()
+
+    def clip_groups(self) -> list[list[str]]:
+        """One clip group per layer keeps the layers' updates independent."""
+        groups = {i: [] for i in self.linear_layers}
+        for name, parameter in self.named_parameters():
+            if parameter.requires_grad:
+                groups[int(name.split(".")[3])].append(name)  # student.model.layers.{i}.self_attn...
+        return [names for names in groups.values() if names]
+
+    def layer_losses(self, input_ids: torch.Tensor) -> dict[int, torch.Tensor]:
+        with torch.no_grad():
+            targets = capture_attention_io(self.teacher, self.linear_layers, input_ids)
+        losses = {}
+        for i in self.linear_layers:
+            normed_input, teacher_output = targets[i]
+            student_output = decoder_layers(self.student)[i].self_attn(normed_input)[0]
+            losses[i] = (student_output.float() - teacher_output.float()).pow(2).sum(-1).mean()
+        return losses
+
+    def forward(self, input_ids: torch.Tensor):
+        losses = self.layer_losses(input_ids)
+        total = torch.stack(list(losses.values())).sum()
+        return total, {f"mse_layer{i}": loss.item() for i, loss in losses.items()}
+
+
+class LogitDistillation(nn.Module):
+    """Stage 2 (eq. 5): tau^2/T sum_t KL(softmax(teacher_t/tau) || softmax(student_t/tau)), all student weights.
+
+    The KL is computed in token chunks from final hidden states, so [tokens x vocab] logits never exist.
+    """
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, temperature: float, chunk_tokens: int):
+        super().__init__()
+        self.student, self.teacher = student, teacher
+        self.temperature, self.chunk_tokens = temperature, chunk_tokens
+        self.student.requires_grad_(True)
+        self.teacher.requires_grad_(False).eval()
+
+    def forward(self, input_ids: torch.Tensor):
+        with torch.no_grad():
+            teacher_hidden = self.teacher.model(input_ids=input_ids, use_cache=False).last_hidden_state
+        student_hidden = self.student.model(input_ids=input_ids, use_cache=False).last_hidden_state
+        loss = chunked_kl_from_hidden(
+            student_hidden, self.student.lm_head.weight, teacher_hidden, self.teacher.lm_head.weight,
+            temperature=self.temperature, chunk_tokens=self.chunk_tokens,
+            student_head_bias=self.student.lm_head.bias, teacher_head_bias=self.teacher.lm_head.bias)
+        return loss, {}
+
+
+@torch.no_grad()
+def heldout_kl(student, teacher, data, num_sequences: int, batch_size: int, temperature: float = 1.0,
+               chunk_tokens: int = 4096) -> float:
+    """Token-mean KL(teacher || student) on the first `num_sequences` held-out sequences (I(l) = -this)."""
+    objective = LogitDistillation(student, teacher, temperature, chunk_tokens)
+    was_training = student.training
+    student.eval()
+    total, count = 0.0, 0
+    num_sequences = min(num_sequences, data.num_sequences)
+    device = next(student.parameters()).device
+    for first in range(0, num_sequences, batch_size):
+        size = min(batch_size, num_sequences - first)
+        loss, _ = objective(data.batch(first, size).to(device))
+        total += loss.item() * size
+        count += size
+    student.train(was_training)
+    return total / count
+
+
+@torch.no_grad()
+def heldout_layer_mse(student, teacher, data, num_sequences: int, batch_size: int) -> dict[int, float]:
+    """Per linear layer, the stage-1 alignment error on held-out data (the GA-S1 signal)."""
+    objective = HiddenAlignment(student, teacher)
+    device = next(student.parameters()).device
+    sums: dict[int, float] = {}
+    num_sequences = min(num_sequences, data.num_sequences)
+    for first in range(0, num_sequences, batch_size):
+        size = min(batch_size, num_sequences - first)
+        for layer, loss in objective.layer_losses(data.batch(first, size).to(device)).items():
+            sums[layer] = sums.get(layer, 0.0) + loss.item() * size
+    return {layer: total / num_sequences for layer, total in sums.items()}
