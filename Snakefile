@@ -6,7 +6,9 @@ from snakemake.utils import min_version
 min_version("9.0")
 
 
-configfile: "config.yaml"
+if not workflow.overwrite_configfiles:  # a --configfile replaces the embedded default instead of merging into it
+
+    configfile: "config.yaml"
 
 
 include: "rules/common.smk"

@@ -19,6 +19,7 @@ rule write_run_config:
 
 
 rule prepare_teacher:
+    threads: workflow.cores  # nothing else can run beside it
     input:
         RUN_CONFIG,
     output:
@@ -30,10 +31,11 @@ rule prepare_teacher:
     benchmark:
         f"{BENCH}/prepare_teacher.tsv"
     shell:
-        "hybrid-distill prepare-teacher --config {input} --out {output} {params.expect} 2> {log}"
+        "hybrid-distill --threads {threads} prepare-teacher --config {input} --out {output} {params.expect} 2> {log}"
 
 
 rule prepare_data:
+    threads: workflow.cores  # nothing else can run beside it
     input:
         config=RUN_CONFIG,
         teacher=TEACHER_DIR,
@@ -46,4 +48,4 @@ rule prepare_data:
     benchmark:
         f"{BENCH}/prepare_data.tsv"
     shell:
-        "hybrid-distill prepare-data --config {input.config} --teacher {input.teacher} --out {params.out} 2> {log}"
+        "hybrid-distill --threads {threads} prepare-data --config {input.config} --teacher {input.teacher} --out {params.out} 2> {log}"

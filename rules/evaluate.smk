@@ -28,6 +28,7 @@ def model_meta(wildcards):
 
 
 rule make_recall_data:
+    threads: workflow.cores  # nothing else can run beside it
     input:
         config=RUN_CONFIG,
         teacher=TEACHER_DIR,
@@ -37,7 +38,7 @@ rule make_recall_data:
     log:
         f"{LOGS}/make_recall_data.log",
     shell:
-        "hybrid-distill make-recall-data --config {input.config} --teacher {input.teacher} --data {DATA_DIR}"
+        "hybrid-distill --threads {threads} make-recall-data --config {input.config} --teacher {input.teacher} --data {DATA_DIR}"
         " --out {output} 2> {log}"
 
 
@@ -56,7 +57,7 @@ rule evaluate_teacher:
     resources:
         gpus=0,
     shell:
-        "hybrid-distill evaluate --config {input.config} --model {input.model} --recall {input.recall}"
+        "hybrid-distill --threads {threads} evaluate --config {input.config} --model {input.model} --recall {input.recall}"
         " --data {DATA_DIR} --name teacher --kind teacher --out {output} 2> {log}"
 
 
@@ -78,7 +79,7 @@ rule evaluate_model:
     resources:
         gpus=0,
     shell:
-        "hybrid-distill evaluate --config {input.config} --model {params.model} --recall {input.recall}"
+        "hybrid-distill --threads {threads} evaluate --config {input.config} --model {params.model} --recall {input.recall}"
         " --data {DATA_DIR} {params.meta} --out {output} 2> {log}"
 
 
@@ -93,7 +94,7 @@ rule measure_teacher_efficiency:
     resources:
         gpus=0,
     shell:
-        "hybrid-distill measure-efficiency --config {input.config} --model {input.model} --name teacher"
+        "hybrid-distill --threads {threads} measure-efficiency --config {input.config} --model {input.model} --name teacher"
         " --kind teacher --out {output} 2> {log}"
 
 
@@ -111,5 +112,5 @@ rule measure_efficiency:
     resources:
         gpus=0,
     shell:
-        "hybrid-distill measure-efficiency --config {input.config} --model {params.model} {params.meta}"
+        "hybrid-distill --threads {threads} measure-efficiency --config {input.config} --model {params.model} {params.meta}"
         " --out {output} 2> {log}"

@@ -23,5 +23,5 @@ rule distill_hybrid:
     resources:
         gpus=0,
     shell:
-        "{params.launch} distill-stage2 --config {input.config} --stage distill.stage2 --teacher {input.teacher}"
+        "{params.launch} --threads {threads} distill-stage2 --config {input.config} --stage distill.stage2 --teacher {input.teacher}"
         " --data {DATA_DIR} --init {params.init} --selection {input.selection} --out {params.out} 2> {log}"

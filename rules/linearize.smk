@@ -2,6 +2,7 @@
 
 
 rule distill_all_linear_stage1:
+    threads: workflow.cores  # nothing else can run beside it
     input:
         config=RUN_CONFIG,
         teacher=TEACHER_DIR,
@@ -19,11 +20,12 @@ rule distill_all_linear_stage1:
     resources:
         gpus=0,
     shell:
-        "{params.launch} distill-stage1 --config {input.config} --teacher {input.teacher} --data {DATA_DIR}"
+        "{params.launch} --threads {threads} distill-stage1 --config {input.config} --teacher {input.teacher} --data {DATA_DIR}"
         " --mixer {wildcards.mixer} --out {params.out} 2> {log}"
 
 
 rule distill_all_linear_stage2:
+    threads: workflow.cores  # nothing else can run beside it
     input:
         config=RUN_CONFIG,
         teacher=TEACHER_DIR,
@@ -42,5 +44,5 @@ rule distill_all_linear_stage2:
     resources:
         gpus=0,
     shell:
-        "{params.launch} distill-stage2 --config {input.config} --stage distill.stage2 --teacher {input.teacher}"
+        "{params.launch} --threads {threads} distill-stage2 --config {input.config} --stage distill.stage2 --teacher {input.teacher}"
         " --data {DATA_DIR} --init {params.init} --softmax-layers none --out {params.out} 2> {log}"

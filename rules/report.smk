@@ -27,7 +27,7 @@ rule make_report:
     log:
         f"{LOGS}/make_report.log",
     shell:
-        "hybrid-distill make-report --title {RUN} --evals {input.evals} --efficiency {input.efficiency}"
+        "hybrid-distill --threads {threads} make-report --title {RUN} --evals {input.evals} --efficiency {input.efficiency}"
         " --selections {input.selections} {params.importance} {params.early_stop}"
         " --out {output.tables} --report {output.report} 2> {log}"
 

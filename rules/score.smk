@@ -28,7 +28,7 @@ rule score_layer:
     resources:
         gpus=0,
     shell:
-        "{params.launch} distill-stage2 --config {input.config} --stage scoring.stage2 --teacher {input.teacher}"
+        "{params.launch} --threads {threads} distill-stage2 --config {input.config} --stage scoring.stage2 --teacher {input.teacher}"
         " --data {DATA_DIR} --init {params.init} --softmax-layers {wildcards.layer} --out {params.out}"
         " --stop-after-step {params.stop} --score-out {output} --no-model 2> {log}"
 
@@ -51,7 +51,7 @@ checkpoint check_early_stop:
     log:
         f"{LOGS}/{{mixer}}/check_early_stop/round{{round}}.log",
     shell:
-        "hybrid-distill check-round --config {input.config} --layers {params.layers} --k {params.k}"
+        "hybrid-distill --threads {threads} check-round --config {input.config} --layers {params.layers} --k {params.k}"
         " --max-rounds {params.max_rounds} --scores {input.scores} --out {output} 2> {log}"
 
 
@@ -71,7 +71,7 @@ rule rank_layers:
     log:
         f"{LOGS}/{{mixer}}/rank_layers.log",
     shell:
-        "hybrid-distill rank-layers --scores {input} --out {output} 2> {log}"
+        "hybrid-distill --threads {threads} rank-layers --scores {input} --out {output} 2> {log}"
 
 
 rule write_early_stop:
@@ -87,7 +87,7 @@ rule write_early_stop:
     log:
         f"{LOGS}/{{mixer}}/write_early_stop.log",
     shell:
-        "hybrid-distill write-early-stop --config {input.config} --layers {params.layers}"
+        "hybrid-distill --threads {threads} write-early-stop --config {input.config} --layers {params.layers}"
         " --decisions {input.decisions} --scores {input.scores} --full-budget {params.full} --out {output} 2> {log}"
 
 

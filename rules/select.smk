@@ -13,7 +13,7 @@ rule score_bypass:
     benchmark:
         f"{BENCH}/score_bypass.tsv"
     shell:
-        "hybrid-distill score-bypass --config {input.config} --teacher {input.teacher} --data {DATA_DIR}"
+        "hybrid-distill --threads {threads} score-bypass --config {input.config} --teacher {input.teacher} --data {DATA_DIR}"
         " --out {output} 2> {log}"
 
 
@@ -32,7 +32,7 @@ rule score_stage1_signals:
     benchmark:
         f"{BENCH}/{{mixer}}/score_stage1_signals.tsv"
     shell:
-        "hybrid-distill score-stage1 --config {input.config} --teacher {input.teacher} --data {DATA_DIR}"
+        "hybrid-distill --threads {threads} score-stage1 --config {input.config} --teacher {input.teacher} --data {DATA_DIR}"
         " --stage1 {params.stage1} --out {output} 2> {log}"
 
 
@@ -57,7 +57,7 @@ rule score_removal:
     resources:
         gpus=0,
     shell:
-        "{params.launch} distill-stage2 --config {input.config} --stage scoring.stage2 --teacher {input.teacher}"
+        "{params.launch} --threads {threads} distill-stage2 --config {input.config} --stage scoring.stage2 --teacher {input.teacher}"
         " --data {DATA_DIR} --init {params.init} --softmax-layers {params.others} --out {params.out}"
         " --score-out {output} --no-model 2> {log}"
 
@@ -70,7 +70,7 @@ rule collect_removal_scores:
     log:
         f"{LOGS}/{{mixer}}/collect_removal_scores.log",
     shell:
-        "hybrid-distill removal-signal --scores {input} --out {output} 2> {log}"
+        "hybrid-distill --threads {threads} removal-signal --scores {input} --out {output} 2> {log}"
 
 
 SIGNAL_SOURCES = {
@@ -109,7 +109,7 @@ rule select_layers:
     log:
         f"{LOGS}/{{mixer}}/select_layers/{{selection}}_K{{k}}.log",
     shell:
-        "hybrid-distill select-layers --config {input.config} --selector {params.selector} --k {wildcards.k}"
+        "hybrid-distill --threads {threads} select-layers --config {input.config} --selector {params.selector} --k {wildcards.k}"
         " --num-layers {params.layers} --seed {params.seed} {params.signals} {params.importance}"
         " --out {output} 2> {log}"
 

@@ -123,6 +123,8 @@ def _add(subparsers, name, function, help_text):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hybrid-distill", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads (default: Slurm's cpus-per-task, else all cores)")
     steps = parser.add_subparsers(dest="step", required=True, metavar="<step>")
 
     p = _add(steps, "prepare-teacher", step_prepare_teacher, "export the teacher as a local HF directory")
@@ -215,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    threads = os.environ.get("SLURM_CPUS_PER_TASK") or os.environ.get("HD_THREADS")
+    threads = args.threads or os.environ.get("SLURM_CPUS_PER_TASK")
     if threads:
         import torch
 

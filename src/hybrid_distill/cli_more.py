@@ -70,7 +70,9 @@ def step_measure_efficiency(args):
 
     config = _config(args)
     write_efficiency(args.model, args.out, context_lengths=config["evaluate"]["efficiency_contexts"],
-                     batch_sizes=config["evaluate"]["efficiency_batches"], extra=_meta(args))
+                     batch_sizes=config["evaluate"]["efficiency_batches"],
+                     decode_tokens=config["evaluate"]["efficiency_decode_tokens"],
+                     repeats=config["evaluate"]["efficiency_repeats"], extra=_meta(args))
 
 
 def step_make_report(args):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 
 from hybrid_distill.data.packed import PackedTokens
@@ -41,6 +42,11 @@ def open_data(data_dir: Path, split: str) -> PackedTokens:
     return PackedTokens(Path(data_dir) / f"{split}.bin")
 
 
+def drop_training_state(out_dir: Path) -> None:
+    """A finished job's model is its output; its resumable state (weights + AdamW moments) is only disk cost."""
+    shutil.rmtree(Path(out_dir) / "state", ignore_errors=True)
+
+
 def distill_all_linear_stage1(config: dict, teacher_dir: Path, data_dir: Path, mixer: str, out_dir: Path) -> None:
     """Stage 1 of the all-linear student; also records each layer's held-out alignment error (GA-S1 signal)."""
     teacher, tokenizer = load_teacher(str(teacher_dir))
@@ -55,6 +61,7 @@ def distill_all_linear_stage1(config: dict, teacher_dir: Path, data_dir: Path, m
                                   config["scoring"]["heldout_sequences"], EVAL_BATCH)
     write_json(Path(out_dir) / "layer_mse.json", {"mixer": mixer, "layer_mse": {str(k): v for k, v in layer_mse.items()}})
     save_hybrid(student, out_dir, tokenizer)
+    drop_training_state(out_dir)
 
 
 def distill_stage2(config: dict, stage_key: str, teacher_dir: Path, data_dir: Path, init_dir: Path,
@@ -68,15 +75,17 @@ def distill_stage2(config: dict, stage_key: str, teacher_dir: Path, data_dir: Pa
     teacher, tokenizer = load_teacher(str(teacher_dir))
     student = load_hybrid(init_dir)
     restore_softmax_layers(student, teacher, softmax_layers)
+    trainable = config["scoring"]["trainable"] if stage_key == "scoring.stage2" else "all"
     objective = LogitDistillation(student, teacher, config["distill"]["temperature"],
-                                  config["distill"]["kl_chunk_tokens"])
+                                  config["distill"]["kl_chunk_tokens"], trainable)
     settings = train_settings(stage_section(config, stage_key), config["seed"])
     out_dir = Path(out_dir)
     result = train(objective, open_data(data_dir, "train"), settings, out_dir, stop_after_step=stop_after_step,
                    description=f"stage2 {out_dir.parent.name}/{out_dir.name}")
     student, teacher = result.objective.student, result.objective.teacher
+    tokens_per_step = result.tokens // max(result.step, 1)
     score = {"softmax_layers": softmax_layers_of(student), "step": result.step, "tokens": result.tokens,
-             "train_loss": result.loss}
+             "train_loss": result.loss, "budget_exhausted": result.tokens + tokens_per_step > settings.token_budget}
     if score_path is not None:
         score["heldout_kl"] = heldout_kl(student, teacher, open_data(data_dir, "heldout"),
                                          config["scoring"]["heldout_sequences"], EVAL_BATCH,
@@ -84,4 +93,5 @@ def distill_stage2(config: dict, stage_key: str, teacher_dir: Path, data_dir: Pa
         write_json(score_path, score)
     if save_model:
         save_hybrid(student.cpu(), out_dir, tokenizer)
+        drop_training_state(out_dir)
     return score

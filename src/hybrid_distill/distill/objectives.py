@@ -71,11 +71,15 @@ class LogitDistillation(nn.Module):
     The KL is computed in token chunks from final hidden states, so [tokens x vocab] logits never exist.
     """
 
-    def __init__(self, student: nn.Module, teacher: nn.Module, temperature: float, chunk_tokens: int):
+    def __init__(self, student: nn.Module, teacher: nn.Module, temperature: float, chunk_tokens: int,
+                 trainable: str = "all"):
         super().__init__()
         self.student, self.teacher = student, teacher
         self.temperature, self.chunk_tokens = temperature, chunk_tokens
-        self.student.requires_grad_(True)
+        self.student.requires_grad_(trainable == "all")
+        if trainable == "attention":  # every layer's attention or mixer module, nothing else
+            for layer in decoder_layers(student):
+                layer.self_attn.requires_grad_(True)
         self.teacher.requires_grad_(False).eval()
 
     def forward(self, input_ids: torch.Tensor):

@@ -27,7 +27,7 @@ log = get_logger(__name__)  # logs on the main process only
 
 STATE_RECORD = "trainer_state.json"
 STATE_NAME = re.compile(r"^step_(\d{8})$")
-STATES_KEPT = 2
+STATES_KEPT = 1  # the newest state is published before the older one is removed
 FAIL_ENV = "HD_FAIL_AT_STEP"
 FAIL_MARKER = ".failed_once"
 
@@ -330,7 +330,7 @@ def _read_record(state_dir: Path, total_steps: int, tokens_per_step: int) -> dic
 
 
 def _save_state(accelerator: Accelerator, state_root: Path, record: dict) -> Path:
-    """Write the state into a staging dir, the record last, and rename it into place; keep the latest two."""
+    """Write the state into a staging dir, the record last, and rename it into place; keep only the latest."""
     final = state_root / f"step_{record['step']:08d}"
     staging = state_root / f".{final.name}.partial"
     if accelerator.is_main_process:

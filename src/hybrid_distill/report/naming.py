@@ -73,18 +73,30 @@ def file_slug(name: str) -> str:
 
 
 def seed_from_model(model: str, selector: str) -> int | None:
-    """'random_s1_K4' with selector 'random' -> 1; 'ga_s2_K4' with selector 'ga_s2' -> None."""
+    """'random_s1_K4' or 'random_seed1_K4' with selector 'random' -> 1; 'ga_s2_K4' with selector 'ga_s2' -> None."""
     if not model.startswith(selector):
         return None
-    match = re.fullmatch(r"_s(\d+)_K\d+", model[len(selector):])
+    match = re.fullmatch(r"_s(?:eed)?(\d+)_K\d+", model[len(selector):])
     return int(match.group(1)) if match else None
 
 
-def model_label(model: str, kind: str, k: int | None) -> str:
+MIXER_NAMES = {"gdn": "GDN", "gla": "GLA"}
+
+
+def mixer_name(mixer: str) -> str:
+    return MIXER_NAMES.get(mixer, mixer)
+
+
+def selector_of_model(model: str) -> str | None:
+    """The known selector a hybrid's model name starts with ('ga_s2_K4' -> 'ga_s2'), longest match first."""
+    return max((name for name in KNOWN_SELECTORS if model.startswith(name + "_")), key=len, default=None)
+
+
+def model_label(model: str, kind: str, k: int | None, selector: str | None = None) -> str:
     """'Teacher', 'All-linear', 'GA-S2 K=4', 'Random K=4 (seed 1)'; unknown hybrids keep their model name."""
     if kind in REFERENCE_KINDS:
         return display_name(kind)
-    selector = max((name for name in KNOWN_SELECTORS if model.startswith(name + "_")), key=len, default=None)
+    selector = selector or selector_of_model(model)
     if selector is None:
         return model if k is None or f"K{k}" in model else f"{model} K={k}"
     seed = seed_from_model(model, selector)

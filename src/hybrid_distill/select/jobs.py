@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -115,13 +116,18 @@ def decide_round(config: dict, round_files: list[list[Path]], k: int, max_rounds
                                    min_backbone=rule["min_backbone"], max_union=rule["max_union"])
     current = len(sets) - 1
     fired = decision["snapshot"] is not None
-    stop = current + 1 >= max_rounds or (rule["enabled"] and fired)
+    exhausted = read_score(round_files[-1][0]).get("budget_exhausted", False)
+    stop = exhausted or current + 1 >= max_rounds or (rule["enabled"] and fired)
     step = read_score(round_files[-1][0])["step"]
     payload = {"round": current, "step": step, "k": k, "stop": stop, "fired": fired,
                "fired_round": decision["snapshot"], "top_k": sorted(sets[-1]),
                "mean_jaccard": decision["mean_jaccard"], "backbone": decision["backbone"],
                "union": decision["union"], "max_rounds": max_rounds}
     write_json(out_json, payload)
+    if stop:  # no further round will resume these states
+        for path in round_files[-1]:
+            shutil.rmtree(Path(path).parent / "stage2" / "state", ignore_errors=True)
+        log.info("scoring stopped after round %d; per-layer training states removed", current)
     return payload
 
 

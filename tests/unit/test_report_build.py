@@ -1,0 +1,138 @@
+"""The whole report on a small fixed run (L = 8): golden tables and report.md, figures, links, optional inputs.
+
+Expected files live in tests/data/report/expected/. After an intended formatting change, regenerate them with
+HD_UPDATE_EXPECTED=1 pytest tests/unit/test_report_build.py and review the diff before committing.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from hybrid_distill.report.build import build_report
+
+DATA = Path(__file__).resolve().parents[1] / "data" / "report"
+EXPECTED = DATA / "expected"
+TITLE = "Hybrid distillation report (test fixture)"
+
+
+def build(out_dir: Path, efficiency=True, importance=True, selections=True, early_stop=True) -> Path:
+    return build_report(
+        sorted((DATA / "evaluations").glob("*.json")),
+        sorted((DATA / "efficiency").glob("*.json")) if efficiency else None,
+        DATA / "importance.csv" if importance else None,
+        sorted((DATA / "selections").glob("*.json")) if selections else [],
+        DATA / "early_stop.json" if early_stop else None,
+        out_dir,
+        TITLE,
+    )
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory) -> Path:
+    return build(tmp_path_factory.mktemp("report") / "out")
+
+
+def _text_files(root: Path) -> dict[str, Path]:
+    files = {"report.md": root / "report.md"}
+    files.update({f"tables/{path.name}": path for path in sorted((root / "tables").iterdir())})
+    return files
+
+
+def test_generated_text_matches_expected_files(report):
+    out_dir = report.parent
+    generated = _text_files(out_dir)
+    if os.environ.get("HD_UPDATE_EXPECTED") == "1":
+        shutil.rmtree(EXPECTED, ignore_errors=True)
+        (EXPECTED / "tables").mkdir(parents=True)
+        for name, path in generated.items():
+            shutil.copyfile(path, EXPECTED / name)
+    expected = _text_files(EXPECTED)
+    assert sorted(generated) == sorted(expected)
+    for name in expected:
+        assert generated[name].read_text(encoding="utf-8") == expected[name].read_text(encoding="utf-8"), name
+
+
+def test_every_table_is_written_in_three_formats(report):
+    stems = {path.stem for path in (report.parent / "tables").iterdir()}
+    assert stems == {"score_recall_mean", "score_niah_single_512", "score_kv_retrieval_512", "score_heldout_ppl",
+                     "summary", "softmax_layers", "efficiency"}
+    for stem in stems:
+        for suffix in ("csv", "tex", "md"):
+            assert (report.parent / "tables" / f"{stem}.{suffix}").stat().st_size > 0
+
+
+def test_figures_are_non_empty_png_and_pdf(report):
+    figures = report.parent / "figures"
+    stems = {path.stem for path in figures.iterdir()}
+    assert stems == {"recall_mean_vs_ratio", "importance_K2", "importance_K4", "early_stop",
+                     "efficiency_B1", "efficiency_B8"}
+    for stem in stems:
+        png = (figures / f"{stem}.png").read_bytes()
+        pdf = (figures / f"{stem}.pdf").read_bytes()
+        assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 5000, stem
+        assert pdf.startswith(b"%PDF-") and b"%%EOF" in pdf[-64:] and len(pdf) > 2000, stem
+
+
+def test_report_links_every_table_and_embeds_every_figure(report):
+    text = report.read_text(encoding="utf-8")
+    targets = re.findall(r"\]\(([^)]+)\)", text)
+    assert targets, "report.md has no links"
+    for target in targets:
+        assert not Path(target).is_absolute() and (report.parent / target).is_file(), target
+    linked = set(targets)
+    for path in (report.parent / "tables").iterdir():
+        assert f"tables/{path.name}" in linked
+    embedded = set(re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text))
+    assert embedded == {f"figures/{path.name}" for path in (report.parent / "figures").glob("*.png")}
+    for path in (report.parent / "figures").glob("*.pdf"):
+        assert f"figures/{path.name}" in linked
+
+
+def test_no_temp_files_are_left_behind(report):
+    assert not [path for path in report.parent.rglob("*") if path.name.endswith(".partial")]
+
+
+def test_missing_optional_inputs_skip_their_sections_with_a_note(tmp_path):
+    path = build(tmp_path / "out", efficiency=False, importance=False, selections=False, early_stop=False)
+    text = path.read_text(encoding="utf-8")
+    assert "> Note: no importance.csv given" in text
+    assert "> Note: no early_stop.json given" in text
+    assert "> Note: no efficiency JSONs given" in text
+    assert not (tmp_path / "out" / "tables" / "efficiency.csv").exists()
+    assert {p.stem for p in (tmp_path / "out" / "figures").iterdir()} == {"recall_mean_vs_ratio"}
+
+
+def test_importance_without_selections_falls_back_to_evaluated_ga_s2_layers(tmp_path):
+    build(tmp_path / "out", efficiency=False, selections=False, early_stop=False)
+    assert (tmp_path / "out" / "figures" / "importance_K4.png").is_file()
+
+
+def test_malformed_input_names_the_file_and_writes_nothing(tmp_path):
+    bad = tmp_path / "ga_s2_K2.json"
+    bad.write_text('{"model": "ga_s2_K2", "kind": "hybrid",')
+    with pytest.raises(ValueError, match=re.escape(str(bad))):
+        build_report([*sorted((DATA / "evaluations").glob("*.json")), bad], None, None, None, None,
+                     tmp_path / "out", TITLE)
+    assert not (tmp_path / "out").exists()
+
+
+def test_summary_paragraph_is_computed_from_the_data(report):
+    paragraph = report.read_text(encoding="utf-8").split("\n\n")[1]
+    assert "at 25% softmax layers (K=2): GA-S2 0.5765, Uniform 0.4295 and Random 0.3725 ± 0.0318 over 2 seeds" \
+        in paragraph
+    assert "GA-S2 leads the best baseline by 0.1470" in paragraph
+    assert "GA-S2 is best or tied for best at 2 of 2 ratios" in paragraph
+
+
+def test_report_path_outside_out_dir_gets_relative_links(tmp_path):
+    """The workflow writes report.md beside the report folder: results/<run>/report.md + results/<run>/report/."""
+    path = build_report(sorted((DATA / "evaluations").glob("*.json")), None, None, None, None,
+                        tmp_path / "run" / "report", TITLE, report_path=tmp_path / "run" / "report.md")
+    assert path == tmp_path / "run" / "report.md" and not (tmp_path / "run" / "report" / "report.md").exists()
+    targets = re.findall(r"\]\(([^)]+)\)", path.read_text(encoding="utf-8"))
+    assert "report/tables/summary.csv" in targets and "report/figures/recall_mean_vs_ratio.png" in targets
+    assert all((path.parent / target).is_file() for target in targets)
