@@ -176,6 +176,87 @@ def final_targets():
 
 def train_command(resources):
     """`accelerate launch` on GPUs, plain python on CPU: the same entry point either way."""
-    if resources.gpus > 0:
-        return f"accelerate launch --num_processes {resources.gpus} -m hybrid_distill.cli"
+    if resources.gpu > 0:
+        return f"accelerate launch --num_processes {resources.gpu} -m hybrid_distill.cli"
     return "python -m hybrid_distill.cli"
+
+
+# ---- input functions of the phase files ---------------------------------------------------------------
+def previous_round(wildcards):
+    round = int(wildcards.round)
+    return [swap_score(wildcards.mixer, wildcards.layer, round - 1)] if round > 0 else []
+
+
+def rounds_so_far(wildcards):
+    return [swap_score(wildcards.mixer, layer, round)
+            for round in range(int(wildcards.round) + 1) for layer in LAYERS]
+
+
+def final_scores(wildcards):
+    return [swap_score(wildcards.mixer, layer, final_round(wildcards)) for layer in LAYERS]
+
+
+def all_decisions(wildcards):
+    return [round_decision(wildcards.mixer, round) for round in range(final_round(wildcards) + 1)]
+
+
+SIGNAL_SOURCES = {
+    "act_mse": "bypass", "lm_ppl": "bypass", "ar": "bypass", "kv": "bypass",
+    "ga_s1": "stage1", "gr_s1": "stage1", "avg_s1": "stage1", "gr_s2": "removal",
+}
+
+
+def selection_inputs(wildcards):
+    """What a selector reads: nothing for layouts, its signal file, or the GA-S2 ranking."""
+    selector = selector_of(wildcards.selection)
+    inputs = {"config": RUN_CONFIG}
+    if selector in ("ga_s2", "avg_s2"):
+        inputs["importance"] = f"{ROOT}/{wildcards.mixer}/selection/importance.csv"
+        inputs["early_stop"] = f"{ROOT}/{wildcards.mixer}/selection/early_stop.json"
+    if selector == "avg_s2":
+        inputs["signals"] = f"{ROOT}/{wildcards.mixer}/selection/signals/removal.json"
+    elif selector in ("act_mse", "lm_ppl", "ar", "kv"):
+        inputs["signals"] = f"{ROOT}/signals/bypass.json"
+    elif selector in SIGNAL_SOURCES:
+        inputs["signals"] = f"{ROOT}/{wildcards.mixer}/selection/signals/{SIGNAL_SOURCES[selector]}.json"
+    return inputs
+
+
+RECALL_DIR = f"{ROOT}/recall"
+
+
+def ratio_of(k):
+    """The configured softmax ratio that produced K, else K / L."""
+    for ratio in config["selection"]["ratios"]:
+        if k_from_ratio(NUM_LAYERS, ratio) == k:
+            return ratio
+    return k / NUM_LAYERS
+
+
+def model_dir_of(wildcards):
+    if wildcards.model == "all_linear":
+        return f"{ROOT}/{wildcards.mixer}/all_linear/stage2"
+    return f"{ROOT}/{wildcards.mixer}/hybrid/{wildcards.model}/stage2"
+
+
+def model_meta(wildcards):
+    """--name/--kind/--selector/--k/--ratio arguments describing an evaluated model."""
+    if wildcards.model == "all_linear":
+        return f"--name all_linear --kind all_linear --mixer {wildcards.mixer}"
+    selection, k = wildcards.model.rsplit("_K", 1)
+    return (f"--name {wildcards.model} --kind hybrid --mixer {wildcards.mixer} --selector {selector_of(selection)}"
+            f" --k {k} --ratio {ratio_of(int(k))}")
+
+
+def report_inputs(wildcards):
+    inputs = {
+        "evals": [f"{ROOT}/eval/teacher.json"]
+        + [eval_file(m, name) for m in FINAL_MIXERS for name in model_names(m)],
+        "efficiency": [f"{ROOT}/efficiency/teacher.json"]
+        + [efficiency_file(m, name) for m in FINAL_MIXERS for name in model_names(m)],
+        "selections": [selection_file(PROBE, name, k) for k in KS for name in selection_names(k)],
+    }
+    if any(selector_of(n) in ("ga_s2", "avg_s2") for k in KS for n in selection_names(k)):
+        inputs["importance"] = f"{ROOT}/{PROBE}/selection/importance.csv"
+        inputs["early_stop"] = f"{ROOT}/{PROBE}/selection/early_stop.json"
+    return inputs

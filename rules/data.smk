@@ -9,6 +9,8 @@ rule write_run_config:
         RUN_CONFIG,
     params:
         resolved=config,
+    conda:
+        "../envs/hybrid-distill.yaml"
     log:
         f"{LOGS}/write_run_config.log",
     run:
@@ -26,6 +28,8 @@ rule prepare_teacher:
         directory(TEACHER_DIR),
     params:
         expect=f"--expect-layers {NUM_LAYERS}",
+    conda:
+        "../envs/hybrid-distill.yaml"
     log:
         f"{LOGS}/prepare_teacher.log",
     benchmark:
@@ -42,7 +46,9 @@ rule prepare_data:
     output:
         DATA_FILES,
     params:
-        out=DATA_DIR,
+        out=lambda wc, output: os.path.dirname(output[0]),
+    conda:
+        "../envs/hybrid-distill.yaml"
     log:
         f"{LOGS}/prepare_data.log",
     benchmark:

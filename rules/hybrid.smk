@@ -13,15 +13,18 @@ rule distill_hybrid:
     output:
         f"{ROOT}/{{mixer}}/hybrid/{{selection}}_K{{k}}/stage2/model.safetensors",
     params:
+        data=lambda wc, input: os.path.dirname(input.data[0]),
         init=lambda wc: stage1_dir(wc.mixer),
         out=lambda wc, output: os.path.dirname(output[0]),
         launch=lambda wc, resources: train_command(resources),
+    conda:
+        "../envs/hybrid-distill.yaml"
     log:
         f"{LOGS}/{{mixer}}/distill_hybrid/{{selection}}_K{{k}}.log",
     benchmark:
         f"{BENCH}/{{mixer}}/distill_hybrid/{{selection}}_K{{k}}.tsv"
     resources:
-        gpus=0,
+        gpu=0,
     shell:
         "{params.launch} --threads {threads} distill-stage2 --config {input.config} --stage distill.stage2 --teacher {input.teacher}"
-        " --data {DATA_DIR} --init {params.init} --selection {input.selection} --out {params.out} 2> {log}"
+        " --data {params.data} --init {params.init} --selection {input.selection} --out {params.out} 2> {log}"

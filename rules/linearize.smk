@@ -11,16 +11,19 @@ rule distill_all_linear_stage1:
         model=stage1_model("{mixer}"),
         layer_mse=f"{ROOT}/{{mixer}}/all_linear/stage1/layer_mse.json",
     params:
+        data=lambda wc, input: os.path.dirname(input.data[0]),
         out=lambda wc: stage1_dir(wc.mixer),
         launch=lambda wc, resources: train_command(resources),
+    conda:
+        "../envs/hybrid-distill.yaml"
     log:
         f"{LOGS}/{{mixer}}/distill_all_linear_stage1.log",
     benchmark:
         f"{BENCH}/{{mixer}}/distill_all_linear_stage1.tsv"
     resources:
-        gpus=0,
+        gpu=0,
     shell:
-        "{params.launch} --threads {threads} distill-stage1 --config {input.config} --teacher {input.teacher} --data {DATA_DIR}"
+        "{params.launch} --threads {threads} distill-stage1 --config {input.config} --teacher {input.teacher} --data {params.data}"
         " --mixer {wildcards.mixer} --out {params.out} 2> {log}"
 
 
@@ -34,15 +37,18 @@ rule distill_all_linear_stage2:
     output:
         f"{ROOT}/{{mixer}}/all_linear/stage2/model.safetensors",
     params:
+        data=lambda wc, input: os.path.dirname(input.data[0]),
         init=lambda wc: stage1_dir(wc.mixer),
         out=lambda wc, output: os.path.dirname(output[0]),
         launch=lambda wc, resources: train_command(resources),
+    conda:
+        "../envs/hybrid-distill.yaml"
     log:
         f"{LOGS}/{{mixer}}/distill_all_linear_stage2.log",
     benchmark:
         f"{BENCH}/{{mixer}}/distill_all_linear_stage2.tsv"
     resources:
-        gpus=0,
+        gpu=0,
     shell:
         "{params.launch} --threads {threads} distill-stage2 --config {input.config} --stage distill.stage2 --teacher {input.teacher}"
-        " --data {DATA_DIR} --init {params.init} --softmax-layers none --out {params.out} 2> {log}"
+        " --data {params.data} --init {params.init} --softmax-layers none --out {params.out} 2> {log}"

@@ -2,11 +2,6 @@
 # round a checkpoint applies the rolling-Jaccard rule and decides whether the next round is scheduled.
 
 
-def previous_round(wildcards):
-    round = int(wildcards.round)
-    return [swap_score(wildcards.mixer, wildcards.layer, round - 1)] if round > 0 else []
-
-
 rule score_layer:
     input:
         config=RUN_CONFIG,
@@ -17,25 +12,23 @@ rule score_layer:
     output:
         f"{ROOT}/{{mixer}}/swap/layer{{layer}}/round{{round}}.json",
     params:
+        data=lambda wc, input: os.path.dirname(input.data[0]),
         init=lambda wc: stage1_dir(wc.mixer),
         out=lambda wc: f"{ROOT}/{wc.mixer}/swap/layer{wc.layer}/stage2",
         stop=lambda wc: min((int(wc.round) + 1) * SNAPSHOT_EVERY, SCORING_STEPS),
         launch=lambda wc, resources: train_command(resources),
+    conda:
+        "../envs/hybrid-distill.yaml"
     log:
         f"{LOGS}/{{mixer}}/score_layer/layer{{layer}}_round{{round}}.log",
     benchmark:
         f"{BENCH}/{{mixer}}/score_layer/layer{{layer}}_round{{round}}.tsv"
     resources:
-        gpus=0,
+        gpu=0,
     shell:
         "{params.launch} --threads {threads} distill-stage2 --config {input.config} --stage scoring.stage2 --teacher {input.teacher}"
-        " --data {DATA_DIR} --init {params.init} --softmax-layers {wildcards.layer} --out {params.out}"
+        " --data {params.data} --init {params.init} --softmax-layers {wildcards.layer} --out {params.out}"
         " --stop-after-step {params.stop} --score-out {output} --no-model 2> {log}"
-
-
-def rounds_so_far(wildcards):
-    return [swap_score(wildcards.mixer, layer, round)
-            for round in range(int(wildcards.round) + 1) for layer in LAYERS]
 
 
 checkpoint check_early_stop:
@@ -48,6 +41,8 @@ checkpoint check_early_stop:
         k=EARLY_STOP_K,
         layers=NUM_LAYERS,
         max_rounds=MAX_ROUNDS,
+    conda:
+        "../envs/hybrid-distill.yaml"
     log:
         f"{LOGS}/{{mixer}}/check_early_stop/round{{round}}.log",
     shell:
@@ -55,19 +50,13 @@ checkpoint check_early_stop:
         " --max-rounds {params.max_rounds} --scores {input.scores} --out {output} 2> {log}"
 
 
-def final_scores(wildcards):
-    return [swap_score(wildcards.mixer, layer, final_round(wildcards)) for layer in LAYERS]
-
-
-def all_decisions(wildcards):
-    return [round_decision(wildcards.mixer, round) for round in range(final_round(wildcards) + 1)]
-
-
 rule rank_layers:
     input:
         final_scores,
     output:
         f"{ROOT}/{{mixer}}/selection/importance.csv",
+    conda:
+        "../envs/hybrid-distill.yaml"
     log:
         f"{LOGS}/{{mixer}}/rank_layers.log",
     shell:
@@ -84,6 +73,8 @@ rule write_early_stop:
     params:
         layers=NUM_LAYERS,
         full=SCORING_FULL_TOKENS,
+    conda:
+        "../envs/hybrid-distill.yaml"
     log:
         f"{LOGS}/{{mixer}}/write_early_stop.log",
     shell:

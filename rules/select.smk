@@ -8,12 +8,16 @@ rule score_bypass:
         data=DATA_FILES,
     output:
         f"{ROOT}/signals/bypass.json",
+    params:
+        data=lambda wc, input: os.path.dirname(input.data[0]),
+    conda:
+        "../envs/hybrid-distill.yaml"
     log:
         f"{LOGS}/score_bypass.log",
     benchmark:
         f"{BENCH}/score_bypass.tsv"
     shell:
-        "hybrid-distill --threads {threads} score-bypass --config {input.config} --teacher {input.teacher} --data {DATA_DIR}"
+        "hybrid-distill --threads {threads} score-bypass --config {input.config} --teacher {input.teacher} --data {params.data}"
         " --out {output} 2> {log}"
 
 
@@ -26,13 +30,16 @@ rule score_stage1_signals:
     output:
         f"{ROOT}/{{mixer}}/selection/signals/stage1.json",
     params:
+        data=lambda wc, input: os.path.dirname(input.data[0]),
         stage1=lambda wc: stage1_dir(wc.mixer),
+    conda:
+        "../envs/hybrid-distill.yaml"
     log:
         f"{LOGS}/{{mixer}}/score_stage1_signals.log",
     benchmark:
         f"{BENCH}/{{mixer}}/score_stage1_signals.tsv"
     shell:
-        "hybrid-distill --threads {threads} score-stage1 --config {input.config} --teacher {input.teacher} --data {DATA_DIR}"
+        "hybrid-distill --threads {threads} score-stage1 --config {input.config} --teacher {input.teacher} --data {params.data}"
         " --stage1 {params.stage1} --out {output} 2> {log}"
 
 
@@ -46,19 +53,22 @@ rule score_removal:
     output:
         f"{ROOT}/{{mixer}}/removal/layer{{layer}}/score.json",
     params:
+        data=lambda wc, input: os.path.dirname(input.data[0]),
         init=lambda wc: stage1_dir(wc.mixer),
         others=lambda wc: ",".join(str(i) for i in LAYERS if i != int(wc.layer)) or "none",
         out=lambda wc: f"{ROOT}/{wc.mixer}/removal/layer{wc.layer}/stage2",
         launch=lambda wc, resources: train_command(resources),
+    conda:
+        "../envs/hybrid-distill.yaml"
     log:
         f"{LOGS}/{{mixer}}/score_removal/layer{{layer}}.log",
     benchmark:
         f"{BENCH}/{{mixer}}/score_removal/layer{{layer}}.tsv"
     resources:
-        gpus=0,
+        gpu=0,
     shell:
         "{params.launch} --threads {threads} distill-stage2 --config {input.config} --stage scoring.stage2 --teacher {input.teacher}"
-        " --data {DATA_DIR} --init {params.init} --softmax-layers {params.others} --out {params.out}"
+        " --data {params.data} --init {params.init} --softmax-layers {params.others} --out {params.out}"
         " --score-out {output} --no-model 2> {log}"
 
 
@@ -67,32 +77,14 @@ rule collect_removal_scores:
         expand(f"{ROOT}/{{{{mixer}}}}/removal/layer{{layer}}/score.json", layer=LAYERS),
     output:
         f"{ROOT}/{{mixer}}/selection/signals/removal.json",
+    conda:
+        "../envs/hybrid-distill.yaml"
     log:
         f"{LOGS}/{{mixer}}/collect_removal_scores.log",
     shell:
         "hybrid-distill --threads {threads} removal-signal --scores {input} --out {output} 2> {log}"
 
 
-SIGNAL_SOURCES = {
-    "act_mse": "bypass", "lm_ppl": "bypass", "ar": "bypass", "kv": "bypass",
-    "ga_s1": "stage1", "gr_s1": "stage1", "avg_s1": "stage1", "gr_s2": "removal",
-}
-
-
-def selection_inputs(wildcards):
-    """What a selector reads: nothing for layouts, its signal file, or the GA-S2 ranking."""
-    selector = selector_of(wildcards.selection)
-    inputs = {"config": RUN_CONFIG}
-    if selector in ("ga_s2", "avg_s2"):
-        inputs["importance"] = f"{ROOT}/{wildcards.mixer}/selection/importance.csv"
-        inputs["early_stop"] = f"{ROOT}/{wildcards.mixer}/selection/early_stop.json"
-    if selector == "avg_s2":
-        inputs["signals"] = f"{ROOT}/{wildcards.mixer}/selection/signals/removal.json"
-    elif selector in ("act_mse", "lm_ppl", "ar", "kv"):
-        inputs["signals"] = f"{ROOT}/signals/bypass.json"
-    elif selector in SIGNAL_SOURCES:
-        inputs["signals"] = f"{ROOT}/{wildcards.mixer}/selection/signals/{SIGNAL_SOURCES[selector]}.json"
-    return inputs
 
 
 rule select_layers:
@@ -106,6 +98,8 @@ rule select_layers:
         signals=lambda wc, input: f"--signals {input.signals}" if "signals" in input.keys() else "",
         importance=lambda wc, input: f"--importance {input.importance}" if "importance" in input.keys() else "",
         layers=NUM_LAYERS,
+    conda:
+        "../envs/hybrid-distill.yaml"
     log:
         f"{LOGS}/{{mixer}}/select_layers/{{selection}}_K{{k}}.log",
     shell:

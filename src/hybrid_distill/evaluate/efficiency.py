@@ -108,7 +108,7 @@ def write_efficiency(model_dir, out_json, context_lengths: Sequence[int], batch_
                      decode_tokens: int = 32, warmup: int = 1, repeats: int = 3, device: str | None = None,
                      dtype: str = "float32", extra: dict | None = None) -> dict:
     """Measure the checkpoint in `model_dir` and write {"model_dir", "device", "dtype", "rows", **extra} atomically."""
-    model, _ = load_for_evaluation(model_dir, dtype=dtype, device=device)
+    model = load_for_evaluation(model_dir, dtype=dtype, device=device)
     rows = measure_inference(model, context_lengths, batch_sizes, decode_tokens, warmup, repeats)
     device_name = next(model.parameters()).device
     payload = {"model_dir": str(Path(model_dir)), "device": str(device_name), "dtype": dtype,

@@ -13,7 +13,7 @@ from pathlib import Path
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
-from hybrid_distill.evaluate.loading import load_for_evaluation
+from hybrid_distill.evaluate.loading import load_evaluation_tokenizer, load_for_evaluation
 
 MODEL_TYPE = "hybrid"
 
@@ -28,7 +28,8 @@ class HybridLM(HFLM):
 
     def __init__(self, path: str, dtype: str = "float32", device: str | None = None, batch_size: int | str = 1,
                  max_length: int | None = None, **hflm_options):
-        model, tokenizer = load_for_evaluation(path, dtype=dtype, device=device)
+        tokenizer = load_evaluation_tokenizer(path)
+        model = load_for_evaluation(path, dtype=dtype, device=device)
         super().__init__(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length,
                          **hflm_options)
         self.checkpoint_path = str(Path(path).resolve())

@@ -30,7 +30,7 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 
 def load_for_evaluation(directory, dtype: str | torch.dtype = "float32", device: str | torch.device | None = None):
-    """(model in eval mode, tokenizer) from `directory`; a config.json without a `hybrid` section is a plain model."""
+    """The model in eval mode from `directory`; a config.json without a `hybrid` section is a plain model."""
     from transformers import AutoModelForCausalLM
 
     directory = Path(directory)
@@ -45,4 +45,12 @@ def load_for_evaluation(directory, dtype: str | torch.dtype = "float32", device:
             raise CheckpointError(f"{directory}: cannot load the model weights ({error})") from None
         model = model.to(torch_device).eval()
     log.info("loaded %s (%s, %s) for evaluation", directory, torch_dtype, torch_device)
-    return model.requires_grad_(False), load_tokenizer(directory)
+    return model.requires_grad_(False)
+
+
+def load_evaluation_tokenizer(directory):
+    try:
+        return load_tokenizer(directory)
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"{directory}: no usable tokenizer (save the checkpoint with its tokenizer): "
+                              f"{str(error).splitlines()[0]}") from None

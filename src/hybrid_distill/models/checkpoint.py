@@ -72,8 +72,11 @@ def load_hybrid(directory, dtype: torch.dtype = torch.float32, device="cpu"):
     section = getattr(config, HYBRID_CONFIG_KEY, None)
     if not isinstance(section, dict) or "softmax_layers" not in section:
         raise CheckpointError(f"{directory}/config.json has no '{HYBRID_CONFIG_KEY}' section")
+    from transformers.initialization import no_init_weights
+
     state = load_state_dict(directory)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    with no_init_weights():  # every weight comes from the file; random init of a 3B model would take minutes
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     total = config.num_hidden_layers
     if section.get("mixer"):
         spec = MixerSpec(**section["mixer"])
