@@ -82,6 +82,16 @@ def step_make_report(args):
                  args.title, report_path=args.report)
 
 
+def step_bench(args):
+    from hybrid_distill.distill.bench import format_table, run_benchmark, write_result
+
+    result = run_benchmark(batch_size=args.batch_size, seq_len=args.seq_len, warmup=args.warmup,
+                           repeats=args.repeats, stages=args.stages, students=args.students)
+    print(format_table(result))
+    if args.out:
+        write_result(result, args.out)
+
+
 def _model_args(parser):
     parser.add_argument("--config", required=True, type=Path)
     parser.add_argument("--model", required=True, type=Path, help="checkpoint directory")
@@ -108,6 +118,15 @@ def add_steps(steps, add):
 
     p = add(steps, "measure-efficiency", step_measure_efficiency, "prefill time, decode tokens/s and cache bytes")
     _model_args(p)
+
+    p = add(steps, "bench", step_bench, "time naive vs project distillation steps (table + JSON)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--stages", nargs="+", default=["stage1", "stage2"], choices=["stage1", "stage2"])
+    p.add_argument("--students", nargs="+", default=["softmax", "gdn", "gla"], choices=["softmax", "gdn", "gla"])
+    p.add_argument("--out", type=Path, default=None)
 
     p = add(steps, "make-report", step_make_report, "tables, figures and report.md")
     p.add_argument("--title", required=True)

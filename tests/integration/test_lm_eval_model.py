@@ -11,6 +11,7 @@ from lm_eval.tasks import TaskManager
 
 from hybrid_distill.data.packed import write_packed
 from hybrid_distill.evaluate.lm_eval_model import MODEL_TYPE
+from hybrid_distill.evaluate.loading import load_for_evaluation
 from hybrid_distill.evaluate.recall_lm_eval import build_task_dir, lm_eval_task_name
 from hybrid_distill.evaluate.recall_tasks import write_task_files
 from hybrid_distill.evaluate.run_eval import evaluate_checkpoint
@@ -59,18 +60,19 @@ def test_hybrid_model_type_runs_and_decodes_like_full_recomputation(smollm2_toke
     names = [lm_eval_task_name(task, LENGTH) for task in TASKS]
     output = run(MODEL_TYPE, {"path": str(model_dir), "dtype": "float32", "device": "cpu"}, recall_task_dir, names,
                  batch_size=2)
-    from hybrid_distill.evaluate.loading import load_for_evaluation
-
     model = load_for_evaluation(model_dir, device="cpu")
     for name in names:
         assert 0.0 <= output["results"][name]["string_match_all,none"] <= 1.0
-        for sample in output["samples"][name]:
-            context, generation = sample["arguments"][0]
-            prompt = smollm2_tokenizer(context, return_tensors="pt").input_ids
-            reference = smollm2_tokenizer.decode(greedy_without_cache(model, prompt, generation["max_gen_toks"]))
-            for stop in generation["until"]:
-                reference = reference.split(stop)[0]
-            assert sample["resps"][0][0] == reference  # batched, left-padded, cached decoding changed nothing
+    # checking one task is enough: its two prompts differ in length, so the batch was left-padded
+    samples = output["samples"][lm_eval_task_name("niah_single", LENGTH)]
+    prompts = [smollm2_tokenizer(s["arguments"][0][0], return_tensors="pt").input_ids for s in samples]
+    assert len({prompt.shape[1] for prompt in prompts}) == 2
+    for sample, prompt in zip(samples, prompts):
+        generation = sample["arguments"][0][1]
+        reference = smollm2_tokenizer.decode(greedy_without_cache(model, prompt, generation["max_gen_toks"]))
+        for stop in generation["until"]:
+            reference = reference.split(stop)[0]
+        assert sample["resps"][0][0] == reference  # batched, left-padded, cached decoding changed nothing
 
 
 def test_evaluate_checkpoint_writes_scores_and_perplexity(smollm2_tokenizer, recall_task_dir, tmp_path):

@@ -169,22 +169,24 @@ def evaluate_checkpoint(model_dir, tasks: list[str], task_dir: Path | None, out_
     from hybrid_distill.evaluate.lm_eval_model import HybridLM
 
     model_dir = Path(model_dir)
-    lm = HybridLM(path=str(model_dir), dtype=dtype, device=device, batch_size=batch_size)
-    scores: dict[str, float | None] = {}
-    raw: dict = {}
-    if tasks:
-        log.info("evaluating %s on %d lm-eval tasks", model_dir, len(tasks))
-        output = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=_task_manager(task_dir, tasks),
-                                         limit=limit, log_samples=False)
-        scores.update(collect_scores(output, tasks))
-        raw = json_safe({key: output[key] for key in RAW_KEYS if key in output})
-    payload = {"model_dir": str(model_dir), "scores": scores, "raw": raw}
+    task_manager = _task_manager(task_dir, tasks) if tasks else None  # bad paths fail before the model loads
+    heldout = None
     if heldout_dir is not None and heldout_sequences > 0:
         heldout = PackedTokens(Path(heldout_dir) / "heldout.bin")
+    lm = HybridLM(path=str(model_dir), dtype=dtype, device=device, batch_size=batch_size)
+    scores: dict[str, float | None] = {}
+    payload = {"model_dir": str(model_dir), "scores": scores, "raw": {}}
+    if tasks:
+        log.info("evaluating %s on %d lm-eval tasks", model_dir, len(tasks))
+        output = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=task_manager, limit=limit,
+                                         log_samples=False)
+        scores.update(collect_scores(output, tasks))
+        payload["raw"] = json_safe({key: output[key] for key in RAW_KEYS if key in output})
+    if heldout is not None:
         mean_nll, ppl = heldout_perplexity(lm.model, heldout, heldout_sequences, batch_size)
         scores["heldout_ppl"] = _finite_or_none(ppl)
-        payload["heldout"] = {"mean_nll": mean_nll, "ppl": _finite_or_none(ppl),
-                              "num_sequences": min(heldout_sequences, heldout.num_sequences), "seq_len": heldout.seq_len}
+        payload["heldout"] = {"mean_nll": mean_nll, "ppl": _finite_or_none(ppl), "seq_len": heldout.seq_len,
+                              "num_sequences": min(heldout_sequences, heldout.num_sequences)}
         log.info("%s: held-out perplexity %.3f", model_dir, ppl)
     payload.update(extra or {})
     write_json_atomic(out_json, json_safe(payload))

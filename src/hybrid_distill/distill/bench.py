@@ -1,0 +1,154 @@
+"""Side-by-side timing of distillation steps: the naive step (full-vocab logits) against the project's step.
+
+Numbers come only from this benchmark (never from tests): median tokens/s after warm-up, model-FLOPs
+utilisation against a measured bf16 matmul rate, and peak memory.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+from hybrid_distill.distill.fused_kl import naive_kl
+from hybrid_distill.distill.objectives import HiddenAlignment, LogitDistillation
+from hybrid_distill.models.student import build_student
+
+SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                    num_attention_heads=9, num_key_value_heads=3, head_dim=64, max_position_embeddings=8192,
+                    rms_norm_eps=1e-5, tie_word_embeddings=True, rope_theta=100000.0)
+
+
+@dataclass
+class BenchRow:
+    stage: str
+    student: str
+    step: str
+    tokens_per_s: float | None
+    mfu: float | None
+    peak_mem_gb: float | None
+    note: str = ""
+
+
+def synchronize():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def matmul_rate(device, dtype=torch.bfloat16, size=8192, repeats=20) -> float:
+    """Measured dense matmul FLOP/s: the ceiling MFU is computed against."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    synchronize()
+    return 2 * size ** 3 * repeats / (time.perf_counter() - start)
+
+
+class NaiveLogitDistillation(LogitDistillation):
+    """Stage 2 as a first implementation would write it: both [tokens x vocab] logits in memory."""
+
+    def forward(self, input_ids):
+        with torch.no_grad():
+            teacher_logits = self.teacher(input_ids=input_ids, use_cache=False).logits
+        student_logits = self.student(input_ids=input_ids, use_cache=False).logits
+        return naive_kl(student_logits.flatten(0, 1), teacher_logits.flatten(0, 1), self.temperature), {}
+
+
+def build_objective(stage, step, teacher, softmax_layers, mixer, chunk_tokens):
+    student = build_student(teacher, softmax_layers, mixer)
+    if stage == "stage1":
+        return HiddenAlignment(student, teacher)
+    cls = NaiveLogitDistillation if step == "naive" else LogitDistillation
+    return cls(student, teacher, 1.0, chunk_tokens)
+
+
+def model_flops_per_token(objective) -> float:
+    """6 N for the trained student (forward + backward) + 2 N for the teacher's forward, N = matmul weights."""
+    student_params = sum(p.numel() for p in objective.student.parameters())
+    teacher_params = sum(p.numel() for p in objective.teacher.parameters())
+    trainable = sum(p.numel() for p in objective.student.parameters() if p.requires_grad)
+    return 2 * (student_params + teacher_params) + 4 * trainable
+
+
+def time_steps(objective, batch, warmup, repeats, device) -> list[float]:
+    params = [p for p in objective.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
+    times = []
+    for i in range(warmup + repeats):
+        synchronize()
+        start = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss, _ = objective(batch)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return times
+
+
+def run_benchmark(batch_size=8, seq_len=2048, warmup=2, repeats=5, stages=("stage1", "stage2"),
+                  students=("softmax", "gdn", "gla"), chunk_tokens=4096, shape: dict | None = None) -> dict:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    teacher = LlamaForCausalLM(LlamaConfig(**(shape or SMOLLM2_135M))).to(device).eval().requires_grad_(False)
+    layers = teacher.config.num_hidden_layers
+    peak_rate = matmul_rate(device) if device.type == "cuda" else None
+    batch = torch.randint(0, teacher.config.vocab_size, (batch_size, seq_len), device=device)
+    rows = []
+    for stage in stages:
+        for student_kind in students:
+            if stage == "stage1" and student_kind == "softmax":
+                continue  # nothing to align
+            softmax_layers = range(layers) if student_kind == "softmax" else []
+            mixer = "gdn" if student_kind == "softmax" else student_kind
+            for step in (("naive", "project") if stage == "stage2" else ("project",)):
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                    torch.cuda.reset_peak_memory_stats()
+                try:
+                    objective = build_objective(stage, step, teacher, softmax_layers, mixer, chunk_tokens).to(device)
+                    times = time_steps(objective, batch, warmup, repeats, device)
+                except torch.OutOfMemoryError:
+                    rows.append(BenchRow(stage, student_kind, step, None, None, None, "out of memory"))
+                    continue
+                finally:
+                    objective = locals().get("objective")
+                tokens_per_s = batch.numel() / statistics.median(times)
+                mfu = model_flops_per_token(objective) * tokens_per_s / peak_rate if peak_rate else None
+                peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else None
+                rows.append(BenchRow(stage, student_kind, step, tokens_per_s, mfu, peak))
+                del objective
+    return {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+            "batch_size": batch_size, "seq_len": seq_len, "matmul_bf16_flops": peak_rate,
+            "rows": [row.__dict__ for row in rows]}
+
+
+def format_table(result: dict) -> str:
+    lines = [f"device {result['device']}, batch {result['batch_size']} x {result['seq_len']} tokens, "
+             f"bf16 matmul {result['matmul_bf16_flops'] / 1e12:.0f} TFLOP/s" if result["matmul_bf16_flops"]
+             else f"device {result['device']}, batch {result['batch_size']} x {result['seq_len']} tokens",
+             f"{'stage':7} {'student':8} {'step':8} {'tok/s':>10} {'MFU':>6} {'peak GB':>8}  note"]
+    for row in result["rows"]:
+        tps = f"{row['tokens_per_s']:10.0f}" if row["tokens_per_s"] else f"{'-':>10}"
+        mfu = f"{row['mfu'] * 100:5.1f}%" if row["mfu"] else f"{'-':>6}"
+        peak = f"{row['peak_mem_gb']:8.1f}" if row["peak_mem_gb"] else f"{'-':>8}"
+        lines.append(f"{row['stage']:7} {row['student']:8} {row['step']:8} {tps} {mfu} {peak}  {row['note']}")
+    return "\n".join(lines)
+
+
+def write_result(result: dict, path) -> None:
+    from hybrid_distill.distill.atomic import write_text_atomic
+    from pathlib import Path
+
+    write_text_atomic(Path(path), json.dumps(result, indent=2) + "\n")
