@@ -40,6 +40,7 @@ class SnakemakeController(submitit.helpers.Checkpointable):
         return [sys.executable, "-m", "snakemake", "--rerun-incomplete", *self.snakemake_args, *extra]
 
     def __call__(self) -> dict:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         env = {name: value for name, value in os.environ.items()
                if not name.startswith("SLURM_") or name in KEEP_SLURM_VARIABLES}
         if self.attempt or int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0):

@@ -1,0 +1,54 @@
+"""Decode speed and cache bytes of the teacher vs a hybrid at SmolLM2-135M shapes (random weights): a table + JSON.
+
+    python scripts/bench_inference.py --contexts 2048 8192 --batches 1 16 --softmax-ratio 0.25 --out bench.json
+"""
+import argparse
+import json
+import sys
+
+import torch
+
+
+def main(argv=None):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from hybrid_distill.distill.bench import SMOLLM2_135M
+    from hybrid_distill.evaluate.efficiency import measure_inference
+    from hybrid_distill.models.student import build_student
+    from hybrid_distill.select.layer_sets import k_from_ratio, uniform_layers
+
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--contexts", type=int, nargs="+", default=[2048, 8192])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--softmax-ratio", type=float, default=0.25)
+    parser.add_argument("--mixer", default="gdn", choices=["gdn", "gla"])
+    parser.add_argument("--decode-tokens", type=int, default=32)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    torch.manual_seed(0)
+    teacher = LlamaForCausalLM(LlamaConfig(**SMOLLM2_135M)).to(device, dtype).eval()
+    layers = teacher.config.num_hidden_layers
+    k = k_from_ratio(layers, args.softmax_ratio)
+    hybrid = build_student(teacher, uniform_layers(layers, k), args.mixer).to(device, dtype).eval()
+    result = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "dtype": str(dtype),
+              "mixer": args.mixer, "k": k, "layers": layers, "rows": {}}
+    for name, model in (("teacher", teacher), (f"hybrid_K{k}", hybrid)):
+        result["rows"][name] = measure_inference(model, args.contexts, args.batches, args.decode_tokens,
+                                                 warmup=1, repeats=3, device=device)
+    print(f"{result['device']} {dtype}: teacher vs {args.mixer} hybrid with {k}/{layers} softmax layers")
+    print(f"{'model':14} {'context':>8} {'batch':>6} {'prefill ms':>11} {'decode tok/s':>13} {'cache MiB':>10}")
+    for name, rows in result["rows"].items():
+        for row in rows:
+            prefill = f"{row['prefill_s'] * 1e3:11.1f}" if row["prefill_s"] else f"{'OOM':>11}"
+            decode = f"{row['decode_tok_s']:13.1f}" if row["decode_tok_s"] else f"{'OOM':>13}"
+            cache = f"{row['cache_bytes'] / 2**20:10.1f}" if row["cache_bytes"] else f"{'-':>10}"
+            print(f"{name:14} {row['context']:8d} {row['batch']:6d} {prefill} {decode} {cache}")
+    if args.out:
+        with open(args.out, "w") as handle:
+            json.dump(result, handle, indent=2)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
