@@ -12,34 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def tiny_config(family: str = "llama", **overrides):
-    """A 4-layer GQA config small enough for exact CPU tests; `family` picks Llama or Qwen2 (q/k/v biases)."""
-    from transformers import LlamaConfig, Qwen2Config
-
-    fields = dict(
-        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        rms_norm_eps=1e-6, tie_word_embeddings=False,
-    )
-    fields.update(overrides)
-    return LlamaConfig(**fields) if family == "llama" else Qwen2Config(**fields)
-
-
-def tiny_teacher(family: str = "llama", seed: int = 0, **overrides):
-    """A randomly initialised tiny causal LM in fp32 and eval mode."""
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(family, **overrides), dtype=torch.float32)
-    if family == "qwen2":  # random biases so that bias transfer is actually exercised
-        with torch.no_grad():
-            for layer in model.model.layers:
-                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
-                    proj.bias.normal_(0, 0.1)
-    return model.eval()
+from tiny_models import SMOLLM2_GGUF_NAME, tiny_config, tiny_teacher  # noqa: F401  (re-exported)
 
 
 @pytest.fixture(params=["llama", "qwen2"])
@@ -65,3 +38,14 @@ def smollm2_tokenizer(smollm2_dir, tmp_path_factory):
     saved = tmp_path_factory.mktemp("smollm2_tokenizer")
     tokenizer.save_pretrained(saved)
     return AutoTokenizer.from_pretrained(saved)
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher_dir(tmp_path_factory, smollm2_tokenizer) -> Path:
+    """A 4-layer random Llama with the real SmolLM2 tokenizer, saved as a local HF directory."""
+    directory = tmp_path_factory.mktemp("tiny_teacher")
+    model = tiny_teacher("llama", vocab_size=len(smollm2_tokenizer), tie_word_embeddings=True,
+                         bos_token_id=smollm2_tokenizer.bos_token_id, eos_token_id=smollm2_tokenizer.eos_token_id)
+    model.save_pretrained(directory)
+    smollm2_tokenizer.save_pretrained(directory)
+    return directory

@@ -98,7 +98,7 @@ def test_state_dict_loads_into_fla_layer_and_computes_the_same(kind):
 
 @pytest.mark.parametrize("kind", ["gdn", "gla"])
 def test_student_on_cuda_generates_with_cache_and_matches_torch_logits(kind, monkeypatch):
-    from conftest import tiny_teacher
+    from tiny_models import tiny_teacher
     from hybrid_distill.models.student import build_student
 
     student = build_student(tiny_teacher("llama").cuda(), [1], kind).eval()

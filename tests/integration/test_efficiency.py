@@ -3,7 +3,7 @@ not, and a hybrid pays K/L of the teacher plus the linear states. No timing is a
 import json
 
 import pytest
-from conftest import tiny_config, tiny_teacher
+from tiny_models import tiny_config, tiny_teacher
 
 from hybrid_distill.evaluate.efficiency import measure_inference, write_efficiency
 from hybrid_distill.models.checkpoint import save_hybrid

@@ -6,7 +6,7 @@ import lm_eval
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_teacher
+from tiny_models import tiny_teacher
 from lm_eval.tasks import TaskManager
 
 from hybrid_distill.data.packed import write_packed

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_teacher
+from tiny_models import tiny_teacher
 from hybrid_distill.data.packed import DataError, PackedTokens
 from hybrid_distill.data.prepare import prepare_data
 from hybrid_distill.data.sources import iter_file_texts, iter_hf_texts

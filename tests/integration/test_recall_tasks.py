@@ -5,7 +5,7 @@ from collections import Counter
 
 import lm_eval
 import pytest
-from conftest import tiny_teacher
+from tiny_models import tiny_teacher
 from lm_eval.api.model import LM
 from lm_eval.tasks import TaskManager
 

@@ -3,7 +3,7 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_teacher
+from tiny_models import tiny_teacher
 
 from hybrid_distill.evaluate.run_eval import heldout_perplexity
 

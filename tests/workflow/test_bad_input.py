@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_snakemake, tiny_config
+from workflow_helpers import run_snakemake, tiny_config
 
 pytestmark = pytest.mark.workflow
 
@@ -62,8 +62,9 @@ def test_bad_config_stops_before_any_job(case, overrides, message, tiny_teacher_
     workdir = tmp_path / "run"
     result = run_snakemake(workdir, config, "-n", timeout=300)
     assert result.returncode != 0
-    error_lines = [line for line in result.stderr.splitlines() if message in line]
-    assert len(error_lines) == 1, result.stderr[-2000:]
+    output = result.stdout + result.stderr  # Snakemake prints its errors on stdout
+    error_lines = [line for line in output.splitlines() if message in line]
+    assert len(error_lines) == 1, output[-2000:]
     assert not (workdir / "results").exists()
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from conftest import REPO, tiny_config
+from workflow_helpers import REPO, tiny_config
 
 pytestmark = pytest.mark.workflow
 TARGET = "results/tiny/gdn/all_linear/stage2/model.safetensors"

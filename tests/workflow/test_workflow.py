@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, run_snakemake, tiny_config
+from workflow_helpers import REPO, run_snakemake, tiny_config
 
 pytestmark = pytest.mark.workflow
 
@@ -79,3 +79,25 @@ def test_whole_dag_runs_end_to_end(tiny_teacher_dir, tmp_path):
     assert ga == [int(best["layer"])]
     assert (root / "report.md").is_file()
     assert list((root / "report" / "tables").glob("*.tex"))
+
+
+ALL_SELECTORS = ["ga_s2", "ga_s1", "gr_s1", "avg_s1", "gr_s2", "avg_s2", "uniform", "random", "act_mse", "lm_ppl",
+                 "ar", "kv", "user"]
+
+
+def test_every_selector_produces_a_valid_layer_set(tiny_teacher_dir, tmp_path):
+    config = tiny_config(tiny_teacher_dir, **{"selection.selectors": ALL_SELECTORS, "selection.ratios": [0.5],
+                                              "selection.user_layers": [0, 3]})
+    names = [s if s != "random" else "random_seed0" for s in ALL_SELECTORS]
+    targets = [f"results/tiny/gdn/selection/{name}_K2.json" for name in names]
+    result = run_snakemake(tmp_path / "run", config, *targets)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
+    chosen = {}
+    for name, target in zip(names, targets):
+        layers = json.loads((tmp_path / "run" / target).read_text())["softmax_layers"]
+        assert len(set(layers)) == 2 and all(0 <= i < 4 for i in layers), name
+        chosen[name] = layers
+    assert chosen["user"] == [0, 3]
+    assert chosen["uniform"] == [1, 3]
+    signals = json.loads((tmp_path / "run/results/tiny/signals/bypass.json").read_text())
+    assert set(signals) == {"act_mse", "lm_ppl", "ar", "kv"} and all(len(v) == 4 for v in signals.values())

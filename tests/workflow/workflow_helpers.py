@@ -1,4 +1,4 @@
-"""A tiny random teacher on disk and a tiny config, so the real Snakefile runs end to end in CI."""
+"""The tiny run config and a Snakemake runner for workflow tests of the real Snakefile."""
 from __future__ import annotations
 
 import copy
@@ -11,7 +11,6 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "tests"))
 
 TINY_CONFIG = {
     "run": "tiny",
@@ -32,19 +31,6 @@ TINY_CONFIG = {
     "evaluate": {"recall_tasks": ["niah_single"], "context_lengths": [128], "num_examples": 2, "batch_size": 2,
                  "efficiency_contexts": [32], "efficiency_batches": [1]},
 }
-
-
-@pytest.fixture(scope="session")
-def tiny_teacher_dir(tmp_path_factory, smollm2_tokenizer) -> Path:
-    """A 4-layer random Llama with the real SmolLM2 tokenizer, saved as a local HF directory."""
-    from conftest import tiny_teacher
-
-    directory = tmp_path_factory.mktemp("tiny_teacher")
-    model = tiny_teacher("llama", vocab_size=len(smollm2_tokenizer), tie_word_embeddings=True,
-                         bos_token_id=smollm2_tokenizer.bos_token_id, eos_token_id=smollm2_tokenizer.eos_token_id)
-    model.save_pretrained(directory)
-    smollm2_tokenizer.save_pretrained(directory)
-    return directory
 
 
 def tiny_config(teacher_dir: Path, **overrides) -> dict:
