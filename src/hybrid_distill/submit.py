@@ -77,8 +77,9 @@ class SnakemakeController(submitit.helpers.Checkpointable):
 
 
 def _ignore_checkpoint_signals():
-    for name in ("SIGUSR2", "SIGUSR1"):
-        signal.signal(getattr(signal, name), signal.SIG_IGN)
+    for checkpoint_signal in (signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(checkpoint_signal, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # a shell's `&` ignores it, but it is how checkpoint() stops Snakemake
 
 
 def submit_controller(snakemake_args: list[str], *, folder: Path = DEFAULT_FOLDER, local: bool = False,

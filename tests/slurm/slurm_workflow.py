@@ -16,6 +16,9 @@ USER_PROFILE = REPO / "profiles" / "slurm" / "config.yaml"
 # Per-rule sizes a 2-CPU test node can hold; score_layer's differ from the rest so that sacct can tell them apart.
 RULE_RESOURCES = {"cpus_per_task": 1, "mem_mb": 2000, "runtime": 10}
 SCORE_LAYER_RESOURCES = {"cpus_per_task": 1, "mem_mb": 1500, "runtime": 7}
+# The plugin checks a job `init` s after a round of submissions, then waits 10 s longer after each check that
+# finds nothing finished. The tiny jobs take 12-20 s: 6 catches them at the second check (~22 s), 1 at the third.
+POLLING = {"slurm-init-seconds-before-status-checks": 6, "seconds-between-status-checks": 1}
 SITE_ONLY_RESOURCES = ("gpu_model", "gres", "constraint", "qos", "slurm_extra")  # GPUs and features we lack
 SACCT_FIELDS = ("JobID", "JobName", "Comment", "State", "Account", "Partition", "ReqCPUS", "ReqMem", "Timelimit",
                 "Submit")
@@ -54,8 +57,7 @@ def write_test_profile(cluster, folder: Path, **overrides) -> Path:
         set_resources[rule] = {**kept, **placement, **sizes}
     profile["set-resources"] = set_resources
     profile["set-threads"] = {rule: 1 for rule in profile.get("set-threads", {})}
-    profile.update({"jobs": 2, "latency-wait": 5, "slurm-init-seconds-before-status-checks": 1,
-                    "seconds-between-status-checks": 1, **overrides})
+    profile.update({"jobs": 2, "latency-wait": 5, **POLLING, **overrides})
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.yaml").write_text(yaml.safe_dump(profile, sort_keys=False))
     return folder

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import re
+import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -22,9 +24,12 @@ STAGE1_LOG = "results/tiny/logs/gdn/distill_all_linear_stage1.log"
 STAGE1_COMMENT = "rule_distill_all_linear_stage1_wildcards_gdn"
 LOCAL_RULES = {"write_run_config", "check_early_stop", "rank_layers", "write_early_stop", "select_layers",
                "make_report", "all"}
+TEACHER_EFFICIENCY = "results/tiny/efficiency/teacher.json"
 # One selector and one scoring round keep the end-to-end run near 17 Slurm jobs on a 2-CPU node.
 SMALL_RUN = {"selection.selectors": ["ga_s2"], "selection.ratios": [0.5],
              "scoring.stage2.tokens": 128, "scoring.snapshot_every": 2}
+# 200 stage-1 steps with a state after each: long enough to be caught running with a state, short to finish.
+LONG_STAGE1 = {"distill.stage1.tokens": 200 * 2 * 32, "distill.stage1.save_every": 1}
 
 
 def since_now() -> datetime:
@@ -69,29 +74,45 @@ def test_tiny_workflow_runs_every_rule_as_a_slurm_job(slurm_cluster, tiny_teache
             assert row["ReqMem"] != f"{SCORE_LAYER_RESOURCES['mem_mb']}M", row
 
 
+@pytest.fixture(scope="module")
+def prepared_run(slurm_cluster, tiny_teacher_dir, tmp_path_factory) -> Path:
+    """A run whose teacher and data were prepared on the cluster; the stage-1 tests each start from a copy."""
+    folder = tmp_path_factory.mktemp("prepared")
+    profile = write_test_profile(slurm_cluster, folder / "profile", retries=0)
+    command = snakemake_command(folder / "run", tiny_config(tiny_teacher_dir, **LONG_STAGE1), profile,
+                                "results/tiny/data/train.bin", "results/tiny/data/heldout.bin")
+    assert_ok(subprocess.run(command, capture_output=True, text=True, timeout=600, env=environment(slurm_cluster)))
+    return folder
+
+
+def copy_of(prepared: Path, tmp_path: Path, *targets: str) -> tuple[Path, list[str]]:
+    """The prepared run copied (timestamps and Snakemake's records kept), and the command aimed at the copy."""
+    folder = tmp_path / "copy"
+    shutil.copytree(prepared, folder, symlinks=True)
+    config = yaml.safe_load((folder / "run" / "test-config.yaml").read_text())
+    return folder / "run", snakemake_command(folder / "run", config, folder / "profile", *targets)
+
+
 @pytest.mark.slurm
 def test_failed_training_job_is_reported_and_resumed_without_resubmitting_finished_jobs(
-        slurm_cluster, tiny_teacher_dir, tmp_path):
-    profile = write_test_profile(slurm_cluster, tmp_path / "profile", retries=0)
-    workdir = tmp_path / "run"
-    config = tiny_config(tiny_teacher_dir, **{"distill.stage1.save_every": 1})
-    command = snakemake_command(workdir, config, profile, f"{STAGE1}/model.safetensors")
+        slurm_cluster, prepared_run, tmp_path):
+    workdir, command = copy_of(prepared_run, tmp_path, f"{STAGE1}/model.safetensors", TEACHER_EFFICIENCY)
 
     since = since_now()
     failed = subprocess.run(command, capture_output=True, text=True, timeout=600,
                             env=environment(slurm_cluster, HD_FAIL_AT_STEP="1"))
     assert failed.returncode != 0
     assert "Error in rule distill_all_linear_stage1" in failed.stderr, failed.stderr[-3000:]
-    first = settled_rows(slurm_cluster, f"--name={run_id(failed.stderr)}", since=since, count=3)
+    first = settled_rows(slurm_cluster, f"--name={run_id(failed.stderr)}", since=since, count=2)
     assert {row["Comment"]: row["State"] for row in first} == {
-        "rule_prepare_teacher": "COMPLETED", "rule_prepare_data": "COMPLETED", STAGE1_COMMENT: "FAILED"}, first
+        STAGE1_COMMENT: "FAILED", "rule_measure_teacher_efficiency": "COMPLETED"}, first  # keep-going
 
     since = since_now()
     rerun = subprocess.run(command, capture_output=True, text=True, timeout=600, env=environment(slurm_cluster))
     assert_ok(rerun)
     second = settled_rows(slurm_cluster, f"--name={run_id(rerun.stderr)}", since=since, count=1)
     assert [(row["Comment"], row["State"]) for row in second] == [(STAGE1_COMMENT, "COMPLETED")], second
-    assert "resumed from step 1" in (workdir / STAGE1_LOG).read_text()
+    assert "resumed from step 1 " in (workdir / STAGE1_LOG).read_text()
 
 
 def wait_for(condition, what: str, process: subprocess.Popen, timeout_s: float = 300):
@@ -104,12 +125,8 @@ def wait_for(condition, what: str, process: subprocess.Popen, timeout_s: float =
 
 
 @pytest.mark.slurm
-def test_cancelled_training_job_resumes_on_rerun(slurm_cluster, tiny_teacher_dir, tmp_path):
-    profile = write_test_profile(slurm_cluster, tmp_path / "profile", retries=0)
-    workdir = tmp_path / "run"
-    # 200 steps with a state after each: long enough to be caught running with a state, short to finish.
-    config = tiny_config(tiny_teacher_dir, **{"distill.stage1.tokens": 200 * 2 * 32, "distill.stage1.save_every": 1})
-    command = snakemake_command(workdir, config, profile, f"{STAGE1}/model.safetensors")
+def test_cancelled_training_job_resumes_on_rerun(slurm_cluster, prepared_run, tmp_path):
+    workdir, command = copy_of(prepared_run, tmp_path, f"{STAGE1}/model.safetensors")
     controller_log = tmp_path / "controller.log"
     env = environment(slurm_cluster)
 
@@ -129,11 +146,22 @@ def test_cancelled_training_job_resumes_on_rerun(slurm_cluster, tiny_teacher_dir
 
         wait_for(running_with_state, "stage 1 to run and save a state", process)
         subprocess.run(["scancel", job_id], env=env, check=True, timeout=30)
-        assert process.wait(timeout=120) != 0
+        try:
+            returncode = process.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            pytest.fail("Snakemake did not notice the cancelled job within 90 s. sacct shows it as 'CANCELLED by "
+                        "<uid>', which snakemake-executor-plugin-slurm 2.8.0 does not count as failed (it matches "
+                        "'CANCELLED' exactly) and so waits forever; squeue shows 'CANCELLED'. The profile needs "
+                        "`slurm-status-command: squeue`.")
     finally:
         if process.poll() is None:
-            process.kill()
+            process.send_signal(signal.SIGINT)  # as Ctrl-C: Snakemake cancels its jobs and exits
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
     output = controller_log.read_text()
+    assert returncode != 0
     assert "Error in rule distill_all_linear_stage1" in output, output[-3000:]
     assert not (workdir / STAGE1 / "model.safetensors").exists()
     cancelled = settled_rows(slurm_cluster, f"--jobs={job_id}", since=since_now() - timedelta(minutes=10), count=1)
