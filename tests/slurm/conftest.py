@@ -13,7 +13,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 from local_cluster import (  # noqa: E402
     ACCOUNT, CLUSTER_NAME, PARTITION, ClusterError, LocalCluster, missing_requirements,
 )
-from slurm_workflow import TESTS, module_from  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -54,19 +53,3 @@ def slurm_cluster():
         os.environ["SLURM_CONF"] = previous_conf
     if started:
         cluster.stop()
-
-
-@pytest.fixture(scope="session")
-def tiny_teacher_dir(tmp_path_factory, smollm2_tokenizer) -> Path:
-    """The teacher of tests/workflow: a 4-layer random Llama with the real SmolLM2 tokenizer.
-
-    Built here rather than taken from tests/workflow/conftest.py, whose fixture imports `tiny_teacher` from
-    whichever module is `conftest` when it runs (tests/slurm's, here).
-    """
-    tiny_teacher = module_from(TESTS / "conftest.py", "hd_tests_conftest").tiny_teacher
-    directory = tmp_path_factory.mktemp("tiny_teacher")
-    model = tiny_teacher("llama", vocab_size=len(smollm2_tokenizer), tie_word_embeddings=True,
-                         bos_token_id=smollm2_tokenizer.bos_token_id, eos_token_id=smollm2_tokenizer.eos_token_id)
-    model.save_pretrained(directory)
-    smollm2_tokenizer.save_pretrained(directory)
-    return directory

@@ -41,7 +41,7 @@ def module_from(path: Path, name: str):
 
 
 # The workflow tests' tiny config, shared rather than copied.
-tiny_config = module_from(TESTS / "workflow" / "conftest.py", "hd_workflow_conftest").tiny_config
+tiny_config = module_from(TESTS / "workflow" / "workflow_helpers.py", "hd_workflow_helpers").tiny_config
 
 
 def write_test_profile(cluster, folder: Path, **overrides) -> Path:
