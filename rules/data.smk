@@ -21,7 +21,7 @@ rule write_run_config:
 
 
 rule prepare_teacher:
-    threads: workflow.cores  # nothing else can run beside it
+    threads: 8  # the whole machine locally (capped at --cores); on Slurm, set-threads in the profile decides
     input:
         RUN_CONFIG,
     output:
@@ -39,7 +39,7 @@ rule prepare_teacher:
 
 
 rule prepare_data:
-    threads: workflow.cores  # nothing else can run beside it
+    threads: 8  # the whole machine locally (capped at --cores); on Slurm, set-threads in the profile decides
     input:
         config=RUN_CONFIG,
         teacher=TEACHER_DIR,

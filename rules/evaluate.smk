@@ -2,7 +2,7 @@
 # lm-eval, held-out perplexity), and inference efficiency (prefill, decode, cache bytes).
 
 rule make_recall_data:
-    threads: workflow.cores  # nothing else can run beside it
+    threads: 8  # the whole machine locally (capped at --cores); on Slurm, set-threads in the profile decides
     input:
         config=RUN_CONFIG,
         teacher=TEACHER_DIR,

@@ -2,7 +2,7 @@
 
 
 rule distill_all_linear_stage1:
-    threads: workflow.cores  # nothing else can run beside it
+    threads: 8  # the whole machine locally (capped at --cores); on Slurm, set-threads in the profile decides
     input:
         config=RUN_CONFIG,
         teacher=TEACHER_DIR,
@@ -28,7 +28,7 @@ rule distill_all_linear_stage1:
 
 
 rule distill_all_linear_stage2:
-    threads: workflow.cores  # nothing else can run beside it
+    threads: 8  # the whole machine locally (capped at --cores); on Slurm, set-threads in the profile decides
     input:
         config=RUN_CONFIG,
         teacher=TEACHER_DIR,

@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import submitit
@@ -50,7 +51,8 @@ class SnakemakeController(submitit.helpers.Checkpointable):
         # Slurm signals every process of the step; only this process may react to the checkpoint signal.
         self._process = subprocess.Popen(self.command(), cwd=self.workdir, env=env,
                                          preexec_fn=_ignore_checkpoint_signals)
-        returncode = self._process.wait()
+        while (returncode := self._process.poll()) is None:  # not wait(): checkpoint() must be able to reap it
+            time.sleep(1)
         self._process = None
         if returncode != 0:
             raise RuntimeError(f"snakemake exited with status {returncode} (attempt {self.attempt}); "
@@ -60,12 +62,11 @@ class SnakemakeController(submitit.helpers.Checkpointable):
     def checkpoint(self, *args, **kwargs) -> submitit.helpers.DelayedSubmission:
         """Interrupt Snakemake as Ctrl-C would (it cancels its jobs and unlocks), then requeue this controller."""
         process = self._process
-        if process is not None and process.poll() is None:
+        if process is not None and process.returncode is None:
             log.warning("stopping snakemake (pid %d) before requeue", process.pid)
             process.send_signal(signal.SIGINT)
-            try:
-                process.wait(timeout=STOP_GRACE_S)
-            except subprocess.TimeoutExpired:
+            if not _reaped(process.pid, STOP_GRACE_S):
+                log.warning("snakemake did not stop within %d s; killing it", STOP_GRACE_S)
                 process.kill()
         self.attempt += 1
         return super().checkpoint(*args, **kwargs)
@@ -74,6 +75,19 @@ class SnakemakeController(submitit.helpers.Checkpointable):
         state = dict(self.__dict__)
         state["_process"] = None  # a live process handle cannot travel in the requeued pickle
         return state
+
+
+def _reaped(pid: int, timeout_s: float) -> bool:
+    """Wait for a child to exit without Popen, whose own wait may be the call this signal handler interrupted."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if os.waitpid(pid, os.WNOHANG)[0]:
+                return True
+        except ChildProcessError:
+            return True
+        time.sleep(0.2)
+    return False
 
 
 def _ignore_checkpoint_signals():
@@ -101,8 +115,8 @@ def step_submit(args):
     job = submit_controller(snakemake_args, folder=args.folder, local=args.local, partition=args.partition,
                             account=args.account, time_min=args.time_min, mem_gb=args.mem_gb)
     print(f"submitted controller job {job.job_id}")
-    print(f"log: {job.paths.stdout} (and {job.paths.stderr.name})")
-    if args.wait or args.local:  # a local controller dies with this process, so wait for it
+    print(f"log: {job.paths.stderr} (Snakemake's output; {job.paths.stdout.name} holds the rest)")
+    if args.wait or args.local:  # a local controller shares this terminal's fate: wait for it
         result = job.result()
         print(f"controller finished: {result}")
 

@@ -28,7 +28,7 @@ SUBMITTED = re.compile(r"has been submitted with SLURM jobid (\d+) \(log: (\S+)\
 
 
 def module_from(path: Path, name: str):
-    """Import a conftest.py under its own name: pytest imports every one of them as the module `conftest`."""
+    """Import a file of another test folder under a name of its own (test folders are not packages)."""
     import importlib.util
 
     if name in sys.modules:
