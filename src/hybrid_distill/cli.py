@@ -206,8 +206,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path)
 
     from hybrid_distill import cli_more
+    from hybrid_distill.submit import add_submit_step
 
     cli_more.add_steps(steps, _add)
+    add_submit_step(steps, _add)
     return parser
 
 
