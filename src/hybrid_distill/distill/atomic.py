@@ -15,15 +15,22 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write `text` to a temp file beside `path` and rename it into place."""
+def write_bytes_atomic(path: Path, data: bytes) -> Path:
+    """Write `data` to a temp file beside `path` and rename it into place."""
+    path = Path(path)
     staging = path.with_name(f".{path.name}.partial")
-    with open(staging, "w") as handle:
-        handle.write(text)
+    with open(staging, "wb") as handle:
+        handle.write(data)
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(staging, path)
     fsync_path(path.parent)
+    return path
+
+
+def write_text_atomic(path: Path, text: str) -> Path:
+    """UTF-8 always, so a C locale cannot break non-ASCII text."""
+    return write_bytes_atomic(path, text.encode("utf-8"))
 
 
 def publish_dir(staging: Path, final: Path) -> None:
