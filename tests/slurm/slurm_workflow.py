@@ -56,7 +56,8 @@ def write_test_profile(cluster, folder: Path, **overrides) -> Path:
         sizes = SCORE_LAYER_RESOURCES if rule == "score_layer" else RULE_RESOURCES
         set_resources[rule] = {**kept, **placement, **sizes}
     profile["set-resources"] = set_resources
-    profile["set-threads"] = {rule: 1 for rule in profile.get("set-threads", {})}
+    # One thread per job, also for the rules the profile sizes but whose threads the Snakefile sets.
+    profile["set-threads"] = {rule: 1 for rule in {**set_resources, **profile.get("set-threads", {})}}
     profile.update({"jobs": 2, "latency-wait": 5, **POLLING, **overrides})
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.yaml").write_text(yaml.safe_dump(profile, sort_keys=False))

@@ -1,19 +1,19 @@
 """`hybrid-distill submit`: the Snakemake controller as a submitit job, locally and through the cluster's sbatch."""
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import signal
 import subprocess
 import time
+from contextlib import contextmanager
 from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
 
 from hybrid_distill import cli
-from hybrid_distill.submit import JOB_NAME, add_submit_step, submit_controller
+from hybrid_distill.submit import JOB_NAME, submit_controller
 from slurm_workflow import settled_rows
 
 SMOKE_WORKFLOW = Path(__file__).parent / "workflow_smoke" / "Snakefile"
@@ -35,13 +35,6 @@ rule slow_step:
 """
 
 
-def parse_submit(argv: list[str]) -> argparse.Namespace:
-    """The `submit` step exactly as the CLI adds it (cli.build_parser will carry it)."""
-    parser = argparse.ArgumentParser(prog="hybrid-distill")
-    add_submit_step(parser.add_subparsers(dest="step", required=True), cli._add)
-    return parser.parse_args(argv)
-
-
 def wait_for(condition, what: str, timeout_s: float = 120):
     deadline = time.monotonic() + timeout_s
     while not (found := condition()):
@@ -53,7 +46,8 @@ def wait_for(condition, what: str, timeout_s: float = 120):
 def test_local_controller_runs_snakemake_to_completion(tmp_path, monkeypatch, capsys):
     (tmp_path / "Snakefile").write_text(TWO_STEPS.replace("sleep 10", "true"))
     monkeypatch.chdir(tmp_path)
-    args = parse_submit(["submit", "--local", "--folder", str(tmp_path / ".submitit"), "--", "--cores", "1"])
+    argv = ["submit", "--local", "--folder", str(tmp_path / ".submitit"), "--", "--cores", "1"]
+    args = cli.build_parser().parse_args(argv)  # `hybrid-distill submit ...` as the CLI parses it
     assert args.snakemake_args == ["--", "--cores", "1"]
     args.function(args)
 
@@ -83,30 +77,47 @@ def test_local_controller_requeues_itself_when_signalled(tmp_path):
     assert "stopping snakemake" in log and "Requeued job" in log, log[-3000:]
 
 
+@contextmanager
+def controller_job(cluster, workdir: Path, snakemake_args: list[str]):
+    """The controller submitted for `workdir`; cancelled with its jobs if the test ends before it does."""
+    job = submit_controller(
+        ["--executor", "slurm", "--jobs", "1", "--default-resources", f"slurm_partition={cluster.partition}",
+         f"slurm_account={cluster.account}", "runtime=5", "mem_mb=200", *FAST_POLLING, *snakemake_args],
+        folder=workdir / ".submitit", partition=cluster.partition, account=cluster.account, time_min=10, mem_gb=1,
+        workdir=workdir)
+    try:
+        yield job
+    finally:
+        if not job.paths.result_pickle.exists():  # leave no job holding one of the test node's two CPUs
+            job.cancel(check=False)
+            for run in run_ids(job):
+                subprocess.run(["scancel", f"--name={run}"], env=cluster.env, timeout=30)
+
+
+def run_ids(job) -> list[str]:
+    """The SLURM run ID of every Snakemake the controller started (one per attempt)."""
+    log = job.paths.stderr.read_text() if job.paths.stderr.exists() else ""
+    return re.findall(r"SLURM run ID: (\S+)", log)
+
+
 @pytest.mark.slurm
 def test_controller_job_submits_the_workflow_through_sbatch(slurm_cluster, tmp_path, monkeypatch):
     since = datetime.now() - timedelta(seconds=5)
     (tmp_path / "Snakefile").write_text(SMOKE_WORKFLOW.read_text())
     monkeypatch.setenv("PATH", slurm_cluster.env["PATH"])
-    snakemake_args = [
-        "--executor", "slurm", "--jobs", "1", "--default-resources", f"slurm_partition={slurm_cluster.partition}",
-        f"slurm_account={slurm_cluster.account}", "runtime=5", "mem_mb=200", *FAST_POLLING,
-        "--slurm-jobname-prefix", "hd_submit",
-    ]
-    job = submit_controller(snakemake_args, folder=tmp_path / ".submitit", partition=slurm_cluster.partition,
-                            account=slurm_cluster.account, time_min=10, mem_gb=1, workdir=tmp_path)
-    controller = settled_rows(slurm_cluster, f"--jobs={job.job_id}", since=since, count=1, timeout_s=240)
+    with controller_job(slurm_cluster, tmp_path, ["--slurm-jobname-prefix", "hd_submit"]) as job:
+        controller = settled_rows(slurm_cluster, f"--jobs={job.job_id}", since=since, count=1, timeout_s=240)
     assert [(row["JobName"], row["State"], row["Account"], row["ReqCPUS"]) for row in controller] == [
         (JOB_NAME, "COMPLETED", slurm_cluster.account, "1")], controller
     assert job.result()["returncode"] == 0
     assert (tmp_path / "results/greeting_upper.txt").read_text() == "HELLO SLURM\n"
 
-    log = job.paths.stderr.read_text()
-    run_id = re.search(r"SLURM run ID: (\S+)", log).group(1)
-    children = settled_rows(slurm_cluster, f"--name={run_id}", since=since, count=2)
+    [run] = run_ids(job)
+    assert run.startswith("hd_submit_")
+    children = settled_rows(slurm_cluster, f"--name={run}", since=since, count=2)
     assert sorted(row["Comment"] for row in children) == ["rule_shout_greeting", "rule_write_greeting"], children
     assert {row["State"] for row in children} == {"COMPLETED"}
-    assert "running snakemake in a SLURM job context" not in log  # the controller's own allocation is not leaked
+    assert "running snakemake in a SLURM job context" not in job.paths.stderr.read_text()  # no leaked allocation
 
 
 @pytest.mark.slurm
@@ -116,32 +127,30 @@ def test_preempted_controller_job_is_requeued_and_finishes(slurm_cluster, tmp_pa
     since = datetime.now() - timedelta(seconds=5)
     (tmp_path / "Snakefile").write_text(TWO_STEPS.replace("sleep 10", "sleep 300"))
     monkeypatch.setenv("PATH", slurm_cluster.env["PATH"])
-    snakemake_args = [
-        "--executor", "slurm", "--jobs", "1", "--default-resources", f"slurm_partition={slurm_cluster.partition}",
-        f"slurm_account={slurm_cluster.account}", "runtime=5", "mem_mb=200", *FAST_POLLING,
-    ]
-    job = submit_controller(snakemake_args, folder=tmp_path / ".submitit", partition=slurm_cluster.partition,
-                            account=slurm_cluster.account, time_min=10, mem_gb=1, workdir=tmp_path)
-    wait_for(lambda: (tmp_path / "started").exists(), "the slow step to start", timeout_s=180)
-    first_stamp = (tmp_path / "results/first.txt").stat().st_mtime_ns
-    job._interrupt()  # what submitit's own tests use: scancel --signal TERM, then --signal USR2
+    with controller_job(slurm_cluster, tmp_path, []) as job:
+        wait_for(lambda: (tmp_path / "started").exists(), "the slow step to start", timeout_s=180)
+        first_stamp = (tmp_path / "results/first.txt").stat().st_mtime_ns
+        job._interrupt()  # what submitit's own tests use: scancel --signal TERM, then --signal USR2
 
-    def requeued_and_held():
-        queued = subprocess.run(["squeue", "-h", "-j", job.job_id, "-o", "%T %r"], capture_output=True, text=True,
-                                env=slurm_cluster.env, timeout=30).stdout.split()
-        return queued == ["PENDING", "BeginTime"]
+        def requeued_and_held():
+            queued = subprocess.run(["squeue", "-h", "-j", job.job_id, "-o", "%T %r"], capture_output=True,
+                                    text=True, env=slurm_cluster.env, timeout=30).stdout.split()
+            return queued == ["PENDING", "BeginTime"]
 
-    wait_for(requeued_and_held, "the controller to be requeued", timeout_s=120)
-    # Slurm holds a requeued job for about two minutes; let it start now.
-    subprocess.run(["scontrol", "update", f"JobId={job.job_id}", "StartTime=now"], env=slurm_cluster.env,
-                   check=True, timeout=30)
-    wait_for(lambda: job.paths.result_pickle.exists(), "the requeued controller to finish", timeout_s=240)
+        wait_for(requeued_and_held, "the controller to be requeued", timeout_s=120)
+        # Slurm holds a requeued job for about two minutes; let it start now.
+        subprocess.run(["scontrol", "update", f"JobId={job.job_id}", "StartTime=now"], env=slurm_cluster.env,
+                       check=True, timeout=30)
+        wait_for(job.paths.result_pickle.exists, "the requeued controller to finish", timeout_s=240)
     result = job.result()
     assert result["returncode"] == 0 and result["attempt"] == 1, result
     assert (tmp_path / "results/second.txt").read_text() == "first\n"
     assert (tmp_path / "results/first.txt").stat().st_mtime_ns == first_stamp
-    rows = settled_rows(slurm_cluster, f"--jobs={job.job_id}", since=since, count=1)
-    assert rows[0]["State"] == "COMPLETED", rows
-    slow_steps = [row for row in settled_rows(slurm_cluster, "--user=root", since=since, count=1)
-                  if row["Comment"] == "rule_slow_step"]
-    assert sorted(row["State"].split()[0] for row in slow_steps) == ["CANCELLED", "COMPLETED"], slow_steps
+    controller = settled_rows(slurm_cluster, f"--jobs={job.job_id}", since=since, count=1)
+    assert controller[0]["State"] == "COMPLETED", controller
+    first_run, second_run = run_ids(job)
+    stopped = settled_rows(slurm_cluster, f"--name={first_run}", since=since, count=2)
+    assert sorted((row["Comment"], row["State"].split()[0]) for row in stopped) == [
+        ("rule_first_step", "COMPLETED"), ("rule_slow_step", "CANCELLED")], stopped
+    finished = settled_rows(slurm_cluster, f"--name={second_run}", since=since, count=1)
+    assert [(row["Comment"], row["State"]) for row in finished] == [("rule_slow_step", "COMPLETED")]

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-
 import re
 import shutil
 import signal
@@ -183,7 +182,8 @@ def test_paper_config_plans_with_the_user_profile(tmp_path):
     run = subprocess.run(
         [sys.executable, "-m", "snakemake", "--profile", "profiles/slurm", "-n",
          "--configfile", "configs/paper-qwen2.5-3b.yaml", "--directory", str(tmp_path)],
-        cwd=REPO, capture_output=True, text=True, timeout=300, env={**environment_without_slurm(), "HF_HUB_OFFLINE": "1"},
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+        env={**environment_without_slurm(), "HF_HUB_OFFLINE": "1"},
     )
     assert_ok(run)
     profile = yaml.safe_load(USER_PROFILE.read_text())
@@ -199,8 +199,6 @@ def test_paper_config_plans_with_the_user_profile(tmp_path):
 
 
 def environment_without_slurm() -> dict[str, str]:
-    import os
-
     return {name: value for name, value in os.environ.items() if not name.startswith("SLURM_")}
 
 
