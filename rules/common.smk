@@ -8,6 +8,8 @@ from snakemake.utils import validate
 
 from hybrid_distill.config.load import SCHEMA_PATH, ConfigError, validate_config
 from hybrid_distill.models.teacher import TeacherError, describe_teacher
+from hybrid_distill.select.greedy_jobs import read_greedy_choice
+from hybrid_distill.select.jobs import ScoreFileError
 from hybrid_distill.select.layer_sets import k_from_ratio, validate_layer_list
 
 
@@ -103,6 +105,7 @@ wildcard_constraints:
     mixer="gdn|gla",
     layer=r"\d+",
     round=r"\d+",
+    step=r"\d+",
     k=r"\d+",
     selection=r"[a-z0-9_]+",
 
@@ -219,7 +222,58 @@ def selection_inputs(wildcards):
         inputs["signals"] = f"{ROOT}/signals/bypass.json"
     elif selector in SIGNAL_SOURCES:
         inputs["signals"] = f"{ROOT}/{wildcards.mixer}/selection/signals/{SIGNAL_SOURCES[selector]}.json"
+    elif selector == "ga_iter":
+        inputs["greedy"] = greedy_choice(wildcards.mixer, int(wildcards.k) - 1)
     return inputs
+
+
+# ---- GA-iter: greedy step i scores every layer not yet picked with the picks so far softmax -----------
+def greedy_score(mixer, step, layer):
+    return f"{ROOT}/{mixer}/greedy/step{step}/layer{layer}/score.json"
+
+
+def greedy_choice(mixer, step):
+    return f"{ROOT}/{mixer}/selection/greedy/step{step}.json"
+
+
+def greedy_step_record(mixer, step):
+    """What greedy step `step` decided (a checkpoint: the next step's jobs are planned once it has run)."""
+    path = checkpoints.choose_greedy_layer.get(mixer=mixer, step=step).output[0]
+    try:
+        return read_greedy_choice(path)
+    except ScoreFileError as error:
+        raise WorkflowError(str(error)) from None
+
+
+def greedy_candidates(wildcards):
+    step = int(wildcards.step)
+    chosen = greedy_step_record(wildcards.mixer, step - 1)["chosen"] if step > 0 else []
+    return [layer for layer in LAYERS if layer not in chosen]
+
+
+def greedy_step_scores(wildcards):
+    """Step 0 has nothing picked, so its jobs are GA-S2's one-swap jobs: it reads their final-round scores."""
+    step = int(wildcards.step)
+    if step == 0:
+        return final_scores(wildcards)
+    return [greedy_score(wildcards.mixer, step, layer) for layer in greedy_candidates(wildcards)]
+
+
+def previous_greedy_step(wildcards):
+    step = int(wildcards.step)
+    return [greedy_choice(wildcards.mixer, step - 1)] if step > 0 else []
+
+
+def greedy_softmax_layers(wildcards):
+    """--softmax-layers of a greedy scoring job: the picks so far plus its candidate."""
+    chosen = greedy_step_record(wildcards.mixer, int(wildcards.step) - 1)["chosen"]
+    if int(wildcards.layer) in chosen:
+        raise WorkflowError(f"greedy step {wildcards.step}: layer {wildcards.layer} was already picked")
+    return ",".join(str(layer) for layer in sorted([*chosen, int(wildcards.layer)]))
+
+
+def greedy_train_steps(wildcards):
+    return greedy_step_record(wildcards.mixer, int(wildcards.step) - 1)["train_steps"]
 
 
 RECALL_DIR = f"{ROOT}/recall"

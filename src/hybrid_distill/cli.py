@@ -107,11 +107,24 @@ def step_removal_signal(args):
     removal_signal([Path(p) for p in args.scores], args.out)
 
 
+def step_choose_greedy_layer(args):
+    from hybrid_distill.select.greedy_jobs import choose_greedy_layer
+
+    choose_greedy_layer(args.step_index, args.num_layers, args.candidates, [Path(p) for p in args.scores], args.out,
+                        previous_file=args.previous, drop_states=args.drop_states)
+
+
 def step_select_layers(args):
     from hybrid_distill.select.jobs import select_layers
 
+    pick_order = None
+    if args.greedy is not None:
+        from hybrid_distill.select.greedy_jobs import read_greedy_choice
+
+        pick_order = read_greedy_choice(args.greedy)["chosen"]
     select_layers(_config(args), args.selector, args.k, args.num_layers, args.out, seed=args.seed,
-                  signal_files=[Path(p) for p in args.signals], importance_file=args.importance)
+                  signal_files=[Path(p) for p in args.signals], importance_file=args.importance,
+                  pick_order=pick_order)
 
 
 def _add(subparsers, name, function, help_text):
@@ -195,6 +208,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scores", required=True, nargs="+")
     p.add_argument("--out", required=True, type=Path)
 
+    p = _add(steps, "choose-greedy-layer", step_choose_greedy_layer,
+             "GA-iter: one greedy step's pick from its candidates' brief stage-2 scores")
+    p.add_argument("--step", dest="step_index", metavar="STEP", required=True, type=int,
+                   help="greedy step, 0 = first pick")
+    p.add_argument("--num-layers", required=True, type=int)
+    p.add_argument("--candidates", required=True, type=layer_list, help="layers scored this step, e.g. 0,2,3")
+    p.add_argument("--scores", required=True, nargs="+", help="one score file per candidate, in that order")
+    p.add_argument("--previous", type=Path, default=None, help="the previous step's file (every step but 0)")
+    p.add_argument("--drop-states", action="store_true", help="delete the scoring jobs' training states")
+    p.add_argument("--out", required=True, type=Path)
+
     p = _add(steps, "select-layers", step_select_layers, "write one selector's softmax layers at one K")
     p.add_argument("--config", required=True, type=Path)
     p.add_argument("--selector", required=True)
@@ -203,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--signals", nargs="*", default=[])
     p.add_argument("--importance", type=Path, default=None)
+    p.add_argument("--greedy", type=Path, default=None, help="GA-iter: a greedy step file listing the pick order")
     p.add_argument("--out", required=True, type=Path)
 
     from hybrid_distill import cli_more

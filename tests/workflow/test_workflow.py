@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from workflow_helpers import REPO, run_snakemake, tiny_config
@@ -53,6 +54,21 @@ def test_paper_configs_plan_offline_with_one_job_per_layer(config_name, layers, 
     assert "huggingface.co" not in result.stdout + result.stderr
 
 
+def test_paper_config_with_ga_iter_plans_every_greedy_step(tmp_path):
+    config = yaml.safe_load((REPO / "configs" / "paper-qwen2.5-3b.yaml").read_text())
+    config["selection"]["selectors"].append("ga_iter")
+    (tmp_path / "paper-ga-iter.yaml").write_text(yaml.safe_dump(config))
+    command = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(tmp_path),
+               "--configfile", str(tmp_path / "paper-ga-iter.yaml"), "-n", "--cores", "8"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                            env={"HF_HUB_OFFLINE": "1", "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    counts = job_counts(result.stdout)
+    assert counts["choose_greedy_layer"] == 18          # steps 0..Kmax-1; their scoring jobs follow each step
+    assert counts["score_layer"] == 36                  # step 0's jobs are GA-S2's one-swap jobs
+    assert counts["distill_hybrid"] == 4 * 8
+
+
 def test_whole_dag_runs_end_to_end(tiny_teacher_dir, tmp_path):
     workdir = tmp_path / "run"
     result = run_snakemake(workdir, tiny_config(tiny_teacher_dir))
@@ -82,7 +98,7 @@ def test_whole_dag_runs_end_to_end(tiny_teacher_dir, tmp_path):
 
 
 ALL_SELECTORS = ["ga_s2", "ga_s1", "gr_s1", "avg_s1", "gr_s2", "avg_s2", "uniform", "random", "act_mse", "lm_ppl",
-                 "ar", "kv", "user"]
+                 "ar", "kv", "user", "ga_iter"]
 
 
 def test_every_selector_produces_a_valid_layer_set(tiny_teacher_dir, tmp_path):
@@ -90,7 +106,7 @@ def test_every_selector_produces_a_valid_layer_set(tiny_teacher_dir, tmp_path):
                                               "selection.user_layers": [0, 3]})
     names = [s if s != "random" else "random_seed0" for s in ALL_SELECTORS]
     targets = [f"results/tiny/gdn/selection/{name}_K2.json" for name in names]
-    result = run_snakemake(tmp_path / "run", config, *targets)
+    result = run_snakemake(tmp_path / "run", config, *targets, "results/tiny/gdn/selection/ga_iter_K1.json")
     assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
     chosen = {}
     for name, target in zip(names, targets):
@@ -101,3 +117,26 @@ def test_every_selector_produces_a_valid_layer_set(tiny_teacher_dir, tmp_path):
     assert chosen["uniform"] == [1, 3]
     signals = json.loads((tmp_path / "run/results/tiny/signals/bypass.json").read_text())
     assert set(signals) == {"act_mse", "lm_ppl", "ar", "kv"} and all(len(v) == 4 for v in signals.values())
+    check_greedy_steps(tmp_path / "run/results/tiny/gdn", chosen["ga_iter"], chosen["ga_s2"])
+
+
+def check_greedy_steps(root: Path, ga_iter_k2: list[int], ga_s2_k2: list[int]) -> None:
+    """GA-iter's sets are the greedy choice given the recorded scores; step 0 is GA-S2's final round."""
+    final_round = json.loads((root / "selection/early_stop.json").read_text())["stopped_at_round"]
+    swap = {layer: json.loads((root / f"swap/layer{layer}/round{final_round}.json").read_text()) for layer in range(4)}
+    steps = [json.loads((root / f"selection/greedy/step{i}.json").read_text()) for i in (0, 1)]
+    assert steps[0]["heldout_kl"] == {str(layer): score["heldout_kl"] for layer, score in swap.items()}
+    assert steps[0]["train_steps"] == swap[0]["step"]
+    scores = [{layer: score["heldout_kl"] for layer, score in swap.items()}, {}]
+    first = steps[0]["chosen"][0]
+    for layer in sorted(set(range(4)) - {first}):
+        score = json.loads((root / f"greedy/step1/layer{layer}/score.json").read_text())
+        assert score["softmax_layers"] == sorted([first, layer]) and score["step"] == steps[0]["train_steps"]
+        assert not (root / f"greedy/step1/layer{layer}/stage2/state").exists()
+        scores[1][layer] = score["heldout_kl"]
+    assert steps[1]["heldout_kl"] == {str(layer): kl for layer, kl in scores[1].items()}
+    picks = [min(step_scores, key=lambda layer: (step_scores[layer], layer)) for step_scores in scores]
+    assert [step["chosen"] for step in steps] == [picks[:1], picks]
+    assert json.loads((root / "selection/ga_iter_K1.json").read_text())["softmax_layers"] == picks[:1]
+    assert ga_iter_k2 == sorted(picks)
+    assert picks[0] in ga_s2_k2  # GA-S2's best layer is in its top 2

@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import io
 
+from hybrid_distill.select.greedy import greedy_layers
 from hybrid_distill.select.layer_sets import (
     random_layers, rank_average, ranking_from_importance, top_k_layers, uniform_layers, validate_layer_list,
 )
@@ -27,9 +28,15 @@ def importance_csv(importance: dict[int, float], heldout_kl: dict[int, float] | 
 
 
 def choose_layers(selector: str, k: int, num_layers: int, signals: dict[str, dict[int, float]] | None = None,
-                  seed: int = 0, user_layers: list[int] | None = None) -> list[int]:
-    """The K softmax layers a selector picks; `signals` maps signal name -> {layer: importance}."""
+                  seed: int = 0, user_layers: list[int] | None = None,
+                  pick_order: list[int] | None = None) -> list[int]:
+    """The K softmax layers a selector picks; `signals` maps signal name -> {layer: importance}, `pick_order`
+    lists GA-iter's greedy picks."""
     signals = signals or {}
+    if selector == "ga_iter":
+        if pick_order is None:
+            raise ValueError("selector 'ga_iter' needs its greedy pick order, which is missing")
+        return greedy_layers(pick_order, k)
     if selector == "uniform":
         return uniform_layers(num_layers, k)
     if selector == "random":

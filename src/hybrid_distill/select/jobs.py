@@ -164,17 +164,21 @@ def summarise_early_stop(config: dict, decision_files: list[Path], round_files: 
 
 
 def select_layers(config: dict, selector: str, k: int, total_layers: int, out_json: Path, seed: int = 0,
-                  signal_files: list[Path] = (), importance_file: Path | None = None) -> list[int]:
-    """Write the chosen softmax layers of one selector at one K."""
+                  signal_files: list[Path] = (), importance_file: Path | None = None,
+                  pick_order: list[int] | None = None) -> list[int]:
+    """Write the chosen softmax layers of one selector at one K (`pick_order`: GA-iter's greedy picks)."""
     signals: dict[str, dict[int, float]] = {}
     for path in signal_files:
         signals.update(signals_from_json(path))
     if importance_file is not None:
         signals["ga_s2"] = read_importance_csv(importance_file)
     layers = choose_layers(selector, k, total_layers, signals, seed=seed,
-                           user_layers=config["selection"]["user_layers"])
-    write_json(out_json, {"selector": selector, "k": k, "seed": seed, "softmax_layers": layers,
-                          "importance": signals.get(selector)})
+                           user_layers=config["selection"]["user_layers"], pick_order=pick_order)
+    payload = {"selector": selector, "k": k, "seed": seed, "softmax_layers": layers,
+               "importance": signals.get(selector)}
+    if pick_order is not None:
+        payload["pick_order"] = list(pick_order[:k])
+    write_json(out_json, payload)
     return layers
 
 

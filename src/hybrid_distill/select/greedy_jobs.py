@@ -1,0 +1,87 @@
+"""GA-iter jobs: one greedy step's choice from its candidates' score files, and reading a step's choice back."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from hybrid_distill.distill.jobs import write_json
+from hybrid_distill.select.greedy import greedy_step
+from hybrid_distill.select.jobs import ScoreFileError
+
+log = logging.getLogger(__name__)
+
+
+def read_greedy_choice(path: Path) -> dict:
+    """A greedy step's file: `chosen` (pick order so far), `train_steps`, the step's `heldout_kl` per candidate."""
+    try:
+        payload = json.loads(Path(path).read_text())
+        payload["chosen"] = [int(layer) for layer in payload["chosen"]]
+        payload["train_steps"] = int(payload["train_steps"])
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+        raise ScoreFileError(f"greedy step file {path} is corrupt or incomplete ({type(error).__name__}: {error})") \
+            from None
+    return payload
+
+
+def _candidate_score(path: Path) -> tuple[float, int, list[int]]:
+    """(held-out KL, steps trained, softmax layers) of one scoring job."""
+    try:
+        payload = json.loads(Path(path).read_text())
+        return float(payload["heldout_kl"]), int(payload["step"]), sorted(int(i) for i in payload["softmax_layers"])
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+        raise ScoreFileError(f"score file {path} is corrupt or incomplete ({type(error).__name__}: {error})") from None
+
+
+def drop_state(out_dir: Path) -> None:
+    """Renamed before it is deleted, so a kill mid-delete never leaves a state that looks complete to a rerun."""
+    state = Path(out_dir) / "state"
+    if not state.exists():
+        return
+    retired = state.with_name(".state.retired")
+    shutil.rmtree(retired, ignore_errors=True)
+    os.replace(state, retired)
+    shutil.rmtree(retired)
+
+
+def choose_greedy_layer(step: int, num_layers: int, candidates: list[int], score_files: list[Path], out_json: Path,
+                        previous_file: Path | None = None, drop_states: bool = False) -> dict:
+    """Greedy step `step`: add the best candidate to the previous step's pick order and write it.
+
+    Step 0 has nothing chosen, so its jobs are exactly GA-S2's one-swap jobs: it reads their final-round scores
+    (no recomputation) and records how many steps they trained (`train_steps`); every later step's jobs train
+    that many, so all steps score on the same budget. `drop_states` deletes the scoring jobs' training states.
+    """
+    if len(candidates) != len(score_files):
+        raise ValueError(f"greedy step {step}: {len(candidates)} candidate layers but {len(score_files)} score files")
+    if (previous_file is None) != (step == 0):
+        raise ValueError(f"greedy step {step}: a previous step file is needed exactly when the step is not 0")
+    previous = read_greedy_choice(previous_file) if previous_file is not None else None
+    chosen = previous["chosen"] if previous else []
+    if len(chosen) != step:
+        raise ScoreFileError(f"greedy step file {previous_file} lists {len(chosen)} picks, step {step - 1} "
+                             f"should have made {step}")
+    train_steps = previous["train_steps"] if previous else None
+    heldout_kl = {}
+    for layer, path in zip(candidates, score_files):
+        kl, trained, softmax_layers = _candidate_score(path)
+        expected = sorted([*chosen, layer])
+        if softmax_layers != expected:
+            raise ScoreFileError(f"score file {path} scores softmax layers {softmax_layers}, greedy step {step} "
+                                 f"expects {expected}")
+        train_steps = trained if train_steps is None else train_steps
+        if trained != train_steps:
+            raise ScoreFileError(f"score file {path} trained {trained} steps, greedy step {step} expects {train_steps}")
+        heldout_kl[layer] = kl
+    pick_order = greedy_step(chosen, heldout_kl, num_layers)
+    payload = {"step": step, "picked": pick_order[-1], "chosen": pick_order, "train_steps": train_steps,
+               "heldout_kl": {str(layer): kl for layer, kl in sorted(heldout_kl.items())}}
+    write_json(out_json, payload)
+    log.info("greedy step %d: picked layer %d (held-out KL %.6g); pick order %s", step, pick_order[-1],
+             heldout_kl[pick_order[-1]], pick_order)
+    if drop_states:
+        for path in score_files:
+            drop_state(Path(path).parent / "stage2")
+    return payload
