@@ -36,10 +36,11 @@ def step_prepare_teacher(args):
 
 def step_prepare_data(args):
     from hybrid_distill.data.prepare import prepare_data
+    from hybrid_distill.evaluate.loading import resolve_device
     from hybrid_distill.models.teacher import load_teacher
 
     config = _config(args)
-    teacher, tokenizer = load_teacher(str(args.teacher))
+    teacher, tokenizer = load_teacher(str(args.teacher), device=resolve_device(None))  # sampling wants the GPU
     data = config["data"]
     prepare_data(data["source"], tokenizer, args.out, data["seq_len"], data["train_sequences"],
                  data["heldout_sequences"], seed=config["seed"], teacher=teacher)

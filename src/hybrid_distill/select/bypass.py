@@ -37,6 +37,7 @@ def final_hidden_and_nll(model, input_ids: torch.Tensor) -> tuple[torch.Tensor, 
 @torch.no_grad()
 def act_mse_and_ppl_increase(model, input_ids: torch.Tensor) -> tuple[dict[int, float], dict[int, float]]:
     """ACT-MSE (final-hidden MSE) and LM-PPL (perplexity increase) of bypassing each layer alone."""
+    input_ids = input_ids.to(next(model.parameters()).device)
     reference_hidden, reference_nll = final_hidden_and_nll(model, input_ids)
     reference_ppl = float(torch.tensor(reference_nll).exp())
     act_mse, ppl_increase = {}, {}

@@ -50,9 +50,10 @@ def signals_from_json(path: Path) -> dict[str, dict[int, float]]:
 
 def score_bypass(config: dict, teacher_dir: Path, data_dir: Path, out_json: Path) -> None:
     """ACT-MSE, LM-PPL, AR and KV importances of the teacher's layers (bypass each, measure the loss)."""
+    from hybrid_distill.evaluate.loading import resolve_device
     from hybrid_distill.evaluate.recall_tasks import generate_examples
 
-    teacher, tokenizer = load_teacher(str(teacher_dir))
+    teacher, tokenizer = load_teacher(str(teacher_dir), device=resolve_device(None))
     count = config["selection"]["probe_sequences"]
     heldout = open_data(data_dir, "heldout")
     act_mse, ppl_increase = act_mse_and_ppl_increase(teacher, heldout.batch(0, min(count, heldout.num_sequences)))
