@@ -178,10 +178,20 @@ def final_targets():
 
 
 def train_command(resources):
-    """`accelerate launch` on GPUs, plain python on CPU: the same entry point either way."""
-    if resources.gpu > 0:
-        return f"accelerate launch --num_processes {resources.gpu} -m hybrid_distill.cli"
-    return "python -m hybrid_distill.cli"
+    """`accelerate launch` on GPUs, plain python on CPU: the same entry point either way. A rule's
+    `accelerate_config` resource (e.g. profiles/slurm/accelerate-fsdp.yaml) becomes `--config_file`."""
+    if resources.gpu <= 0:
+        return "python -m hybrid_distill.cli"
+    import shlex
+
+    launch = f"accelerate launch --num_processes {resources.gpu}"
+    accelerate_config = resources.get("accelerate_config")
+    if accelerate_config:
+        if not os.path.isfile(accelerate_config):
+            raise WorkflowError(f"resources: accelerate_config={accelerate_config}: no such file (a path from the "
+                                f"working directory {os.getcwd()}, or absolute)")
+        launch += f" --config_file {shlex.quote(accelerate_config)}"
+    return f"{launch} -m hybrid_distill.cli"
 
 
 # ---- input functions of the phase files ---------------------------------------------------------------

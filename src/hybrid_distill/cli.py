@@ -138,7 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hybrid-distill", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch intra-op threads (default: Slurm's cpus-per-task, else all cores)")
+                        help="torch intra-op threads of the job, split among the processes of an `accelerate "
+                             "launch` (default: Slurm's cpus-per-task, else all cores)")
     steps = parser.add_subparsers(dest="step", required=True, metavar="<step>")
 
     p = _add(steps, "prepare-teacher", step_prepare_teacher, "export the teacher as a local HF directory")
@@ -239,6 +240,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def threads_per_process(threads: int, processes: int) -> int:
+    """The job's CPU threads shared among the processes `accelerate launch` started on its node, at least one each."""
+    return max(1, threads // max(1, processes))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -249,7 +255,9 @@ def main(argv: list[str] | None = None) -> int:
     if threads:
         import torch
 
-        torch.set_num_threads(int(threads))
+        processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # set by `accelerate launch` for several
+        torch.set_num_threads(threads_per_process(int(threads), processes))
+        log.debug("torch threads: %d (%s for %d processes)", torch.get_num_threads(), threads, processes)
     from hybrid_distill.errors import USER_ERRORS
 
     try:
