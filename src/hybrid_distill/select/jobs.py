@@ -160,8 +160,35 @@ def summarise_early_stop(config: dict, decision_files: list[Path], round_files: 
         "stopped_at_round": last["round"], "rounds": rounds,
         "tokens_spent": tokens_spent, "tokens_full_budget": tokens_full_budget,
         "top_k": last["top_k"],
+        "selection_cost": selection_cost(config, decisions, len(round_files[-1]), tokens_spent, tokens_full_budget),
     }
     write_json(out_json, payload)
+
+
+def selection_cost(config: dict, decisions: list[dict], num_layers: int, tokens_spent: int,
+                   tokens_full_budget: int) -> dict:
+    """Tokens of this selection pass against the paper's protocol, and the top-K sets at the stop and at the end.
+
+    The paper trains every one-swap student through stage 1 and the whole stage-2 budget: L x (stage 1 + stage 2).
+    Here stage 1 runs once: it is teacher-forced and layer-local, so a one-swap student's stage 1 equals the
+    all-linear student's in every linear layer (an exact saving), and stage 2 stops where the rule fires. With the
+    rule off the run goes on to the full budget, so `top_k_at_stop` vs `top_k_full_budget` shows what stopping
+    would have changed; with the rule on and fired, the full-budget set was never computed (null).
+    """
+    last = decisions[-1]
+    stop = last["fired_round"] if last["fired_round"] is not None else last["round"]
+    tokens_to_stop = tokens_spent * decisions[stop]["step"] // last["step"]
+    stage1 = config["distill"]["stage1"]["tokens"]
+    paper = num_layers * stage1 + tokens_full_budget
+    ours = stage1 + tokens_to_stop
+    stopped_early = config["scoring"]["early_stop"]["enabled"] and last["fired"]
+    return {
+        "paper_protocol_tokens": paper, "tokens_to_stop": ours, "fraction_of_paper": ours / paper,
+        "stage1_tokens_shared": stage1, "stage2_tokens_to_stop": tokens_to_stop, "stop_round": stop,
+        "top_k_at_stop": decisions[stop]["top_k"],
+        "top_k_full_budget": None if stopped_early else last["top_k"],
+        "swaps_between": None if stopped_early else len(set(last["top_k"]) - set(decisions[stop]["top_k"])),
+    }
 
 
 def select_layers(config: dict, selector: str, k: int, total_layers: int, out_json: Path, seed: int = 0,
