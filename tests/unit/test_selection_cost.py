@@ -6,8 +6,9 @@ import pytest
 from hybrid_distill.select.jobs import selection_cost
 
 
-def config(enabled: bool, stage1_tokens: int = 1000) -> dict:
-    return {"distill": {"stage1": {"tokens": stage1_tokens}}, "scoring": {"early_stop": {"enabled": enabled}}}
+def config(enabled: bool, stage1_tokens: int = 1000, stage2_tokens: int = 50_000) -> dict:
+    return {"distill": {"stage1": {"tokens": stage1_tokens}, "stage2": {"tokens": stage2_tokens}},
+            "scoring": {"early_stop": {"enabled": enabled}}}
 
 
 def decisions(top_ks: list[list[int]], fired_round: int | None, steps_per_round: int = 10) -> list[dict]:
@@ -22,8 +23,9 @@ def test_rule_off_counts_tokens_up_to_where_it_would_have_fired_and_keeps_both_s
     assert cost["stop_round"] == 2
     assert cost["stage2_tokens_to_stop"] == 12_000          # 3 of 5 rounds, every layer
     assert cost["tokens_to_stop"] == 1000 + 12_000          # one shared stage 1
-    assert cost["paper_protocol_tokens"] == 4 * 1000 + 20_000
-    assert cost["fraction_of_paper"] == pytest.approx(13_000 / 24_000)
+    assert cost["paper_protocol_tokens"] == 4 * (1000 + 50_000)   # every layer: full stage 1 + full stage 2
+    assert cost["no_early_stop_tokens"] == 1000 + 20_000
+    assert cost["fraction_of_paper"] == pytest.approx(13_000 / 204_000)
     assert cost["top_k_at_stop"] == [0, 2] and cost["top_k_full_budget"] == [0, 3]
     assert cost["swaps_between"] == 1
 

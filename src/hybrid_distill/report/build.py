@@ -141,10 +141,11 @@ def _early_stop_section(report: _Report, early_stop, ga_s2_sets: dict[int, tuple
         full = cost.get("top_k_full_budget")
         versus = (f"; top-{early_stop['k']} at the stop {cost['top_k_at_stop']}, at the full budget {full} "
                   f"({cost['swaps_between']} swap(s) apart)" if full is not None else "")
-        report.add(f"Against the paper's protocol (every one-swap student through stage 1 and the whole stage-2 "
-                   f"budget: {cost['paper_protocol_tokens']:,.0f} tokens), selection up to the stop costs "
-                   f"{cost['tokens_to_stop']:,.0f} tokens ({cost['fraction_of_paper']:.1%}): one shared stage 1 "
-                   f"and stage 2 until round {cost['stop_round']}{versus}.", "")
+        report.add(f"Against the paper's protocol (every one-swap student through a final model's stage 1 and "
+                   f"stage 2: {cost['paper_protocol_tokens']:,.0f} tokens), selection up to the stop costs "
+                   f"{cost['tokens_to_stop']:,.0f} tokens ({cost['fraction_of_paper']:.1%}; "
+                   f"{cost['no_early_stop_tokens']:,.0f} without early stop): one shared stage 1 and brief "
+                   f"stage 2 until round {cost['stop_round']}{versus}.", "")
     k = early_stop["k"]
     fired_rows = early_stop["rounds"][early_stop["rounds"]["round"] == early_stop["fired_round"]]
     if early_stop["fired"] and not fired_rows.empty and k in ga_s2_sets:
