@@ -86,7 +86,8 @@ def step_bench(args):
     from hybrid_distill.distill.bench import format_table, run_benchmark, write_result
 
     result = run_benchmark(batch_size=args.batch_size, seq_len=args.seq_len, warmup=args.warmup,
-                           repeats=args.repeats, stages=args.stages, students=args.students)
+                           repeats=args.repeats, stages=args.stages, students=args.students,
+                           chunk_tokens=args.kl_chunk_tokens)
     print(format_table(result))
     if args.out:
         write_result(result, args.out)
@@ -126,6 +127,7 @@ def add_steps(steps, add):
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--stages", nargs="+", default=["stage1", "stage2"], choices=["stage1", "stage2"])
     p.add_argument("--students", nargs="+", default=["softmax", "gdn", "gla"], choices=["softmax", "gdn", "gla"])
+    p.add_argument("--kl-chunk-tokens", type=int, default=4096, help="tokens per chunk of the fused KL (stage 2)")
     p.add_argument("--out", type=Path, default=None)
 
     p = add(steps, "make-report", step_make_report, "tables, figures and report.md")
