@@ -7,7 +7,8 @@ import re
 import pytest
 
 from hybrid_distill.select.greedy import best_candidate, greedy_layers, greedy_step
-from hybrid_distill.select.greedy_jobs import choose_greedy_layer, drop_state, read_greedy_choice
+from hybrid_distill.distill.jobs import drop_training_state as drop_state
+from hybrid_distill.select.greedy_jobs import choose_greedy_layer, read_greedy_choice
 from hybrid_distill.select.importance import choose_layers
 from hybrid_distill.select.jobs import ScoreFileError
 

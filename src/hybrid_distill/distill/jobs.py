@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -43,8 +44,17 @@ def open_data(data_dir: Path, split: str) -> PackedTokens:
 
 
 def drop_training_state(out_dir: Path) -> None:
-    """A finished job's model is its output; its resumable state (weights + AdamW moments) is only disk cost."""
-    shutil.rmtree(Path(out_dir) / "state", ignore_errors=True)
+    """A finished job's model is its output; its resumable state (weights + AdamW moments) is only disk cost.
+
+    Renamed before it is deleted, so a kill mid-delete never leaves a state that looks complete to a rerun.
+    """
+    state = Path(out_dir) / "state"
+    if not state.exists():
+        return
+    retired = state.with_name(".state.retired")
+    shutil.rmtree(retired, ignore_errors=True)
+    os.replace(state, retired)
+    shutil.rmtree(retired)
 
 
 def distill_all_linear_stage1(config: dict, teacher_dir: Path, data_dir: Path, mixer: str, out_dir: Path) -> None:

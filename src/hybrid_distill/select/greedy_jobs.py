@@ -3,13 +3,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
 from pathlib import Path
 
-from hybrid_distill.distill.jobs import write_json
+from hybrid_distill.distill.jobs import drop_training_state, write_json
 from hybrid_distill.select.greedy import greedy_step
-from hybrid_distill.select.jobs import ScoreFileError
+from hybrid_distill.select.jobs import ScoreFileError, read_score
 
 log = logging.getLogger(__name__)
 
@@ -28,22 +26,11 @@ def read_greedy_choice(path: Path) -> dict:
 
 def _candidate_score(path: Path) -> tuple[float, int, list[int]]:
     """(held-out KL, steps trained, softmax layers) of one scoring job."""
+    payload = read_score(path)
     try:
-        payload = json.loads(Path(path).read_text())
         return float(payload["heldout_kl"]), int(payload["step"]), sorted(int(i) for i in payload["softmax_layers"])
-    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+    except (KeyError, TypeError, ValueError) as error:
         raise ScoreFileError(f"score file {path} is corrupt or incomplete ({type(error).__name__}: {error})") from None
-
-
-def drop_state(out_dir: Path) -> None:
-    """Renamed before it is deleted, so a kill mid-delete never leaves a state that looks complete to a rerun."""
-    state = Path(out_dir) / "state"
-    if not state.exists():
-        return
-    retired = state.with_name(".state.retired")
-    shutil.rmtree(retired, ignore_errors=True)
-    os.replace(state, retired)
-    shutil.rmtree(retired)
 
 
 def choose_greedy_layer(step: int, num_layers: int, candidates: list[int], score_files: list[Path], out_json: Path,
@@ -83,5 +70,5 @@ def choose_greedy_layer(step: int, num_layers: int, candidates: list[int], score
              heldout_kl[pick_order[-1]], pick_order)
     if drop_states:
         for path in score_files:
-            drop_state(Path(path).parent / "stage2")
+            drop_training_state(Path(path).parent / "stage2")
     return payload

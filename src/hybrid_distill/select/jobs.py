@@ -3,14 +3,13 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from hybrid_distill.distill.atomic import write_text_atomic
-from hybrid_distill.distill.jobs import EVAL_BATCH, open_data, write_json
+from hybrid_distill.distill.jobs import EVAL_BATCH, drop_training_state, open_data, write_json
 from hybrid_distill.distill.objectives import heldout_kl
 from hybrid_distill.models.checkpoint import load_hybrid
 from hybrid_distill.models.student import decoder_layers, num_layers
@@ -127,7 +126,7 @@ def decide_round(config: dict, round_files: list[list[Path]], k: int, max_rounds
     write_json(out_json, payload)
     if stop:  # no further round will resume these states
         for path in round_files[-1]:
-            shutil.rmtree(Path(path).parent / "stage2" / "state", ignore_errors=True)
+            drop_training_state(Path(path).parent / "stage2")
         log.info("scoring stopped after round %d; per-layer training states removed", current)
     return payload
 
