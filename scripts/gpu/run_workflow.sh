@@ -4,6 +4,7 @@
 # wait up to WAIT seconds, report progress, and pack every small result (no weights, no data) into $OUT.
 # Usage: bash scripts/gpu/run_workflow.sh WAIT CONFIG [snakemake args...]
 set -uo pipefail
+export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}  # fewer fragmentation OOMs when jobs share a GPU
 wait_s=$1 config=$2; shift 2
 run=$(python3 -c "import yaml,sys; print(yaml.safe_load(open(sys.argv[1]))['run'])" "$config")
 state=$HOME/.hd-run/$run

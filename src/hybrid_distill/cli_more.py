@@ -61,7 +61,7 @@ def step_evaluate(args):
     evaluation = config["evaluate"]
     tasks = recall_task_names(config) + list(evaluation["lm_eval_tasks"])
     evaluate_checkpoint(args.model, tasks, Path(args.recall) / "tasks", args.out,
-                        batch_size=evaluation["batch_size"], extra=_meta(args),
+                        batch_size=evaluation["batch_size"], dtype=evaluation["dtype"], extra=_meta(args),
                         heldout_dir=args.data, heldout_sequences=config["data"]["heldout_sequences"])
 
 
@@ -72,7 +72,8 @@ def step_measure_efficiency(args):
     write_efficiency(args.model, args.out, context_lengths=config["evaluate"]["efficiency_contexts"],
                      batch_sizes=config["evaluate"]["efficiency_batches"],
                      decode_tokens=config["evaluate"]["efficiency_decode_tokens"],
-                     repeats=config["evaluate"]["efficiency_repeats"], extra=_meta(args))
+                     repeats=config["evaluate"]["efficiency_repeats"], dtype=config["evaluate"]["dtype"],
+                     extra=_meta(args))
 
 
 def step_make_report(args):

@@ -3,9 +3,11 @@ not, and a hybrid pays K/L of the teacher plus the linear states. No timing is a
 import json
 
 import pytest
+import torch
 from tiny_models import tiny_config, tiny_teacher
 
 from hybrid_distill.evaluate.efficiency import measure_inference, write_efficiency
+from hybrid_distill.evaluate.loading import resolve_dtype
 from hybrid_distill.models.checkpoint import save_hybrid
 from hybrid_distill.models.student import build_student
 
@@ -59,6 +61,21 @@ def test_rows_and_file(tmp_path):
     for row in written["rows"]:
         assert row["prefill_s"] > 0 and row["decode_tok_s"] > 0 and row["cache_bytes"] > 0
         assert row["peak_mem_bytes"] is None  # CPU: only CUDA reports a peak
+    assert written["dtype"] == "float32"  # "auto" on CPU; the file names the dtype actually measured
+
+
+@pytest.mark.parametrize(("dtype", "device", "expected"), [
+    ("auto", "cpu", torch.float32), ("auto", "cuda", torch.bfloat16), ("float32", "cuda", torch.float32),
+    ("bfloat16", "cpu", torch.bfloat16), (torch.float16, "cpu", torch.float16),
+])
+def test_auto_dtype_is_bfloat16_only_on_a_gpu(dtype, device, expected):
+    """A GPU run measured in float32 reports twice the real cache bytes and a slower decode than users get."""
+    assert resolve_dtype(dtype, torch.device(device)) == expected
+
+
+def test_unknown_dtype_names_the_value():
+    with pytest.raises(ValueError, match="'fp8'"):
+        resolve_dtype("fp8", torch.device("cpu"))
 
 
 def test_bad_settings_name_the_setting():

@@ -5,6 +5,7 @@ HD_UPDATE_EXPECTED=1 pytest tests/unit/test_report_build.py and review the diff 
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -136,3 +137,21 @@ def test_report_path_outside_out_dir_gets_relative_links(tmp_path):
     targets = re.findall(r"\]\(([^)]+)\)", path.read_text(encoding="utf-8"))
     assert "report/tables/summary.csv" in targets and "report/figures/recall_mean_vs_ratio.png" in targets
     assert all((path.parent / target).is_file() for target in targets)
+
+
+def test_headline_says_when_recall_cannot_separate_and_still_ranks_perplexity(tmp_path):
+    """Every hybrid at zero recall (an undertrained run): the headline must not call that a GA-S2 result."""
+    evals = []
+    for path in sorted((DATA / "evaluations").glob("*.json")):
+        record = json.loads(path.read_text(encoding="utf-8"))
+        if record["kind"] == "hybrid":
+            record["scores"] = {name: (0.0 if "@" in name else value) for name, value in record["scores"].items()}
+        evals.append(tmp_path / path.name)
+        evals[-1].write_text(json.dumps(record), encoding="utf-8")
+    text = build_report(evals, None, None, None, None, tmp_path / "out", TITLE).read_text(encoding="utf-8")
+    recall, perplexity = text.split("\n\n")[1:3]
+    assert recall.startswith("Mean recall") and "so this score does not separate the selectors" in recall
+    assert "leads the best baseline" not in recall
+    assert perplexity.startswith("Held-out perplexity (lower is better)")
+    assert "GA-S2 11.3500, Uniform 11.9200" in perplexity and "GA-S2 leads the best baseline by 0.5700" in perplexity
+    assert "No ratio separates GA-S2 from the baselines on this score." in recall and "best or tied" not in recall

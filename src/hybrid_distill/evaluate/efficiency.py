@@ -106,12 +106,13 @@ def measure_inference(model, context_lengths: Sequence[int], batch_sizes: Sequen
 
 def write_efficiency(model_dir, out_json, context_lengths: Sequence[int], batch_sizes: Sequence[int],
                      decode_tokens: int = 32, warmup: int = 1, repeats: int = 3, device: str | None = None,
-                     dtype: str = "float32", extra: dict | None = None) -> dict:
+                     dtype: str = "auto", extra: dict | None = None) -> dict:
     """Measure the checkpoint in `model_dir` and write {"model_dir", "device", "dtype", "rows", **extra} atomically."""
     model = load_for_evaluation(model_dir, dtype=dtype, device=device)
     rows = measure_inference(model, context_lengths, batch_sizes, decode_tokens, warmup, repeats)
     device_name = next(model.parameters()).device
-    payload = {"model_dir": str(Path(model_dir)), "device": str(device_name), "dtype": dtype,
+    model_dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    payload = {"model_dir": str(Path(model_dir)), "device": str(device_name), "dtype": model_dtype,
                "decode_tokens": decode_tokens, "repeats": repeats, "rows": rows, **(extra or {})}
     if device_name.type == "cuda":
         payload["device_name"] = torch.cuda.get_device_name(device_name)

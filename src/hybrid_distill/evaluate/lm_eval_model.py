@@ -20,13 +20,13 @@ MODEL_TYPE = "hybrid"
 
 @register_model(MODEL_TYPE)
 class HybridLM(HFLM):
-    """`--model hybrid --model_args path=DIR[,dtype=float32][,device=cuda][,max_length=N]`.
+    """`--model hybrid --model_args path=DIR[,dtype=auto|float32|bfloat16][,device=cuda][,max_length=N]`.
 
     DIR is a hybrid checkpoint (config.json with a `hybrid` section) or a plain teacher saved with
     save_pretrained; either way its tokenizer is read from DIR.
     """
 
-    def __init__(self, path: str, dtype: str = "float32", device: str | None = None, batch_size: int | str = 1,
+    def __init__(self, path: str, dtype: str = "auto", device: str | None = None, batch_size: int | str = 1,
                  max_length: int | None = None, **hflm_options):
         tokenizer = load_evaluation_tokenizer(path)
         model = load_for_evaluation(path, dtype=dtype, device=device)

@@ -14,11 +14,14 @@ log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device | None = None) -> torch.dtype:
+    """"auto" is bfloat16 on a GPU (what users deploy and what fla's kernels are tuned for) and float32 on CPU."""
     if isinstance(dtype, torch.dtype):
         return dtype
+    if dtype == "auto":
+        return torch.bfloat16 if device is not None and device.type == "cuda" else torch.float32
     if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        raise ValueError(f"dtype must be auto or one of {', '.join(DTYPES)}, got {dtype!r}")
     return DTYPES[dtype]
 
 
@@ -34,7 +37,8 @@ def load_for_evaluation(directory, dtype: str | torch.dtype = "float32", device:
     from transformers import AutoModelForCausalLM
 
     directory = Path(directory)
-    torch_dtype, torch_device = resolve_dtype(dtype), resolve_device(device)
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
     config = _read_config(directory)
     if isinstance(getattr(config, HYBRID_CONFIG_KEY, None), dict):
         model = load_hybrid(directory, dtype=torch_dtype, device=torch_device)

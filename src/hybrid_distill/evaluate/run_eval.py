@@ -155,7 +155,7 @@ def _task_manager(task_dir: Path | None, tasks: Sequence[str]):
 
 
 def evaluate_checkpoint(model_dir, tasks: list[str], task_dir: Path | None, out_json: Path, batch_size: int = 8,
-                        limit: int | float | None = None, device: str | None = None, dtype: str = "float32",
+                        limit: int | float | None = None, device: str | None = None, dtype: str = "auto",
                         extra: dict | None = None, heldout_dir: Path | None = None,
                         heldout_sequences: int = 0) -> dict:
     """Run `tasks` (and held-out perplexity when `heldout_dir` holds heldout.bin) and write `out_json` atomically.

@@ -71,6 +71,15 @@ class _Report:
         self.add(f"> Note: {text}", "")
 
 
+def _headline(evals: pd.DataFrame, decimals: int) -> list[str]:
+    """GA-S2 vs the baselines on recall, then on each held-out score: recall alone can fail to separate them."""
+    scores = [RECALL_MEAN] + [name for name in score_names(evals) if name.startswith("heldout_")]
+    lines = []
+    for score in scores:
+        lines += [comparison_paragraph(evals, score=score, decimals=decimals), ""]
+    return lines
+
+
 def _direction(score: str) -> str:
     return "lower is better" if lower_is_better(score) else "higher is better"
 
@@ -201,7 +210,7 @@ def build_report(
     report_path = Path(report_path) if report_path else out_dir / "report.md"
     report_path.parent.mkdir(parents=True, exist_ok=True)
     report = _Report(out_dir, report_path)
-    report.add(f"# {title}", "", comparison_paragraph(evals, decimals=decimals), "")
+    report.add(f"# {title}", "", *_headline(evals, decimals))
     report.add("Conventions:", "", *(f"- {line.format(decimals=decimals)}" for line in CONVENTIONS), "")
     _score_sections(report, evals, decimals)
     ga_s2_sets = _ga_s2_sets(evals, selections)

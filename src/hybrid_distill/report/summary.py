@@ -10,6 +10,7 @@ from hybrid_distill.report.naming import (
 from hybrid_distill.report.tables import column_groups, group_label, group_ratios, hybrid_stats, reference_value
 
 COMPARED = ("ga_s2", "uniform", "random")
+HELDOUT_WORDS = {"heldout_ppl": "held-out perplexity", "heldout_kl": "held-out KL to the teacher"}
 
 
 def _value_text(entry: pd.Series, decimals: int) -> str:
@@ -23,9 +24,12 @@ def _join(parts: list[str]) -> str:
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
-def _verdict(shown: dict[str, float], lower: bool, decimals: int) -> tuple[str, bool]:
-    """How GA-S2 stands against the better of the baselines, on the printed values; True if it is (joint) best."""
+def _verdict(shown: dict[str, float], lower: bool, decimals: int) -> tuple[str, bool | None]:
+    """How GA-S2 stands against the better of the baselines, on the printed values; True if it is (joint) best,
+    None if every compared selector prints the same value (e.g. all at zero recall: nothing to rank)."""
     baselines = [value for selector, value in shown.items() if selector != "ga_s2"]
+    if len(set(shown.values())) == 1:
+        return "this score does not separate the selectors", None
     best_baseline = min(baselines) if lower else max(baselines)
     margin = (best_baseline - shown["ga_s2"]) if lower else (shown["ga_s2"] - best_baseline)
     if margin == 0:
@@ -39,10 +43,10 @@ def comparison_paragraph(evals: pd.DataFrame, score: str = RECALL_MEAN, decimals
     lower = lower_is_better(score)
     n_tasks = len({name for name in evals["score"] if is_recall_task(name)})
     what = f"mean recall over {n_tasks} recall task{'s' * (n_tasks != 1)}" if score == RECALL_MEAN \
-        else score_title(score)
+        else HELDOUT_WORDS.get(score, score_title(score))
     sentences = []
     for group in column_groups(evals):
-        clauses, wins, compared = [], 0, 0
+        clauses, wins, compared, inseparable = [], 0, 0, 0
         for ratio in group_ratios(stats, group):
             present = [s for s in COMPARED if (*group, ratio, s) in stats.index
                        and pd.notna(stats.loc[(*group, ratio, s), "mean"])]
@@ -56,7 +60,10 @@ def comparison_paragraph(evals: pd.DataFrame, score: str = RECALL_MEAN, decimals
                 shown = {s: float(format_number(entries[s]["mean"], decimals)) for s in present}
                 verdict, best = _verdict(shown, lower, decimals)
                 clause += f", so {verdict}"
-                wins, compared = wins + best, compared + 1
+                if best is None:
+                    inseparable += 1
+                else:
+                    wins, compared = wins + best, compared + 1
             clauses.append(clause)
         label = group_label(evals, group)
         prefix = f"For {label}, " if label else ""
@@ -66,6 +73,8 @@ def comparison_paragraph(evals: pd.DataFrame, score: str = RECALL_MEAN, decimals
         sentences.append(f"{prefix}{what} ({'lower' if lower else 'higher'} is better) — " + "; ".join(clauses) + ".")
         if compared:
             sentences.append(f"GA-S2 is best or tied for best at {wins} of {compared} ratio{'s' * (compared != 1)}.")
+        elif inseparable:
+            sentences.append("No ratio separates GA-S2 from the baselines on this score.")
         else:
             sentences.append("GA-S2 and a baseline were never evaluated at the same ratio, so no verdict is drawn.")
         references = [(display_name(kind), reference_value(evals, score, group, kind))
