@@ -62,7 +62,8 @@ def step_evaluate(args):
     tasks = recall_task_names(config) + list(evaluation["lm_eval_tasks"])
     evaluate_checkpoint(args.model, tasks, Path(args.recall) / "tasks", args.out,
                         batch_size=evaluation["batch_size"], dtype=evaluation["dtype"], extra=_meta(args),
-                        heldout_dir=args.data, heldout_sequences=config["data"]["heldout_sequences"])
+                        heldout_dir=args.data, heldout_sequences=config["data"]["heldout_sequences"],
+                        samples_per_task=evaluation["samples_per_task"])
 
 
 def step_measure_efficiency(args):

@@ -84,7 +84,7 @@ def test_evaluate_checkpoint_writes_scores_and_perplexity(smollm2_tokenizer, rec
     out_json = tmp_path / "eval" / "hybrid.json"
     returned = evaluate_checkpoint(model_dir, names, recall_task_dir, out_json, batch_size=2, device="cpu",
                                    extra={"model": "tiny", "kind": "hybrid"}, heldout_dir=tmp_path / "data",
-                                   heldout_sequences=5)
+                                   heldout_sequences=5, samples_per_task=2)
     written = json.loads(out_json.read_text())
     assert written == returned
     assert [p.name for p in out_json.parent.iterdir()] == ["hybrid.json"]  # no temporary file left behind
@@ -95,6 +95,12 @@ def test_evaluate_checkpoint_writes_scores_and_perplexity(smollm2_tokenizer, rec
     for name in names:
         assert written["raw"]["results"][name]["string_match_all,none"] == written["scores"][
             f"{name[3:].rsplit('_', 1)[0]}@{LENGTH}"]
+    assert set(written["samples"]) == {"niah_single@128", "common_words@128"}
+    for task in TASKS:
+        rows = written["samples"][f"{task}@{LENGTH}"]
+        assert len(rows) == 2 and [row["doc_id"] for row in rows] == [0, 1]
+        for row in rows:
+            assert isinstance(row["response"], str) and row["target"] and 0 < len(row["prompt_end"]) <= 200
 
 
 def test_softmax_only_checkpoint_answers_as_the_builtin_hf_model(smollm2_tokenizer, recall_task_dir, tmp_path):

@@ -55,6 +55,24 @@ def main_metric(row: dict) -> float | None:
     return None
 
 
+def sample_excerpts(samples: dict, per_task: int, prompt_chars: int = 200) -> dict[str, list[dict]]:
+    """The first `per_task` answers of each task with their targets: a score of 0 is read by looking at them.
+
+    Only the prompt's last `prompt_chars` characters are kept (the question), not the haystack.
+    """
+    excerpts = {}
+    for task, logged in sorted(samples.items()):
+        rows = []
+        for example in logged[:per_task]:
+            arguments = example.get("arguments") or [[""]]
+            prompt = str(arguments[0][0]) if arguments and arguments[0] else ""
+            responses = example.get("filtered_resps") or [""]
+            rows.append({"doc_id": example.get("doc_id"), "prompt_end": prompt[-prompt_chars:],
+                         "target": example.get("target"), "response": responses[0]})
+        excerpts[recall_score_name(task) or task] = rows
+    return excerpts
+
+
 def _finite_or_none(value):
     return value if value is None or math.isfinite(value) else None
 
@@ -157,11 +175,11 @@ def _task_manager(task_dir: Path | None, tasks: Sequence[str]):
 def evaluate_checkpoint(model_dir, tasks: list[str], task_dir: Path | None, out_json: Path, batch_size: int = 8,
                         limit: int | float | None = None, device: str | None = None, dtype: str = "auto",
                         extra: dict | None = None, heldout_dir: Path | None = None,
-                        heldout_sequences: int = 0) -> dict:
+                        heldout_sequences: int = 0, samples_per_task: int = 0) -> dict:
     """Run `tasks` (and held-out perplexity when `heldout_dir` holds heldout.bin) and write `out_json` atomically.
 
     `device` None picks the GPU when there is one. `extra` (model name, kind, selector, ...) is merged into the
-    top level of the JSON for the report.
+    top level of the JSON for the report. `samples_per_task` > 0 keeps that many answers per task under "samples".
     """
     import lm_eval
 
@@ -179,9 +197,11 @@ def evaluate_checkpoint(model_dir, tasks: list[str], task_dir: Path | None, out_
     if tasks:
         log.info("evaluating %s on %d lm-eval tasks", model_dir, len(tasks))
         output = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=task_manager, limit=limit,
-                                         log_samples=False)
+                                         log_samples=samples_per_task > 0)
         scores.update(collect_scores(output, tasks))
         payload["raw"] = json_safe({key: output[key] for key in RAW_KEYS if key in output})
+        if samples_per_task > 0:
+            payload["samples"] = json_safe(sample_excerpts(output.get("samples", {}), samples_per_task))
     if heldout is not None:
         mean_nll, ppl = heldout_perplexity(lm.model, heldout, heldout_sequences, batch_size)
         scores["heldout_ppl"] = _finite_or_none(ppl)
