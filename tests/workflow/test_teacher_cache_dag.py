@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from test_workflow import job_counts
-from workflow_helpers import REPO
+from workflow_helpers import REPO, bare_env
 
 pytestmark = pytest.mark.workflow
 
@@ -26,8 +26,7 @@ def dry_run(tmp_path: Path, teacher_cache: dict | None) -> str:
     command = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(tmp_path),
                "--configfile", str(tmp_path / "config.yaml"), "-n", "-p", "--cores", "8"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300,
-                            env={"HF_HUB_OFFLINE": "1", "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin",
-                                 "PYTHONPATH": str(REPO / "src")})  # this checkout's library, installed or not
+                            env=bare_env())
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
 
