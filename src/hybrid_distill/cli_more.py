@@ -130,7 +130,8 @@ def add_steps(steps, add):
     p.add_argument("--kl-chunk-tokens", type=int, default=4096, help="tokens per chunk of the fused KL (stage 2)")
     p.add_argument("--stage2-steps", nargs="+", default=["naive", "project", "cached"],
                    choices=["naive", "project", "cached"],
-                   help="stage-2 steps timed: full logits, the project's (live teacher), the project's on a teacher cache")
+                   help="stage-2 steps timed: full logits, the project's (live teacher), the project's on a "
+                        "teacher cache")
     p.add_argument("--out", type=Path, default=None)
 
     p = add(steps, "make-report", step_make_report, "tables, figures and report.md")

@@ -74,7 +74,8 @@ def build_objective(stage, step, teacher, softmax_layers, mixer, chunk_tokens, t
         return HiddenAlignment(student, teacher)
     if step == "naive":
         return NaiveLogitDistillation(student, teacher, 1.0, chunk_tokens)
-    return LogitDistillation(student, teacher, 1.0, chunk_tokens, teacher_cache=teacher_cache if step == "cached" else None)
+    return LogitDistillation(student, teacher, 1.0, chunk_tokens,
+                             teacher_cache=teacher_cache if step == "cached" else None)
 
 
 def cache_batch(teacher, batch, directory: Path) -> TeacherCache:

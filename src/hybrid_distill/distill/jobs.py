@@ -135,8 +135,8 @@ def cache_teacher_hidden(config: dict, teacher_dir: Path, data_dir: Path, out_pa
     itemsize = (autocast_dtype or next(teacher.parameters()).dtype).itemsize
     sequences_read = max(stage_section(config, key)["tokens"] // data.seq_len
                          for key in ("distill.stage2", "scoring.stage2"))
-    count = sequences_to_cache(data.num_sequences, sequences_read, data.seq_len * teacher.config.hidden_size * itemsize,
-                               config["distill"]["teacher_cache"]["max_gb"])
+    row_bytes = data.seq_len * teacher.config.hidden_size * itemsize
+    count = sequences_to_cache(data.num_sequences, sequences_read, row_bytes, config["distill"]["teacher_cache"]["max_gb"])
     if count < min(data.num_sequences, sequences_read):
         log.warning("teacher cache: %d of the %d training rows read fit in distill.teacher_cache.max_gb=%s; "
                     "the rest run the live teacher", count, min(data.num_sequences, sequences_read),
