@@ -120,7 +120,7 @@ def add_steps(steps, add):
     p = add(steps, "measure-efficiency", step_measure_efficiency, "prefill time, decode tokens/s and cache bytes")
     _model_args(p)
 
-    p = add(steps, "bench", step_bench, "time naive vs project (live or cached teacher) distillation steps (table + JSON)")
+    p = add(steps, "bench", step_bench, "time naive vs project stage steps, live or cached teacher (table + JSON)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--warmup", type=int, default=2)

@@ -136,10 +136,10 @@ def cache_teacher_hidden(config: dict, teacher_dir: Path, data_dir: Path, out_pa
     sequences_read = max(stage_section(config, key)["tokens"] // data.seq_len
                          for key in ("distill.stage2", "scoring.stage2"))
     row_bytes = data.seq_len * teacher.config.hidden_size * itemsize
-    count = sequences_to_cache(data.num_sequences, sequences_read, row_bytes, config["distill"]["teacher_cache"]["max_gb"])
+    max_gb = config["distill"]["teacher_cache"]["max_gb"]
+    count = sequences_to_cache(data.num_sequences, sequences_read, row_bytes, max_gb)
     if count < min(data.num_sequences, sequences_read):
         log.warning("teacher cache: %d of the %d training rows read fit in distill.teacher_cache.max_gb=%s; "
-                    "the rest run the live teacher", count, min(data.num_sequences, sequences_read),
-                    config["distill"]["teacher_cache"]["max_gb"])
+                    "the rest run the live teacher", count, min(data.num_sequences, sequences_read), max_gb)
     return write_teacher_cache(teacher, data, count, config["distill"]["stage2"]["micro_batch_size"], out_path,
                                autocast_dtype=autocast_dtype, identity=cache_identity(teacher_dir, teacher, data))
