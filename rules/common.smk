@@ -115,6 +115,8 @@ RUN_CONFIG = f"{ROOT}/config.yaml"
 TEACHER_DIR = f"{ROOT}/teacher"
 DATA_DIR = f"{ROOT}/data"
 DATA_FILES = [f"{DATA_DIR}/{split}.{ext}" for split in ("train", "heldout") for ext in ("bin", "json")]
+TEACHER_CACHE = f"{ROOT}/teacher_cache/train_hidden.bin"  # its sidecar: the same name with .json
+TEACHER_CACHE_FILES = [TEACHER_CACHE, os.path.splitext(TEACHER_CACHE)[0] + ".json"]
 LOGS = f"{ROOT}/logs"
 BENCH = f"{ROOT}/benchmarks"
 
@@ -195,6 +197,15 @@ def train_command(resources):
 
 
 # ---- input functions of the phase files ---------------------------------------------------------------
+def stage2_teacher_cache():
+    """The teacher cache is an input of every stage-2 job when distill.teacher_cache is on, else nothing is."""
+    return TEACHER_CACHE_FILES if config["distill"]["teacher_cache"]["enabled"] else []
+
+
+def teacher_cache_option(wildcards, input):
+    return f"--teacher-cache {input.teacher_cache[0]}" if input.teacher_cache else ""
+
+
 def previous_round(wildcards):
     round = int(wildcards.round)
     return [swap_score(wildcards.mixer, wildcards.layer, round - 1)] if round > 0 else []

@@ -1,4 +1,5 @@
-# Phase 1: the run's resolved config, the teacher as a local HF directory, and the packed token streams.
+# Phase 1: the run's resolved config, the teacher as a local HF directory, the packed token streams and (when
+# distill.teacher_cache is on) the teacher's final hidden states of the training rows stage 2 reads.
 
 
 localrules: write_run_config
@@ -55,3 +56,27 @@ rule prepare_data:
         f"{BENCH}/prepare_data.tsv"
     shell:
         "hybrid-distill --threads {threads} prepare-data --config {input.config} --teacher {input.teacher} --out {params.out} 2> {log}"
+
+
+rule cache_teacher_hidden:
+    threads: 8  # the whole machine locally (capped at --cores); on Slurm, set-threads in the profile decides
+    input:
+        config=RUN_CONFIG,
+        teacher=TEACHER_DIR,
+        data=DATA_FILES,
+    output:
+        cache=TEACHER_CACHE,
+        sidecar=TEACHER_CACHE_FILES[1],
+    params:
+        data=lambda wc, input: os.path.dirname(input.data[0]),
+    conda:
+        "../envs/hybrid-distill.yaml"
+    log:
+        f"{LOGS}/cache_teacher_hidden.log",
+    benchmark:
+        f"{BENCH}/cache_teacher_hidden.tsv"
+    resources:
+        gpu=0,
+    shell:
+        "hybrid-distill --threads {threads} cache-teacher --config {input.config} --teacher {input.teacher}"
+        " --data {params.data} --out {output.cache} 2> {log}"

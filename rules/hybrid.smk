@@ -8,11 +8,13 @@ rule distill_hybrid:
         config=RUN_CONFIG,
         teacher=TEACHER_DIR,
         data=DATA_FILES,
+        teacher_cache=stage2_teacher_cache(),
         stage1=stage1_model("{mixer}"),
         selection=selection_file(PROBE, "{selection}", "{k}"),
     output:
         f"{ROOT}/{{mixer}}/hybrid/{{selection}}_K{{k}}/stage2/model.safetensors",
     params:
+        cache=teacher_cache_option,
         data=lambda wc, input: os.path.dirname(input.data[0]),
         init=lambda wc: stage1_dir(wc.mixer),
         out=lambda wc, output: os.path.dirname(output[0]),
@@ -27,4 +29,4 @@ rule distill_hybrid:
         gpu=0,
     shell:
         "{params.launch} --threads {threads} distill-stage2 --config {input.config} --stage distill.stage2 --teacher {input.teacher}"
-        " --data {params.data} --init {params.init} --selection {input.selection} --out {params.out} 2> {log}"
+        " --data {params.data} --init {params.init} --selection {input.selection} --out {params.out} {params.cache} 2> {log}"

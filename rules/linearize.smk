@@ -33,10 +33,12 @@ rule distill_all_linear_stage2:
         config=RUN_CONFIG,
         teacher=TEACHER_DIR,
         data=DATA_FILES,
+        teacher_cache=stage2_teacher_cache(),
         stage1=stage1_model("{mixer}"),
     output:
         f"{ROOT}/{{mixer}}/all_linear/stage2/model.safetensors",
     params:
+        cache=teacher_cache_option,
         data=lambda wc, input: os.path.dirname(input.data[0]),
         init=lambda wc: stage1_dir(wc.mixer),
         out=lambda wc, output: os.path.dirname(output[0]),
@@ -51,4 +53,4 @@ rule distill_all_linear_stage2:
         gpu=0,
     shell:
         "{params.launch} --threads {threads} distill-stage2 --config {input.config} --stage distill.stage2 --teacher {input.teacher}"
-        " --data {params.data} --init {params.init} --softmax-layers none --out {params.out} 2> {log}"
+        " --data {params.data} --init {params.init} --softmax-layers none --out {params.out} {params.cache} 2> {log}"

@@ -7,11 +7,13 @@ rule score_layer:
         config=RUN_CONFIG,
         teacher=TEACHER_DIR,
         data=DATA_FILES,
+        teacher_cache=stage2_teacher_cache(),
         stage1=stage1_model("{mixer}"),
         previous=previous_round,
     output:
         f"{ROOT}/{{mixer}}/swap/layer{{layer}}/round{{round}}.json",
     params:
+        cache=teacher_cache_option,
         data=lambda wc, input: os.path.dirname(input.data[0]),
         init=lambda wc: stage1_dir(wc.mixer),
         out=lambda wc: f"{ROOT}/{wc.mixer}/swap/layer{wc.layer}/stage2",
@@ -27,7 +29,7 @@ rule score_layer:
         gpu=0,
     shell:
         "{params.launch} --threads {threads} distill-stage2 --config {input.config} --stage scoring.stage2 --teacher {input.teacher}"
-        " --data {params.data} --init {params.init} --softmax-layers {wildcards.layer} --out {params.out}"
+        " --data {params.data} --init {params.init} --softmax-layers {wildcards.layer} --out {params.out} {params.cache}"
         " --stop-after-step {params.stop} --score-out {output} --no-model 2> {log}"
 
 

@@ -50,10 +50,12 @@ rule score_removal:
         config=RUN_CONFIG,
         teacher=TEACHER_DIR,
         data=DATA_FILES,
+        teacher_cache=stage2_teacher_cache(),
         stage1=stage1_model("{mixer}"),
     output:
         f"{ROOT}/{{mixer}}/removal/layer{{layer}}/score.json",
     params:
+        cache=teacher_cache_option,
         data=lambda wc, input: os.path.dirname(input.data[0]),
         init=lambda wc: stage1_dir(wc.mixer),
         others=lambda wc: ",".join(str(i) for i in LAYERS if i != int(wc.layer)) or "none",
@@ -69,7 +71,7 @@ rule score_removal:
         gpu=0,
     shell:
         "{params.launch} --threads {threads} distill-stage2 --config {input.config} --stage scoring.stage2 --teacher {input.teacher}"
-        " --data {params.data} --init {params.init} --softmax-layers {params.others} --out {params.out}"
+        " --data {params.data} --init {params.init} --softmax-layers {params.others} --out {params.out} {params.cache}"
         " --score-out {output} --no-model 2> {log}"
 
 
@@ -94,6 +96,7 @@ rule score_greedy_candidate:
         config=RUN_CONFIG,
         teacher=TEACHER_DIR,
         data=DATA_FILES,
+        teacher_cache=stage2_teacher_cache(),
         stage1=stage1_model("{mixer}"),
         previous=previous_greedy_step,
     output:
@@ -101,6 +104,7 @@ rule score_greedy_candidate:
     wildcard_constraints:
         step=r"[1-9]\d*",
     params:
+        cache=teacher_cache_option,
         data=lambda wc, input: os.path.dirname(input.data[0]),
         init=lambda wc: stage1_dir(wc.mixer),
         softmax=greedy_softmax_layers,
@@ -117,7 +121,7 @@ rule score_greedy_candidate:
         gpu=0,
     shell:
         "{params.launch} --threads {threads} distill-stage2 --config {input.config} --stage scoring.stage2 --teacher {input.teacher}"
-        " --data {params.data} --init {params.init} --softmax-layers {params.softmax} --out {params.out}"
+        " --data {params.data} --init {params.init} --softmax-layers {params.softmax} --out {params.out} {params.cache}"
         " --stop-after-step {params.stop} --score-out {output} --no-model 2> {log}"
 
 

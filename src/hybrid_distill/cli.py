@@ -61,7 +61,14 @@ def step_distill_stage2(args):
 
         softmax_layers = read_selection(args.selection)
     distill_stage2(_config(args), args.stage, args.teacher, args.data, args.init, softmax_layers, args.out,
-                   stop_after_step=args.stop_after_step, score_path=args.score_out, save_model=not args.no_model)
+                   stop_after_step=args.stop_after_step, score_path=args.score_out, save_model=not args.no_model,
+                   teacher_cache=args.teacher_cache)
+
+
+def step_cache_teacher(args):
+    from hybrid_distill.distill.jobs import cache_teacher_hidden
+
+    cache_teacher_hidden(_config(args), args.teacher, args.data, args.out)
 
 
 def step_score_bypass(args):
@@ -172,6 +179,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop-after-step", type=int, default=None, help="end this job at this step (rounds)")
     p.add_argument("--score-out", type=Path, default=None, help="write the held-out KL score here")
     p.add_argument("--no-model", action="store_true", help="keep only the training state, save no model")
+    p.add_argument("--teacher-cache", type=Path, default=None,
+                   help="the teacher's cached hidden states (cache-teacher's --out) for the rows it holds")
+
+    p = _add(steps, "cache-teacher", step_cache_teacher,
+             "cache the teacher's final hidden states of the training rows stage 2 reads")
+    p.add_argument("--config", required=True, type=Path)
+    p.add_argument("--teacher", required=True, type=Path)
+    p.add_argument("--data", required=True, type=Path)
+    p.add_argument("--out", required=True, type=Path, help="the cache's .bin (its .json sidecar goes beside it)")
 
     p = _add(steps, "score-bypass", step_score_bypass, "ACT-MSE, LM-PPL, AR and KV layer importances")
     p.add_argument("--config", required=True, type=Path)

@@ -89,7 +89,7 @@ def step_bench(args):
 
     result = run_benchmark(batch_size=args.batch_size, seq_len=args.seq_len, warmup=args.warmup,
                            repeats=args.repeats, stages=args.stages, students=args.students,
-                           chunk_tokens=args.kl_chunk_tokens)
+                           chunk_tokens=args.kl_chunk_tokens, stage2_steps=args.stage2_steps)
     print(format_table(result))
     if args.out:
         write_result(result, args.out)
@@ -122,7 +122,7 @@ def add_steps(steps, add):
     p = add(steps, "measure-efficiency", step_measure_efficiency, "prefill time, decode tokens/s and cache bytes")
     _model_args(p)
 
-    p = add(steps, "bench", step_bench, "time naive vs project distillation steps (table + JSON)")
+    p = add(steps, "bench", step_bench, "time naive vs project stage steps, live or cached teacher (table + JSON)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--warmup", type=int, default=2)
@@ -130,6 +130,10 @@ def add_steps(steps, add):
     p.add_argument("--stages", nargs="+", default=["stage1", "stage2"], choices=["stage1", "stage2"])
     p.add_argument("--students", nargs="+", default=["softmax", "gdn", "gla"], choices=["softmax", "gdn", "gla"])
     p.add_argument("--kl-chunk-tokens", type=int, default=4096, help="tokens per chunk of the fused KL (stage 2)")
+    p.add_argument("--stage2-steps", nargs="+", default=["naive", "project", "cached"],
+                   choices=["naive", "project", "cached"],
+                   help="stage-2 steps timed: full logits, the project's (live teacher), the project's on a "
+                        "teacher cache")
     p.add_argument("--out", type=Path, default=None)
 
     p = add(steps, "make-report", step_make_report, "tables, figures and report.md")

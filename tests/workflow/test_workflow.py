@@ -14,7 +14,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from workflow_helpers import REPO, run_snakemake, tiny_config
+from workflow_helpers import REPO, bare_env, run_snakemake, tiny_config
 
 pytestmark = pytest.mark.workflow
 
@@ -43,7 +43,7 @@ def test_paper_configs_plan_offline_with_one_job_per_layer(config_name, layers, 
     command = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(tmp_path),
                "--configfile", str(REPO / "configs" / config_name), "-n", "--cores", "8"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300,
-                            env={"HF_HUB_OFFLINE": "1", "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin"})
+                            env=bare_env())
     assert result.returncode == 0, result.stderr[-3000:]
     counts = job_counts(result.stdout)
     assert counts["score_layer"] == layers              # round 0 of every one-swap run; later rounds are live
@@ -61,7 +61,7 @@ def test_paper_config_with_ga_iter_plans_every_greedy_step(tmp_path):
     command = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(tmp_path),
                "--configfile", str(tmp_path / "paper-ga-iter.yaml"), "-n", "--cores", "8"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300,
-                            env={"HF_HUB_OFFLINE": "1", "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin"})
+                            env=bare_env())
     assert result.returncode == 0, result.stderr[-3000:]
     counts = job_counts(result.stdout)
     assert counts["choose_greedy_layer"] == 18          # steps 0..Kmax-1; their scoring jobs follow each step

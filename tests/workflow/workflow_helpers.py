@@ -45,6 +45,13 @@ def tiny_config(teacher_dir: Path, **overrides) -> dict:
     return config
 
 
+def bare_env() -> dict:
+    """An offline environment with only this interpreter's PATH and this checkout's library (even in a worktree
+    whose interpreter has another checkout installed)."""
+    return {"HF_HUB_OFFLINE": "1", "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin",
+            "PYTHONPATH": str(REPO / "src")}
+
+
 def run_snakemake(workdir: Path, config: dict, *args: str, timeout: int = 900, env: dict | None = None):
     """Run the repository's Snakefile in `workdir` with `config`; returns the CompletedProcess."""
     workdir.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,5 @@
-"""Side-by-side timing of distillation steps: the naive step (full-vocab logits) against the project's step.
+"""Side-by-side timing of distillation steps: the naive step (full-vocab logits) against the project's step,
+and the project's stage-2 step with the live teacher against one reading a teacher cache ("cached").
 
 Numbers come only from this benchmark (never from tests): median tokens/s after warm-up, model-FLOPs
 utilisation against a measured bf16 matmul rate, and peak memory.
@@ -7,13 +8,17 @@ from __future__ import annotations
 
 import json
 import statistics
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from hybrid_distill.distill.fused_kl import naive_kl
+from hybrid_distill.data.packed import PackedTokens, write_packed
 from hybrid_distill.distill.objectives import HiddenAlignment, LogitDistillation
+from hybrid_distill.distill.teacher_cache import TeacherCache, write_teacher_cache
 from hybrid_distill.models.student import build_student
 
 SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
@@ -54,6 +59,8 @@ def matmul_rate(device, dtype=torch.bfloat16, size=8192, repeats=20) -> float:
 class NaiveLogitDistillation(LogitDistillation):
     """Stage 2 as a first implementation would write it: both [tokens x vocab] logits in memory."""
 
+    reads_sequence_indices = False
+
     def forward(self, input_ids):
         with torch.no_grad():
             teacher_logits = self.teacher(input_ids=input_ids, use_cache=False).logits
@@ -61,18 +68,35 @@ class NaiveLogitDistillation(LogitDistillation):
         return naive_kl(student_logits.flatten(0, 1), teacher_logits.flatten(0, 1), self.temperature), {}
 
 
-def build_objective(stage, step, teacher, softmax_layers, mixer, chunk_tokens):
+def build_objective(stage, step, teacher, softmax_layers, mixer, chunk_tokens, teacher_cache=None):
     student = build_student(teacher, softmax_layers, mixer)
     if stage == "stage1":
         return HiddenAlignment(student, teacher)
-    cls = NaiveLogitDistillation if step == "naive" else LogitDistillation
-    return cls(student, teacher, 1.0, chunk_tokens)
+    if step == "naive":
+        return NaiveLogitDistillation(student, teacher, 1.0, chunk_tokens)
+    return LogitDistillation(student, teacher, 1.0, chunk_tokens,
+                             teacher_cache=teacher_cache if step == "cached" else None)
+
+
+def cache_batch(teacher, batch, directory: Path) -> TeacherCache:
+    """The benchmark batch's teacher cache, written and read as a run's would be (same autocast as the steps)."""
+    write_packed(directory / "train.bin", batch.cpu().numpy(), {"vocab_size": teacher.config.vocab_size})
+    data = PackedTokens(directory / "train.bin")
+    identity = {"teacher_fingerprint": "bench", "data_sha256": data.meta["sha256"], "seq_len": data.seq_len,
+                "hidden_size": teacher.config.hidden_size}
+    autocast_dtype = torch.bfloat16 if batch.device.type == "cuda" else None
+    write_teacher_cache(teacher, data, data.num_sequences, data.num_sequences, directory / "hidden.bin",
+                        autocast_dtype=autocast_dtype, identity=identity)
+    return TeacherCache(directory / "hidden.bin", identity)
 
 
 def model_flops_per_token(objective) -> float:
-    """6 N for the trained student (forward + backward) + 2 N for the teacher's forward, N = matmul weights."""
+    """6 N for the trained student (forward + backward) + 2 N for the teacher's forward, N = matmul weights;
+    a cached teacher only runs its lm_head."""
     student_params = sum(p.numel() for p in objective.student.parameters())
     teacher_params = sum(p.numel() for p in objective.teacher.parameters())
+    if getattr(objective, "teacher_cache", None) is not None:
+        teacher_params = objective.teacher.lm_head.weight.numel()
     trainable = sum(p.numel() for p in objective.student.parameters() if p.requires_grad)
     return 2 * (student_params + teacher_params) + 4 * trainable
 
@@ -80,12 +104,13 @@ def model_flops_per_token(objective) -> float:
 def time_steps(objective, batch, warmup, repeats, device) -> list[float]:
     params = [p for p in objective.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
+    rows = {"sequence_indices": list(range(len(batch)))} if getattr(objective, "teacher_cache", None) else {}
     times = []
     for i in range(warmup + repeats):
         synchronize()
         start = time.perf_counter()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            loss, _ = objective(batch)
+            loss, _ = objective(batch, **rows)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -96,7 +121,8 @@ def time_steps(objective, batch, warmup, repeats, device) -> list[float]:
 
 
 def run_benchmark(batch_size=8, seq_len=2048, warmup=2, repeats=5, stages=("stage1", "stage2"),
-                  students=("softmax", "gdn", "gla"), chunk_tokens=4096, shape: dict | None = None) -> dict:
+                  students=("softmax", "gdn", "gla"), chunk_tokens=4096, shape: dict | None = None,
+                  stage2_steps=("naive", "project", "cached")) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -105,6 +131,8 @@ def run_benchmark(batch_size=8, seq_len=2048, warmup=2, repeats=5, stages=("stag
     layers = teacher.config.num_hidden_layers
     peak_rate = matmul_rate(device) if device.type == "cuda" else None
     batch = torch.randint(0, teacher.config.vocab_size, (batch_size, seq_len), device=device)
+    cache_dir = tempfile.TemporaryDirectory(prefix="bench_teacher_cache_")
+    teacher_cache = cache_batch(teacher, batch, Path(cache_dir.name)) if "cached" in stage2_steps else None
     rows = []
     for stage in stages:
         for student_kind in students:
@@ -112,12 +140,13 @@ def run_benchmark(batch_size=8, seq_len=2048, warmup=2, repeats=5, stages=("stag
                 continue  # nothing to align
             softmax_layers = range(layers) if student_kind == "softmax" else []
             mixer = "gdn" if student_kind == "softmax" else student_kind
-            for step in (("naive", "project") if stage == "stage2" else ("project",)):
+            for step in (stage2_steps if stage == "stage2" else ("project",)):
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
                     torch.cuda.reset_peak_memory_stats()
                 try:
-                    objective = build_objective(stage, step, teacher, softmax_layers, mixer, chunk_tokens).to(device)
+                    objective = build_objective(stage, step, teacher, softmax_layers, mixer, chunk_tokens,
+                                                teacher_cache).to(device)
                     times = time_steps(objective, batch, warmup, repeats, device)
                 except torch.OutOfMemoryError:
                     rows.append(BenchRow(stage, student_kind, step, None, None, None, "out of memory"))
@@ -127,8 +156,10 @@ def run_benchmark(batch_size=8, seq_len=2048, warmup=2, repeats=5, stages=("stag
                 tokens_per_s = batch.numel() / statistics.median(times)
                 mfu = model_flops_per_token(objective) * tokens_per_s / peak_rate if peak_rate else None
                 peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else None
-                rows.append(BenchRow(stage, student_kind, step, tokens_per_s, mfu, peak))
+                rows.append(BenchRow(stage, student_kind, step, tokens_per_s, mfu, peak,
+                                     "teacher hidden states read from a cache" if step == "cached" else ""))
                 del objective
+    cache_dir.cleanup()
     return {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
             "batch_size": batch_size, "seq_len": seq_len, "matmul_bf16_flops": peak_rate,
             "rows": [row.__dict__ for row in rows]}

@@ -10,6 +10,9 @@ from pathlib import Path
 from hybrid_distill.data.packed import PackedTokens
 from hybrid_distill.distill.atomic import write_text_atomic
 from hybrid_distill.distill.objectives import HiddenAlignment, LogitDistillation, heldout_kl, heldout_layer_mse
+from hybrid_distill.distill.precision import train_on_cpu, training_autocast_dtype
+from hybrid_distill.distill.teacher_cache import (TeacherCache, sequences_to_cache, teacher_fingerprint,
+                                                  write_teacher_cache)
 from hybrid_distill.distill.trainer import TrainSettings, train
 from hybrid_distill.models.checkpoint import load_hybrid, save_hybrid
 from hybrid_distill.models.student import build_student, restore_softmax_layers, softmax_layers_of
@@ -76,21 +79,24 @@ def distill_all_linear_stage1(config: dict, teacher_dir: Path, data_dir: Path, m
 
 def distill_stage2(config: dict, stage_key: str, teacher_dir: Path, data_dir: Path, init_dir: Path,
                    softmax_layers: list[int], out_dir: Path, stop_after_step: int | None = None,
-                   score_path: Path | None = None, save_model: bool = True) -> dict:
+                   score_path: Path | None = None, save_model: bool = True, teacher_cache: Path | None = None) -> dict:
     """Stage 2 from a stage-1 student with `softmax_layers` restored to the teacher's attention.
 
     Serves every stage-2 job: all-linear, one-swap rounds (stop_after_step + score_path, no model), greedy
-    removal and final hybrids. The score is the held-out KL after the trained steps.
+    removal and final hybrids. The score is the held-out KL after the trained steps. `teacher_cache` (written by
+    `cache_teacher_hidden`) replaces the teacher's body on the training rows it holds.
     """
     teacher, tokenizer = load_teacher(str(teacher_dir))
     student = load_hybrid(init_dir)
     restore_softmax_layers(student, teacher, softmax_layers)
+    train_data = open_data(data_dir, "train")
+    cache = None if teacher_cache is None else open_teacher_cache(teacher_cache, teacher_dir, teacher, train_data)
     trainable = config["scoring"]["trainable"] if stage_key == "scoring.stage2" else "all"
     objective = LogitDistillation(student, teacher, config["distill"]["temperature"],
-                                  config["distill"]["kl_chunk_tokens"], trainable)
+                                  config["distill"]["kl_chunk_tokens"], trainable, teacher_cache=cache)
     settings = train_settings(stage_section(config, stage_key), config["seed"])
     out_dir = Path(out_dir)
-    result = train(objective, open_data(data_dir, "train"), settings, out_dir, stop_after_step=stop_after_step,
+    result = train(objective, train_data, settings, out_dir, stop_after_step=stop_after_step,
                    description=f"stage2 {out_dir.parent.name}/{out_dir.name}")
     student, teacher = result.objective.student, result.objective.teacher
     tokens_per_step = result.tokens // max(result.step, 1)
@@ -105,3 +111,35 @@ def distill_stage2(config: dict, stage_key: str, teacher_dir: Path, data_dir: Pa
         save_hybrid(student.cpu(), out_dir, tokenizer)
         drop_training_state(out_dir)
     return score
+
+
+def cache_identity(teacher_dir: Path, teacher, data: PackedTokens) -> dict:
+    """What a teacher cache must match: the teacher's files, the training stream and their shapes."""
+    return {"teacher_fingerprint": teacher_fingerprint(teacher_dir), "data_sha256": data.meta["sha256"],
+            "seq_len": data.seq_len, "hidden_size": teacher.config.hidden_size}
+
+
+def open_teacher_cache(path: Path, teacher_dir: Path, teacher, data: PackedTokens) -> TeacherCache:
+    cache = TeacherCache(path, cache_identity(teacher_dir, teacher, data))
+    log.info("teacher cache %s: the teacher's body is skipped on training rows [0, %d)", path, cache.num_sequences)
+    return cache
+
+
+def cache_teacher_hidden(config: dict, teacher_dir: Path, data_dir: Path, out_path: Path) -> dict:
+    """Write the teacher cache every stage-2 job of the run reads: the rows they train on, up to
+    `distill.teacher_cache.max_gb`, in the device and precision training runs in, batched as distill.stage2 is."""
+    on_cpu = train_on_cpu()
+    teacher, _ = load_teacher(str(teacher_dir), device="cpu" if on_cpu else "cuda")
+    data = open_data(data_dir, "train")
+    autocast_dtype = training_autocast_dtype(on_cpu)
+    itemsize = (autocast_dtype or next(teacher.parameters()).dtype).itemsize
+    sequences_read = max(stage_section(config, key)["tokens"] // data.seq_len
+                         for key in ("distill.stage2", "scoring.stage2"))
+    row_bytes = data.seq_len * teacher.config.hidden_size * itemsize
+    max_gb = config["distill"]["teacher_cache"]["max_gb"]
+    count = sequences_to_cache(data.num_sequences, sequences_read, row_bytes, max_gb)
+    if count < min(data.num_sequences, sequences_read):
+        log.warning("teacher cache: %d of the %d training rows read fit in distill.teacher_cache.max_gb=%s; "
+                    "the rest run the live teacher", count, min(data.num_sequences, sequences_read), max_gb)
+    return write_teacher_cache(teacher, data, count, config["distill"]["stage2"]["micro_batch_size"], out_path,
+                               autocast_dtype=autocast_dtype, identity=cache_identity(teacher_dir, teacher, data))

@@ -68,29 +68,41 @@ class HiddenAlignment(nn.Module):
 class LogitDistillation(nn.Module):
     """Stage 2 (eq. 5): tau^2/T sum_t KL(softmax(teacher_t/tau) || softmax(student_t/tau)), all student weights.
 
-    The KL is computed in token chunks from final hidden states, so [tokens x vocab] logits never exist.
+    The KL is computed in token chunks from final hidden states, so [tokens x vocab] logits never exist. With a
+    `teacher_cache` (distill/teacher_cache.py), batches whose rows it holds take the teacher's final hidden
+    states from it instead of running the teacher's body; other batches run the live teacher.
     """
 
+    reads_sequence_indices = True  # the trainer passes each batch's data rows
+
     def __init__(self, student: nn.Module, teacher: nn.Module, temperature: float, chunk_tokens: int,
-                 trainable: str = "all"):
+                 trainable: str = "all", teacher_cache=None):
         super().__init__()
         self.student, self.teacher = student, teacher
         self.temperature, self.chunk_tokens = temperature, chunk_tokens
+        self.teacher_cache = teacher_cache
         self.student.requires_grad_(trainable == "all")
         if trainable == "attention":  # every layer's attention or mixer module, nothing else
             for layer in decoder_layers(student):
                 layer.self_attn.requires_grad_(True)
         self.teacher.requires_grad_(False).eval()
 
-    def forward(self, input_ids: torch.Tensor):
+    def teacher_hidden(self, input_ids: torch.Tensor, sequence_indices=None) -> tuple[torch.Tensor, bool]:
+        """(the teacher's final hidden states, whether they came from the cache)."""
+        cache = self.teacher_cache
+        if cache is not None and sequence_indices is not None and cache.covers(sequence_indices):
+            return cache.rows(sequence_indices, input_ids.device.type).to(input_ids.device), True
         with torch.no_grad():
-            teacher_hidden = self.teacher.model(input_ids=input_ids, use_cache=False).last_hidden_state
+            return self.teacher.model(input_ids=input_ids, use_cache=False).last_hidden_state, False
+
+    def forward(self, input_ids: torch.Tensor, sequence_indices=None):
+        teacher_hidden, cached = self.teacher_hidden(input_ids, sequence_indices)
         student_hidden = self.student.model(input_ids=input_ids, use_cache=False).last_hidden_state
         loss = chunked_kl_from_hidden(
             student_hidden, self.student.lm_head.weight, teacher_hidden, self.teacher.lm_head.weight,
             temperature=self.temperature, chunk_tokens=self.chunk_tokens,
             student_head_bias=self.student.lm_head.bias, teacher_head_bias=self.teacher.lm_head.bias)
-        return loss, {}
+        return loss, ({} if self.teacher_cache is None else {"teacher_cached": float(cached)})
 
 
 @torch.no_grad()

@@ -16,11 +16,12 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import SAFE_WEIGHTS_NAME, parse_flag_from_env, set_seed
+from accelerate.utils import SAFE_WEIGHTS_NAME, set_seed
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from hybrid_distill.distill.atomic import publish_dir, write_text_atomic
+from hybrid_distill.distill.precision import mixed_precision, train_on_cpu
 from hybrid_distill.distill.schedule import lr_multiplier
 
 log = get_logger(__name__)  # logs on the main process only
@@ -79,15 +80,17 @@ def train(
     `first_sequence` only places a fresh start. The schedule spans the whole token budget even when
     `stop_after_step` ends this call early. `clip_groups` lists parameter names clipped independently.
     Module modes (train/eval) stay as the caller set them, so a frozen teacher can stay in eval mode.
+    An objective with `reads_sequence_indices = True` also gets `sequence_indices=` (the batch's data rows), so
+    it can look rows up in a per-sequence cache.
     Setting HD_FAIL_AT_STEP=k raises RuntimeError right after step k (and its state save) once per
     out_dir, marked by `out_dir/.failed_once`, so that workflow tests can check a retried job.
     """
     out_dir = Path(out_dir)
     state_root = out_dir / "state"
-    on_cpu = parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available()
+    on_cpu = train_on_cpu()
     accelerator = Accelerator(
         cpu=on_cpu,  # also makes a multi-process launch on a CPU-only node use gloo
-        mixed_precision="no" if on_cpu else "bf16",
+        mixed_precision=mixed_precision(on_cpu),
         step_scheduler_with_optimizer=False,  # else Accelerate steps the schedule once per process
     )
     launched = int(os.environ.get("WORLD_SIZE", "1"))
@@ -114,6 +117,7 @@ def train(
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(
         step, total_steps, settings.warmup_steps, settings.schedule, settings.min_lr_ratio))
+    wants_indices = getattr(objective, "reads_sequence_indices", False)
     model, optimizer, scheduler = accelerator.prepare(objective, optimizer, scheduler)
     _save_only_trainable(accelerator, trainable)
 
@@ -149,7 +153,7 @@ def train(
         while step < end_step:
             lr = optimizer.param_groups[0]["lr"]
             loss_sum, metric_sums = _accumulate_gradients(
-                accelerator, model, data, next_sequence + first_rank_sequence, settings)
+                accelerator, model, data, next_sequence + first_rank_sequence, settings, wants_indices)
             grad_norm = _clip(clip_params, settings.max_grad_norm)
             optimizer.step()
             scheduler.step()
@@ -247,20 +251,29 @@ def _clip(clip_params: list[list[torch.nn.Parameter]], max_grad_norm: float | No
     return torch.linalg.vector_norm(torch.stack(group_norms))
 
 
-def _accumulate_gradients(accelerator: Accelerator, model, data, first_sequence: int, settings: TrainSettings):
+def _accumulate_gradients(accelerator: Accelerator, model, data, first_sequence: int, settings: TrainSettings,
+                          wants_indices: bool):
     """Backpropagate this process's share of one step, micro-batch by micro-batch; DDP syncs on the last."""
     loss_sum = torch.zeros((), device=accelerator.device)
     metric_sums: dict[str, float] = {}
     for micro_step in range(settings.grad_accum):
-        input_ids = data.batch(first_sequence + micro_step * settings.micro_batch_size, settings.micro_batch_size)
+        first_row = first_sequence + micro_step * settings.micro_batch_size
+        input_ids = data.batch(first_row, settings.micro_batch_size)
+        extra = {"sequence_indices": batch_rows(first_row, settings.micro_batch_size, data.num_sequences)} \
+            if wants_indices else {}
         last = micro_step == settings.grad_accum - 1
         with nullcontext() if last else accelerator.no_sync(model):
-            loss, metrics = model(input_ids.to(accelerator.device))
+            loss, metrics = model(input_ids.to(accelerator.device), **extra)
             accelerator.backward(loss / settings.grad_accum)
         loss_sum += loss.detach().float()
         for key, value in metrics.items():
             metric_sums[key] = metric_sums.get(key, 0.0) + float(value)
     return loss_sum, metric_sums
+
+
+def batch_rows(first_sequence: int, batch_size: int, num_sequences: int) -> list[int]:
+    """The data rows `data.batch(first_sequence, batch_size)` returns, wrapping around as it does."""
+    return [(first_sequence + offset) % num_sequences for offset in range(batch_size)]
 
 
 def _mean_over_processes(accelerator, loss_sum: torch.Tensor, metric_sums: dict[str, float], grad_accum: int):
