@@ -138,7 +138,10 @@ def test_preempted_controller_job_is_requeued_and_finishes(slurm_cluster, tmp_pa
             return queued == ["PENDING", "BeginTime"]
 
         wait_for(requeued_and_held, "the controller to be requeued", timeout_s=120)
-        # Slurm holds a requeued job for about two minutes; let it start now.
+        # Slurm holds a requeued job for about two minutes; let it start now. Not in the same second as the
+        # requeue: slurmd refuses a launch credential issued no later than the second it revoked the first
+        # attempt's ("Job credential revoked"), and the job then ends instead of starting.
+        time.sleep(3)
         subprocess.run(["scontrol", "update", f"JobId={job.job_id}", "StartTime=now"], env=slurm_cluster.env,
                        check=True, timeout=30)
         wait_for(job.paths.result_pickle.exists, "the requeued controller to finish", timeout_s=240)
