@@ -123,16 +123,21 @@ def write_packed(bin_path: str | os.PathLike, tokens: np.ndarray, meta: dict) ->
     return manifest
 
 
+def read_manifest_json(json_path: Path, error: type[Exception], name: str, owner: str):
+    """The parsed JSON beside a data file; its absence means the writer never finished (it is written last)."""
+    if not json_path.is_file():
+        raise error(f"{json_path}: {name} missing ({owner} was never finished)")
+    try:
+        return json.loads(json_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as reason:
+        raise error(f"{json_path}: {name} is not valid JSON ({reason})") from None
+
+
 def read_packed_meta(bin_path: str | os.PathLike) -> dict:
     """Load and check the manifest against the data file, so a torn or foreign file fails before training starts."""
     bin_path = Path(bin_path)
     json_path = meta_path_for(bin_path)
-    if not json_path.is_file():
-        raise DataError(f"{json_path}: manifest missing (the packed stream was never finished)")
-    try:
-        meta = json.loads(json_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise DataError(f"{json_path}: manifest is not valid JSON ({error})") from None
+    meta = read_manifest_json(json_path, DataError, "manifest", "the packed stream")
     if not isinstance(meta, dict):
         raise DataError(f"{json_path}: manifest must be a JSON object")
     missing = [key for key in REQUIRED_META_KEYS if key not in meta]

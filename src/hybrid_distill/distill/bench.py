@@ -18,6 +18,7 @@ import torch
 from hybrid_distill.distill.fused_kl import naive_kl
 from hybrid_distill.data.packed import PackedTokens, write_packed
 from hybrid_distill.distill.objectives import HiddenAlignment, LogitDistillation
+from hybrid_distill.distill.precision import training_autocast_dtype
 from hybrid_distill.distill.teacher_cache import TeacherCache, write_teacher_cache
 from hybrid_distill.models.student import build_student
 
@@ -84,7 +85,7 @@ def cache_batch(teacher, batch, directory: Path) -> TeacherCache:
     data = PackedTokens(directory / "train.bin")
     identity = {"teacher_fingerprint": "bench", "data_sha256": data.meta["sha256"], "seq_len": data.seq_len,
                 "hidden_size": teacher.config.hidden_size}
-    autocast_dtype = torch.bfloat16 if batch.device.type == "cuda" else None
+    autocast_dtype = training_autocast_dtype(on_cpu=batch.device.type != "cuda")
     write_teacher_cache(teacher, data, data.num_sequences, data.num_sequences, directory / "hidden.bin",
                         autocast_dtype=autocast_dtype, identity=identity)
     return TeacherCache(directory / "hidden.bin", identity)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from hybrid_distill.data.packed import file_sha256
+from hybrid_distill.data.packed import file_sha256, read_manifest_json
 from hybrid_distill.distill.atomic import fsync_path, write_text_atomic
 from hybrid_distill.distill.precision import active_autocast_dtype
 
@@ -144,12 +144,7 @@ class TeacherCache:
 def _read_sidecar(bin_path: Path, expected: dict) -> dict:
     """The sidecar after checking it against `expected` and the data file's size; one-line errors name the file."""
     meta_path = sidecar_path(bin_path)
-    if not meta_path.is_file():
-        raise TeacherCacheError(f"{meta_path}: teacher cache sidecar missing (the cache was never finished)")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise TeacherCacheError(f"{meta_path}: not valid JSON ({error})") from None
+    meta = read_manifest_json(meta_path, TeacherCacheError, "teacher cache sidecar", "the cache")
     required = ("format", "num_sequences", "dtype", "device_type", "autocast_dtype", *CHECKED_KEYS)
     if not isinstance(meta, dict) or any(key not in meta for key in required):
         raise TeacherCacheError(f"{meta_path}: not a teacher cache sidecar (needs {', '.join(required)})")
