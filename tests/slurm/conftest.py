@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -13,6 +14,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from local_cluster import (  # noqa: E402
     ACCOUNT, CLUSTER_NAME, PARTITION, ClusterError, LocalCluster, missing_requirements,
 )
+from slurm_workflow import queued_jobs  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -53,3 +55,21 @@ def slurm_cluster():
         os.environ["SLURM_CONF"] = previous_conf
     if started:
         cluster.stop()
+
+
+@pytest.fixture(autouse=True)
+def idle_queue(request):
+    """Every Slurm test starts on an empty queue: a job left by an earlier test would hold one of the node's CPUs
+    and keep this test's jobs pending until its timeout, failing it for a reason that is not its own."""
+    if "slurm_cluster" not in request.fixturenames:
+        yield
+        return
+    cluster = request.getfixturevalue("slurm_cluster")
+    if leftovers := queued_jobs(cluster):
+        subprocess.run(["scancel", f"--partition={cluster.partition}"], env=cluster.env, timeout=30)
+        deadline = time.monotonic() + 60
+        while queued_jobs(cluster) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not queued_jobs(cluster), f"jobs of an earlier test stay in the queue after scancel: {leftovers}"
+    yield
+

@@ -134,3 +134,10 @@ def settled_rows(cluster, *selection: str, since: datetime, count: int, timeout_
         if settled or time.monotonic() > deadline:
             return rows
         time.sleep(0.5)
+
+
+def queued_jobs(cluster) -> list[str]:
+    """`JOBID STATE NAME` of every job squeue still lists."""
+    listed = subprocess.run(["squeue", "-h", "-o", "%i %T %j"], capture_output=True, text=True, env=cluster.env,
+                            timeout=30)
+    return listed.stdout.splitlines()

@@ -14,7 +14,7 @@ import pytest
 
 from hybrid_distill import cli
 from hybrid_distill.submit import JOB_NAME, submit_controller
-from slurm_workflow import settled_rows
+from slurm_workflow import queued_jobs, settled_rows
 
 SMOKE_WORKFLOW = Path(__file__).parent / "workflow_smoke" / "Snakefile"
 FAST_POLLING = ["--slurm-init-seconds-before-status-checks", "1", "--seconds-between-status-checks", "1"]
@@ -94,6 +94,11 @@ def controller_job(cluster, workdir: Path, snakemake_args: list[str]):
                 subprocess.run(["scancel", f"--name={run}"], env=cluster.env, timeout=30)
 
 
+def log_tail(job, lines: int = 30) -> str:
+    stderr = job.paths.stderr
+    return "\n".join(stderr.read_text().splitlines()[-lines:]) if stderr.exists() else "(no log yet)"
+
+
 def run_ids(job) -> list[str]:
     """The SLURM run ID of every Snakemake the controller started (one per attempt)."""
     log = job.paths.stderr.read_text() if job.paths.stderr.exists() else ""
@@ -106,9 +111,11 @@ def test_controller_job_submits_the_workflow_through_sbatch(slurm_cluster, tmp_p
     (tmp_path / "Snakefile").write_text(SMOKE_WORKFLOW.read_text())
     monkeypatch.setenv("PATH", slurm_cluster.env["PATH"])
     with controller_job(slurm_cluster, tmp_path, ["--slurm-jobname-prefix", "hd_submit"]) as job:
-        controller = settled_rows(slurm_cluster, f"--jobs={job.job_id}", since=since, count=1, timeout_s=240)
+        controller = settled_rows(slurm_cluster, f"--jobs={job.job_id}", since=since, count=1, timeout_s=420)
+        # Read while the job may still run: on a timeout the message says what it was waiting for.
+        situation = f"{controller}\nqueue: {queued_jobs(slurm_cluster)}\ncontroller log tail:\n{log_tail(job)}"
     assert [(row["JobName"], row["State"], row["Account"], row["ReqCPUS"]) for row in controller] == [
-        (JOB_NAME, "COMPLETED", slurm_cluster.account, "1")], controller
+        (JOB_NAME, "COMPLETED", slurm_cluster.account, "1")], situation
     assert job.result()["returncode"] == 0
     assert (tmp_path / "results/greeting_upper.txt").read_text() == "HELLO SLURM\n"
 
