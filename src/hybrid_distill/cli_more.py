@@ -89,7 +89,9 @@ def step_bench(args):
 
     result = run_benchmark(batch_size=args.batch_size, seq_len=args.seq_len, warmup=args.warmup,
                            repeats=args.repeats, stages=args.stages, students=args.students,
-                           chunk_tokens=args.kl_chunk_tokens, stage2_steps=args.stage2_steps)
+                           chunk_tokens=args.kl_chunk_tokens, stage2_steps=args.stage2_steps,
+                           activation_checkpointing=args.activation_checkpointing,
+                           compile_blocks=args.compile_blocks, profile_top=args.profile_top)
     print(format_table(result))
     if args.out:
         write_result(result, args.out)
@@ -134,6 +136,12 @@ def add_steps(steps, add):
                    choices=["naive", "project", "cached"],
                    help="stage-2 steps timed: full logits, the project's (live teacher), the project's on a "
                         "teacher cache")
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="the project's stage-2 step recomputes each decoder layer in backward")
+    p.add_argument("--compile-blocks", action="store_true",
+                   help="torch.compile the students' MLPs and norms (project steps only)")
+    p.add_argument("--profile-top", type=int, default=0, metavar="N",
+                   help="also profile one step per row and list its N most expensive kernels")
     p.add_argument("--out", type=Path, default=None)
 
     p = add(steps, "make-report", step_make_report, "tables, figures and report.md")

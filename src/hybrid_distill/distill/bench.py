@@ -15,8 +15,9 @@ from pathlib import Path
 
 import torch
 
-from hybrid_distill.distill.fused_kl import naive_kl
 from hybrid_distill.data.packed import PackedTokens, write_packed
+from hybrid_distill.distill.compiled_blocks import compile_dense_blocks
+from hybrid_distill.distill.fused_kl import naive_kl
 from hybrid_distill.distill.objectives import HiddenAlignment, LogitDistillation
 from hybrid_distill.distill.precision import training_autocast_dtype
 from hybrid_distill.distill.teacher_cache import TeacherCache, write_teacher_cache
@@ -36,6 +37,7 @@ class BenchRow:
     mfu: float | None
     peak_mem_gb: float | None
     note: str = ""
+    top_kernels: list | None = None
 
 
 def synchronize():
@@ -69,14 +71,21 @@ class NaiveLogitDistillation(LogitDistillation):
         return naive_kl(student_logits.flatten(0, 1), teacher_logits.flatten(0, 1), self.temperature), {}
 
 
-def build_objective(stage, step, teacher, softmax_layers, mixer, chunk_tokens, teacher_cache=None):
+def build_objective(stage, step, teacher, softmax_layers, mixer, chunk_tokens, teacher_cache=None,
+                    activation_checkpointing=False, compile_blocks=False):
+    """The objective one row times; the options apply to the project's steps, never to the naive baseline."""
     student = build_student(teacher, softmax_layers, mixer)
     if stage == "stage1":
-        return HiddenAlignment(student, teacher)
-    if step == "naive":
+        objective = HiddenAlignment(student, teacher)
+    elif step == "naive":
         return NaiveLogitDistillation(student, teacher, 1.0, chunk_tokens)
-    return LogitDistillation(student, teacher, 1.0, chunk_tokens,
-                             teacher_cache=teacher_cache if step == "cached" else None)
+    else:
+        objective = LogitDistillation(student, teacher, 1.0, chunk_tokens,
+                                      teacher_cache=teacher_cache if step == "cached" else None,
+                                      activation_checkpointing=activation_checkpointing)
+    if compile_blocks:
+        compile_dense_blocks(student)
+    return objective
 
 
 def cache_batch(teacher, batch, directory: Path) -> TeacherCache:
@@ -102,7 +111,17 @@ def model_flops_per_token(objective) -> float:
     return 2 * (student_params + teacher_params) + 4 * trainable
 
 
-def time_steps(objective, batch, warmup, repeats, device) -> list[float]:
+def train_step(objective, batch, optimizer, rows, device):
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        loss, _ = objective(batch, **rows)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def time_steps(objective, batch, warmup, repeats, device, profile_top=0):
+    """Seconds per step after `warmup` steps; with profile_top > 0 also the kernels that took the most device
+    time in one more step (name, ms, share of the step's device time, calls)."""
     params = [p for p in objective.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
     rows = {"sequence_indices": list(range(len(batch)))} if getattr(objective, "teacher_cache", None) else {}
@@ -110,20 +129,38 @@ def time_steps(objective, batch, warmup, repeats, device) -> list[float]:
     for i in range(warmup + repeats):
         synchronize()
         start = time.perf_counter()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            loss, _ = objective(batch, **rows)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        train_step(objective, batch, optimizer, rows, device)
         synchronize()
         if i >= warmup:
             times.append(time.perf_counter() - start)
-    return times
+    if not profile_top:
+        return times, None
+    return times, profile_kernels(lambda: train_step(objective, batch, optimizer, rows, device), device,
+                                  profile_top)
+
+
+def profile_kernels(step, device, top: int) -> list[dict]:
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as profiler:
+        step()
+        synchronize()
+    events = profiler.key_averages()
+    attribute = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    timed = [event for event in events if getattr(event, attribute, 0) > 0]
+    if device.type == "cuda":  # kernels only: CPU-side ops report device time through their kernels too
+        timed = [event for event in timed if getattr(event, "device_type", None) == torch.autograd.DeviceType.CUDA]
+    total = sum(getattr(event, attribute) for event in timed) or 1.0
+    timed.sort(key=lambda event: getattr(event, attribute), reverse=True)
+    return [{"name": event.key[:90], "ms": getattr(event, attribute) / 1e3,
+             "share": getattr(event, attribute) / total, "calls": event.count} for event in timed[:top]]
 
 
 def run_benchmark(batch_size=8, seq_len=2048, warmup=2, repeats=5, stages=("stage1", "stage2"),
                   students=("softmax", "gdn", "gla"), chunk_tokens=4096, shape: dict | None = None,
-                  stage2_steps=("naive", "project", "cached")) -> dict:
+                  stage2_steps=("naive", "project", "cached"), activation_checkpointing=False,
+                  compile_blocks=False, profile_top=0) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -147,8 +184,8 @@ def run_benchmark(batch_size=8, seq_len=2048, warmup=2, repeats=5, stages=("stag
                     torch.cuda.reset_peak_memory_stats()
                 try:
                     objective = build_objective(stage, step, teacher, softmax_layers, mixer, chunk_tokens,
-                                                teacher_cache).to(device)
-                    times = time_steps(objective, batch, warmup, repeats, device)
+                                                teacher_cache, activation_checkpointing, compile_blocks).to(device)
+                    times, kernels = time_steps(objective, batch, warmup, repeats, device, profile_top)
                 except torch.OutOfMemoryError:
                     rows.append(BenchRow(stage, student_kind, step, None, None, None, "out of memory"))
                     continue
@@ -158,11 +195,14 @@ def run_benchmark(batch_size=8, seq_len=2048, warmup=2, repeats=5, stages=("stag
                 mfu = model_flops_per_token(objective) * tokens_per_s / peak_rate if peak_rate else None
                 peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else None
                 rows.append(BenchRow(stage, student_kind, step, tokens_per_s, mfu, peak,
-                                     "teacher hidden states read from a cache" if step == "cached" else ""))
+                                     "teacher hidden states read from a cache" if step == "cached" else "",
+                                     kernels))
                 del objective
     cache_dir.cleanup()
     return {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
             "batch_size": batch_size, "seq_len": seq_len, "matmul_bf16_flops": peak_rate,
+            "options": {"kl_chunk_tokens": chunk_tokens, "activation_checkpointing": activation_checkpointing,
+                        "compile_blocks": compile_blocks, "torch": torch.__version__},
             "rows": [row.__dict__ for row in rows]}
 
 
@@ -170,12 +210,18 @@ def format_table(result: dict) -> str:
     lines = [f"device {result['device']}, batch {result['batch_size']} x {result['seq_len']} tokens, "
              f"bf16 matmul {result['matmul_bf16_flops'] / 1e12:.0f} TFLOP/s" if result["matmul_bf16_flops"]
              else f"device {result['device']}, batch {result['batch_size']} x {result['seq_len']} tokens",
+             "options: " + ", ".join(f"{key} {value}" for key, value in result.get("options", {}).items()),
              f"{'stage':7} {'student':8} {'step':8} {'tok/s':>10} {'MFU':>6} {'peak GB':>8}  note"]
     for row in result["rows"]:
         tps = f"{row['tokens_per_s']:10.0f}" if row["tokens_per_s"] else f"{'-':>10}"
         mfu = f"{row['mfu'] * 100:5.1f}%" if row["mfu"] else f"{'-':>6}"
         peak = f"{row['peak_mem_gb']:8.1f}" if row["peak_mem_gb"] else f"{'-':>8}"
         lines.append(f"{row['stage']:7} {row['student']:8} {row['step']:8} {tps} {mfu} {peak}  {row['note']}")
+    for row in result["rows"]:
+        if row.get("top_kernels"):
+            lines.append(f"-- top kernels, one {row['stage']} step of {row['student']} / {row['step']}:")
+            lines += [f"   {kernel['ms']:8.2f} ms {kernel['share'] * 100:5.1f}% x{kernel['calls']:<5} {kernel['name']}"
+                      for kernel in row["top_kernels"]]
     return "\n".join(lines)
 
 

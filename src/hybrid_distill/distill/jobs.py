@@ -93,7 +93,8 @@ def distill_stage2(config: dict, stage_key: str, teacher_dir: Path, data_dir: Pa
     cache = None if teacher_cache is None else open_teacher_cache(teacher_cache, teacher_dir, teacher, train_data)
     trainable = config["scoring"]["trainable"] if stage_key == "scoring.stage2" else "all"
     objective = LogitDistillation(student, teacher, config["distill"]["temperature"],
-                                  config["distill"]["kl_chunk_tokens"], trainable, teacher_cache=cache)
+                                  config["distill"]["kl_chunk_tokens"], trainable, teacher_cache=cache,
+                                  activation_checkpointing=config["distill"]["activation_checkpointing"])
     settings = train_settings(stage_section(config, stage_key), config["seed"])
     out_dir = Path(out_dir)
     result = train(objective, train_data, settings, out_dir, stop_after_step=stop_after_step,

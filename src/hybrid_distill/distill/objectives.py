@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from hybrid_distill.distill.fused_kl import chunked_kl_from_hidden
+from hybrid_distill.distill.recompute import recompute_decoder_layers
 from hybrid_distill.models.student import decoder_layers, mixers_of
 
 
@@ -71,12 +72,13 @@ class LogitDistillation(nn.Module):
     The KL is computed in token chunks from final hidden states, so [tokens x vocab] logits never exist. With a
     `teacher_cache` (distill/teacher_cache.py), batches whose rows it holds take the teacher's final hidden
     states from it instead of running the teacher's body; other batches run the live teacher.
+    `activation_checkpointing` recomputes each student layer in backward (distill/recompute.py).
     """
 
     reads_sequence_indices = True  # the trainer passes each batch's data rows
 
     def __init__(self, student: nn.Module, teacher: nn.Module, temperature: float, chunk_tokens: int,
-                 trainable: str = "all", teacher_cache=None):
+                 trainable: str = "all", teacher_cache=None, activation_checkpointing: bool = False):
         super().__init__()
         self.student, self.teacher = student, teacher
         self.temperature, self.chunk_tokens = temperature, chunk_tokens
@@ -86,6 +88,8 @@ class LogitDistillation(nn.Module):
             for layer in decoder_layers(student):
                 layer.self_attn.requires_grad_(True)
         self.teacher.requires_grad_(False).eval()
+        if activation_checkpointing:
+            recompute_decoder_layers(self.student)
 
     def teacher_hidden(self, input_ids: torch.Tensor, sequence_indices=None) -> tuple[torch.Tensor, bool]:
         """(the teacher's final hidden states, whether they came from the cache)."""
