@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from hybrid_distill.distill.fused_kl import chunked_kl_from_hidden
+from hybrid_distill.distill.precision import to_device
 from hybrid_distill.distill.recompute import recompute_decoder_layers
 from hybrid_distill.models.student import decoder_layers, mixers_of
 
@@ -63,7 +64,8 @@ class HiddenAlignment(nn.Module):
     def forward(self, input_ids: torch.Tensor):
         losses = self.layer_losses(input_ids)
         total = torch.stack(list(losses.values())).sum()
-        return total, {f"mse_layer{i}": loss.item() for i, loss in losses.items()}
+        # Metrics stay on the device: the trainer converts them when it logs, not at every step.
+        return total, {f"mse_layer{i}": loss.detach() for i, loss in losses.items()}
 
 
 class LogitDistillation(nn.Module):
@@ -95,7 +97,7 @@ class LogitDistillation(nn.Module):
         """(the teacher's final hidden states, whether they came from the cache)."""
         cache = self.teacher_cache
         if cache is not None and sequence_indices is not None and cache.covers(sequence_indices):
-            return cache.rows(sequence_indices, input_ids.device.type).to(input_ids.device), True
+            return to_device(cache.rows(sequence_indices, input_ids.device.type), input_ids.device), True
         with torch.no_grad():
             return self.teacher.model(input_ids=input_ids, use_cache=False).last_hidden_state, False
 

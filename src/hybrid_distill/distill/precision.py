@@ -24,3 +24,11 @@ def training_autocast_dtype(on_cpu: bool) -> torch.dtype | None:
 def active_autocast_dtype(device_type: str) -> torch.dtype | None:
     """The autocast dtype in force for `device_type` right now, None when autocast is off."""
     return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host -> GPU copy that does not make the host wait (pinned staging, non_blocking); a plain move elsewhere.
+    The caching host allocator keeps the pinned buffer alive until the copy has run."""
+    if torch.device(device).type != "cuda" or tensor.device.type != "cpu":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)

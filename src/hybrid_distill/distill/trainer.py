@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from hybrid_distill.distill.atomic import publish_dir, write_text_atomic
-from hybrid_distill.distill.precision import mixed_precision, train_on_cpu
+from hybrid_distill.distill.precision import mixed_precision, to_device, train_on_cpu
 from hybrid_distill.distill.schedule import lr_multiplier
 
 log = get_logger(__name__)  # logs on the main process only
@@ -255,7 +255,7 @@ def _accumulate_gradients(accelerator: Accelerator, model, data, first_sequence:
                           wants_indices: bool):
     """Backpropagate this process's share of one step, micro-batch by micro-batch; DDP syncs on the last."""
     loss_sum = torch.zeros((), device=accelerator.device)
-    metric_sums: dict[str, float] = {}
+    metric_sums: dict[str, torch.Tensor | float] = {}
     for micro_step in range(settings.grad_accum):
         first_row = first_sequence + micro_step * settings.micro_batch_size
         input_ids = data.batch(first_row, settings.micro_batch_size)
@@ -263,11 +263,12 @@ def _accumulate_gradients(accelerator: Accelerator, model, data, first_sequence:
             if wants_indices else {}
         last = micro_step == settings.grad_accum - 1
         with nullcontext() if last else accelerator.no_sync(model):
-            loss, metrics = model(input_ids.to(accelerator.device), **extra)
+            loss, metrics = model(to_device(input_ids, accelerator.device), **extra)
             accelerator.backward(loss / settings.grad_accum)
         loss_sum += loss.detach().float()
-        for key, value in metrics.items():
-            metric_sums[key] = metric_sums.get(key, 0.0) + float(value)
+        for key, value in metrics.items():  # device tensors stay there: no host sync per step
+            metric_sums[key] = metric_sums.get(key, 0.0) + (
+                value.detach().float() if torch.is_tensor(value) else float(value))
     return loss_sum, metric_sums
 
 
@@ -276,9 +277,10 @@ def batch_rows(first_sequence: int, batch_size: int, num_sequences: int) -> list
     return [(first_sequence + offset) % num_sequences for offset in range(batch_size)]
 
 
-def _mean_over_processes(accelerator, loss_sum: torch.Tensor, metric_sums: dict[str, float], grad_accum: int):
+def _mean_over_processes(accelerator, loss_sum: torch.Tensor, metric_sums: dict, grad_accum: int):
     keys = sorted(metric_sums)
-    values = torch.stack([loss_sum, *(torch.tensor(metric_sums[k], device=loss_sum.device) for k in keys)])
+    values = torch.stack([loss_sum, *(torch.as_tensor(metric_sums[k], dtype=loss_sum.dtype, device=loss_sum.device)
+                                      for k in keys)])
     values = accelerator.reduce(values / grad_accum, reduction="mean").tolist()
     return values[0], dict(zip(keys, values[1:]))
 
