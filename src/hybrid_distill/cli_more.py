@@ -88,13 +88,25 @@ def step_bench(args):
     from hybrid_distill.distill.bench import format_table, run_benchmark, write_result
 
     result = run_benchmark(batch_size=args.batch_size, seq_len=args.seq_len, warmup=args.warmup,
-                           repeats=args.repeats, stages=args.stages, students=args.students,
+                           repeats=args.repeats, stages=args.stages, students=args.students, shape=dict(args.shape),
                            chunk_tokens=args.kl_chunk_tokens, stage2_steps=args.stage2_steps,
                            activation_checkpointing=args.activation_checkpointing,
                            compile_blocks=args.compile_blocks, profile_top=args.profile_top)
+    if result["rank"] != 0:
+        return  # under `accelerate launch --num_processes N`, the first process reports for all
     print(format_table(result))
     if args.out:
         write_result(result, args.out)
+
+
+def _shape_item(text: str) -> tuple[str, int]:
+    from hybrid_distill.distill.bench import SMOLLM2_135M
+
+    integer_keys = sorted(key for key, value in SMOLLM2_135M.items() if type(value) is int)
+    key, _, value = text.partition("=")
+    if key not in integer_keys or not value.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r}: expected KEY=INTEGER with KEY one of {integer_keys}")
+    return key, int(value)
 
 
 def _model_args(parser):
@@ -132,6 +144,8 @@ def add_steps(steps, add):
     p.add_argument("--stages", nargs="+", default=["stage1", "stage2"], choices=["stage1", "stage2"])
     p.add_argument("--students", nargs="+", default=["softmax", "gdn", "gla"], choices=["softmax", "gdn", "gla"])
     p.add_argument("--kl-chunk-tokens", type=int, default=4096, help="tokens per chunk of the fused KL (stage 2)")
+    p.add_argument("--shape", nargs="+", type=_shape_item, default=[], metavar="KEY=INT",
+                   help="model config changes from SmolLM2-135M's shape, e.g. num_hidden_layers=4 hidden_size=256")
     p.add_argument("--stage2-steps", nargs="+", default=["naive", "project", "cached"],
                    choices=["naive", "project", "cached"],
                    help="stage-2 steps timed: full logits, the project's (live teacher), the project's on a "

@@ -1,8 +1,15 @@
 """The distillation benchmark's options on CPU at a tiny shape: what each row ran with, and what it reports.
 (No speed is asserted: numbers come from benchmark runs on the GPU, docs/performance.md.)"""
+import json
+import os
+import socket
+import subprocess
+import sys
+
 import pytest
 import torch
 
+from hybrid_distill import cli
 from hybrid_distill.distill.bench import format_table, run_benchmark
 from hybrid_distill.distill.compiled_blocks import compile_dense_blocks
 from hybrid_distill.models.student import build_student
@@ -40,3 +47,35 @@ def test_compiled_dense_blocks_keep_names_and_outputs(teacher):
     tokens = torch.randint(0, teacher.config.vocab_size, (1, 12))
     with torch.no_grad():
         assert torch.allclose(student(tokens).logits, reference(tokens).logits, atol=1e-5, rtol=1e-5)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
+                    reason="torch.distributed with gloo is needed for a 2-process CPU run")
+def test_bench_under_a_two_process_launch_counts_both_processes_tokens_and_reports_once(tmp_path):
+    """What measures the 2-GPU speed-up on a GPU machine, run here with two gloo processes."""
+    shape = [f"{key}={value}" for key, value in TINY.items()]
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(free_port()), "-m", "hybrid_distill.cli", "bench", "--shape", *shape,
+               "--batch-size", "2", "--seq-len", "32", "--stages", "stage2", "--students", "gdn",
+               "--stage2-steps", "project", "--warmup", "1", "--repeats", "1", "--kl-chunk-tokens", "16",
+               "--out", str(tmp_path / "bench.json")]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "ACCELERATE_USE_CPU": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads((tmp_path / "bench.json").read_text())
+    assert (result["processes"], result["tokens_per_step"], result["shape"]["hidden_size"]) == (2, 2 * 2 * 32, 32)
+    assert [row["step"] for row in result["rows"]] == ["project"] and result["rows"][0]["tokens_per_s"] > 0
+    assert run.stdout.count("x 2 processes") == 1  # one table, from the first process
+
+
+def test_bench_shape_names_a_bad_key_in_one_line(capsys):
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["bench", "--shape", "hidden=64"])
+    assert "'hidden=64': expected KEY=INTEGER" in capsys.readouterr().err

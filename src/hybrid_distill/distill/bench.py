@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from hybrid_distill.data.packed import PackedTokens, write_packed
+from hybrid_distill.distill.bench_processes import bench_processes, data_parallel, unwrapped
 from hybrid_distill.distill.compiled_blocks import compile_dense_blocks
 from hybrid_distill.distill.fused_kl import naive_kl
 from hybrid_distill.distill.objectives import HiddenAlignment, LogitDistillation
@@ -124,7 +125,8 @@ def time_steps(objective, batch, warmup, repeats, device, profile_top=0):
     time in one more step (name, ms, share of the step's device time, calls)."""
     params = [p for p in objective.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
-    rows = {"sequence_indices": list(range(len(batch)))} if getattr(objective, "teacher_cache", None) else {}
+    rows = {"sequence_indices": list(range(len(batch)))} if getattr(unwrapped(objective), "teacher_cache", None) \
+        else {}
     times = []
     for i in range(warmup + repeats):
         synchronize()
@@ -161,14 +163,26 @@ def run_benchmark(batch_size=8, seq_len=2048, warmup=2, repeats=5, stages=("stag
                   students=("softmax", "gdn", "gla"), chunk_tokens=4096, shape: dict | None = None,
                   stage2_steps=("naive", "project", "cached"), activation_checkpointing=False,
                   compile_blocks=False, profile_top=0) -> dict:
+    """The table's rows; every process of a multi-process launch returns them (rank 0 is the one to print).
+    Each process steps on `batch_size` x `seq_len` tokens, so tokens/s counts all processes' tokens."""
+    with bench_processes() as (rank, world, device):
+        result = _run_rows(batch_size, seq_len, warmup, repeats, stages, students, chunk_tokens, shape,
+                           stage2_steps, activation_checkpointing, compile_blocks, profile_top, rank, world, device)
+    return {**result, "rank": rank}
+
+
+def _run_rows(batch_size, seq_len, warmup, repeats, stages, students, chunk_tokens, shape, stage2_steps,
+              activation_checkpointing, compile_blocks, profile_top, rank, world, device) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    torch.manual_seed(0)
-    teacher = LlamaForCausalLM(LlamaConfig(**(shape or SMOLLM2_135M))).to(device).eval().requires_grad_(False)
+    torch.manual_seed(0)  # the same teacher and students in every process, as DDP requires
+    shape = {**SMOLLM2_135M, **(shape or {})}
+    teacher = LlamaForCausalLM(LlamaConfig(**shape)).to(device).eval()
+    teacher.requires_grad_(False)
     layers = teacher.config.num_hidden_layers
     peak_rate = matmul_rate(device) if device.type == "cuda" else None
-    batch = torch.randint(0, teacher.config.vocab_size, (batch_size, seq_len), device=device)
+    batch = torch.randint(0, teacher.config.vocab_size, (batch_size, seq_len), device=device,
+                          generator=torch.Generator(device).manual_seed(1 + rank))  # each process its own rows
     cache_dir = tempfile.TemporaryDirectory(prefix="bench_teacher_cache_")
     teacher_cache = cache_batch(teacher, batch, Path(cache_dir.name)) if "cached" in stage2_steps else None
     rows = []
@@ -183,33 +197,39 @@ def run_benchmark(batch_size=8, seq_len=2048, warmup=2, repeats=5, stages=("stag
                     torch.cuda.empty_cache()
                     torch.cuda.reset_peak_memory_stats()
                 try:
+                    torch.manual_seed(0)  # fresh mixer parameters equal across processes
                     objective = build_objective(stage, step, teacher, softmax_layers, mixer, chunk_tokens,
                                                 teacher_cache, activation_checkpointing, compile_blocks).to(device)
+                    objective = data_parallel(objective, device, world)
                     times, kernels = time_steps(objective, batch, warmup, repeats, device, profile_top)
                 except torch.OutOfMemoryError:
                     rows.append(BenchRow(stage, student_kind, step, None, None, None, "out of memory"))
                     continue
                 finally:
                     objective = locals().get("objective")
-                tokens_per_s = batch.numel() / statistics.median(times)
-                mfu = model_flops_per_token(objective) * tokens_per_s / peak_rate if peak_rate else None
+                tokens_per_s = world * batch.numel() / statistics.median(times)
+                mfu = model_flops_per_token(unwrapped(objective)) * tokens_per_s / (peak_rate * world) \
+                    if peak_rate else None
                 peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else None
                 rows.append(BenchRow(stage, student_kind, step, tokens_per_s, mfu, peak,
                                      "teacher hidden states read from a cache" if step == "cached" else "",
                                      kernels))
                 del objective
     cache_dir.cleanup()
-    return {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-            "batch_size": batch_size, "seq_len": seq_len, "matmul_bf16_flops": peak_rate,
+    return {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "processes": world, "batch_size": batch_size, "seq_len": seq_len,
+            "tokens_per_step": world * batch_size * seq_len, "matmul_bf16_flops": peak_rate,
+            "shape": shape,
             "options": {"kl_chunk_tokens": chunk_tokens, "activation_checkpointing": activation_checkpointing,
                         "compile_blocks": compile_blocks, "torch": torch.__version__},
             "rows": [row.__dict__ for row in rows]}
 
 
 def format_table(result: dict) -> str:
-    lines = [f"device {result['device']}, batch {result['batch_size']} x {result['seq_len']} tokens, "
-             f"bf16 matmul {result['matmul_bf16_flops'] / 1e12:.0f} TFLOP/s" if result["matmul_bf16_flops"]
-             else f"device {result['device']}, batch {result['batch_size']} x {result['seq_len']} tokens",
+    where = (f"device {result['device']} x {result.get('processes', 1)} processes, batch {result['batch_size']} x "
+             f"{result['seq_len']} tokens per process")
+    lines = [f"{where}, bf16 matmul {result['matmul_bf16_flops'] / 1e12:.0f} TFLOP/s per device"
+             if result["matmul_bf16_flops"] else where,
              "options: " + ", ".join(f"{key} {value}" for key, value in result.get("options", {}).items()),
              f"{'stage':7} {'student':8} {'step':8} {'tok/s':>10} {'MFU':>6} {'peak GB':>8}  note"]
     for row in result["rows"]:
