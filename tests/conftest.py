@@ -50,10 +50,3 @@ def tiny_teacher_dir(tmp_path_factory, smollm2_tokenizer) -> Path:
     smollm2_tokenizer.save_pretrained(directory)
     return directory
 
-
-def pytest_collection_modifyitems(config, items):
-    """Under pytest-xdist (`-n 2 --dist loadgroup`), every test of the one-node Slurm cluster runs in one worker:
-    the cluster and its two CPUs are one shared resource, and its session fixture starts it once per worker."""
-    for item in items:
-        if "slurm" in item.keywords:
-            item.add_marker(pytest.mark.xdist_group("slurm"))

@@ -49,7 +49,9 @@ def wait_for_state(workdir: Path, min_step: int, process, timeout: float = 300) 
 
 @pytest.mark.parametrize("interrupt", [signal.SIGINT, signal.SIGKILL], ids=["SIGINT", "SIGKILL"])
 def test_interrupted_run_resumes_and_matches_uninterrupted(interrupt, tiny_teacher_dir, tmp_path):
-    config = tiny_config(tiny_teacher_dir, **{"distill.stage1": {"tokens": 1536, "lr": 0.001, "micro_batch_size": 2,
+    # 96 steps of ~50 ms: after the state of step 4 appears, the job runs for seconds more on an idle machine, so
+    # the interrupt lands mid-job even when this process is slow to notice (a loaded machine once let 24 finish).
+    config = tiny_config(tiny_teacher_dir, **{"distill.stage1": {"tokens": 6144, "lr": 0.001, "micro_batch_size": 2,
                                                                   "save_every": 2}})
     reference_dir, resumed_dir = tmp_path / "uninterrupted", tmp_path / "interrupted"
     reference = subprocess.run(start(reference_dir, config), capture_output=True, text=True, env=environment(),
