@@ -2,23 +2,24 @@
 # On the lent GPU machine, after `source scripts/gpu/unpack.sh`: the stage-2 step at SmolLM2-135M shapes with
 # each speed/memory option, one bench run per option set (a failing option cannot take the others down), and
 # the workflow's own shapes (configs/smollm2-gpu.yaml) with the teacher cache. Tables to stdout, JSON to $OUT.
-# Usage: bash scripts/gpu/bench_stage2_options.sh
+# Usage: bash scripts/gpu/bench_stage2_options.sh [bench arguments that override every run's, e.g. --warmup 5]
 set -uo pipefail
 out=${OUT:-bench-out}
 mkdir -p "$out"
+overrides=("$@")
 common=(--stages stage2 --students softmax gdn --warmup 3 --repeats 5)
 bench() {  # name, then bench arguments
   local name=$1; shift
   echo "=== $name: $*"
-  hybrid-distill bench "${common[@]}" "$@" --out "$out/$name.json" 2>&1 | grep -vE "^\s*$|it/s\]|batch/s\]" | tail -40
+  hybrid-distill bench "${common[@]}" "$@" "${overrides[@]}" --out "$out/$name.json" 2>&1 | grep -vE "^\s*$|it/s\]|batch/s\]| INFO "
 }
 # 32k tokens per step: the memory goal's size.
 bench b16x2048_plain --batch-size 16 --seq-len 2048 --kl-chunk-tokens 4096 --stage2-steps naive project cached \
-  --profile-top 12
+  --profile-top 8
 bench b16x2048_ckpt --batch-size 16 --seq-len 2048 --kl-chunk-tokens 4096 --stage2-steps project cached \
   --activation-checkpointing
 bench b16x2048_compile --batch-size 16 --seq-len 2048 --kl-chunk-tokens 4096 --stage2-steps project cached \
-  --compile-blocks --profile-top 12
+  --compile-blocks --profile-top 8
 bench b16x2048_ckpt_compile --batch-size 16 --seq-len 2048 --kl-chunk-tokens 4096 --stage2-steps project cached \
   --activation-checkpointing --compile-blocks
 # 64k tokens per step, which only fits with recomputation.
