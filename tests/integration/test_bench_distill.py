@@ -2,9 +2,7 @@
 (No speed is asserted: numbers come from benchmark runs on the GPU, docs/performance.md.)"""
 import json
 import os
-import socket
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -13,6 +11,7 @@ from hybrid_distill import cli
 from hybrid_distill.distill.bench import format_table, run_benchmark
 from hybrid_distill.distill.compiled_blocks import compile_dense_blocks
 from hybrid_distill.models.student import build_student
+from gloo_launch import needs_gloo, two_process_launcher
 
 pytestmark = pytest.mark.integration
 TINY = dict(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
@@ -49,20 +48,11 @@ def test_compiled_dense_blocks_keep_names_and_outputs(teacher):
         assert torch.allclose(student(tokens).logits, reference(tokens).logits, atol=1e-5, rtol=1e-5)
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-@pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
-                    reason="torch.distributed with gloo is needed for a 2-process CPU run")
+@needs_gloo
 def test_bench_under_a_two_process_launch_counts_both_processes_tokens_and_reports_once(tmp_path):
     """What measures the 2-GPU speed-up on a GPU machine, run here with two gloo processes."""
     shape = [f"{key}={value}" for key, value in TINY.items()]
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(free_port()), "-m", "hybrid_distill.cli", "bench", "--shape", *shape,
+    command = [*two_process_launcher(), "-m", "hybrid_distill.cli", "bench", "--shape", *shape,
                "--batch-size", "2", "--seq-len", "32", "--stages", "stage2", "--students", "gdn",
                "--stage2-steps", "project", "--warmup", "1", "--repeats", "1", "--kl-chunk-tokens", "16",
                "--out", str(tmp_path / "bench.json")]

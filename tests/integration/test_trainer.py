@@ -6,7 +6,6 @@ import logging
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from hybrid_distill.distill import atomic
 from hybrid_distill.distill.trainer import TrainSettings, train
+from gloo_launch import needs_gloo, two_process_launcher
 from trainer_job import SEQ_LEN, TinyLM, TinyTokens, trainable_weights
 
 pytestmark = pytest.mark.integration
@@ -247,18 +247,9 @@ def test_injected_failure_raises_once_then_completes(reference, tmp_path, monkey
     assert [line["step"] for line in metric_lines(tmp_path)] == list(range(1, STEPS + 1))
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-@pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
-                    reason="torch.distributed with gloo is needed for a 2-process CPU run")
+@needs_gloo
 def test_two_processes_match_one_with_twice_the_micro_batch(tmp_path):
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                "--main_process_port", str(free_port())]
+    launcher = two_process_launcher()
     common = ["--steps", "3", "--grad-accum", "2", "--save-every", "2"]
     two = run_job(tmp_path / "two", None, launcher, *common, "--micro-batch", "1")
     assert two.returncode == 0, two.stderr[-3000:]

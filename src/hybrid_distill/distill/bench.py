@@ -113,7 +113,9 @@ def model_flops_per_token(objective) -> float:
 
 
 def train_step(objective, batch, optimizer, rows, device):
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+    """One optimizer step in the trainer's numeric context (bf16 autocast on GPUs, none on CPU)."""
+    autocast_dtype = training_autocast_dtype(on_cpu=device.type != "cuda")
+    with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
         loss, _ = objective(batch, **rows)
     loss.backward()
     optimizer.step()

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import functools
 
-from torch import nn
 import torch
+from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from hybrid_distill.models.student import decoder_layers
