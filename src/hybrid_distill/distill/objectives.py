@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from hybrid_distill.distill.fused_kl import chunked_kl_from_hidden
+from hybrid_distill.distill.maskless_attention import maskless_causal_attention
 from hybrid_distill.distill.precision import to_device
 from hybrid_distill.distill.recompute import recompute_decoder_layers
 from hybrid_distill.models.student import decoder_layers, mixers_of
@@ -52,7 +53,7 @@ class HiddenAlignment(nn.Module):
         return [names for names in groups.values() if names]
 
     def layer_losses(self, input_ids: torch.Tensor) -> dict[int, torch.Tensor]:
-        with torch.no_grad():
+        with torch.no_grad(), maskless_causal_attention(self.teacher):
             targets = capture_attention_io(self.teacher, self.linear_layers, input_ids)
         losses = {}
         for i in self.linear_layers:
@@ -98,12 +99,13 @@ class LogitDistillation(nn.Module):
         cache = self.teacher_cache
         if cache is not None and sequence_indices is not None and cache.covers(sequence_indices):
             return to_device(cache.rows(sequence_indices, input_ids.device.type), input_ids.device), True
-        with torch.no_grad():
+        with torch.no_grad(), maskless_causal_attention(self.teacher):
             return self.teacher.model(input_ids=input_ids, use_cache=False).last_hidden_state, False
 
     def forward(self, input_ids: torch.Tensor, sequence_indices=None):
         teacher_hidden, cached = self.teacher_hidden(input_ids, sequence_indices)
-        student_hidden = self.student.model(input_ids=input_ids, use_cache=False).last_hidden_state
+        with maskless_causal_attention(self.student):  # training rows: unpadded, from position 0
+            student_hidden = self.student.model(input_ids=input_ids, use_cache=False).last_hidden_state
         loss = chunked_kl_from_hidden(
             student_hidden, self.student.lm_head.weight, teacher_hidden, self.teacher.lm_head.weight,
             temperature=self.temperature, chunk_tokens=self.chunk_tokens,
