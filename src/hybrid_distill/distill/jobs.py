@@ -9,6 +9,7 @@ from pathlib import Path
 
 from hybrid_distill.data.packed import PackedTokens
 from hybrid_distill.distill.atomic import write_text_atomic
+from hybrid_distill.distill.compiled_blocks import compile_dense_blocks
 from hybrid_distill.distill.objectives import HiddenAlignment, LogitDistillation, heldout_kl, heldout_layer_mse
 from hybrid_distill.distill.precision import train_on_cpu, training_autocast_dtype
 from hybrid_distill.distill.teacher_cache import (TeacherCache, sequences_to_cache, teacher_fingerprint,
@@ -77,6 +78,15 @@ def distill_all_linear_stage1(config: dict, teacher_dir: Path, data_dir: Path, m
     drop_training_state(out_dir)
 
 
+def stage2_objective(distill: dict, student, teacher, trainable: str, cache=None) -> LogitDistillation:
+    """Stage 2's loss with the `distill` section's speed and memory options applied to the student."""
+    objective = LogitDistillation(student, teacher, distill["temperature"], distill["kl_chunk_tokens"], trainable,
+                                  teacher_cache=cache, activation_checkpointing=distill["activation_checkpointing"])
+    if distill["compile_blocks"]:
+        compile_dense_blocks(student)
+    return objective
+
+
 def distill_stage2(config: dict, stage_key: str, teacher_dir: Path, data_dir: Path, init_dir: Path,
                    softmax_layers: list[int], out_dir: Path, stop_after_step: int | None = None,
                    score_path: Path | None = None, save_model: bool = True, teacher_cache: Path | None = None) -> dict:
@@ -92,9 +102,7 @@ def distill_stage2(config: dict, stage_key: str, teacher_dir: Path, data_dir: Pa
     train_data = open_data(data_dir, "train")
     cache = None if teacher_cache is None else open_teacher_cache(teacher_cache, teacher_dir, teacher, train_data)
     trainable = config["scoring"]["trainable"] if stage_key == "scoring.stage2" else "all"
-    objective = LogitDistillation(student, teacher, config["distill"]["temperature"],
-                                  config["distill"]["kl_chunk_tokens"], trainable, teacher_cache=cache,
-                                  activation_checkpointing=config["distill"]["activation_checkpointing"])
+    objective = stage2_objective(config["distill"], student, teacher, trainable, cache)
     settings = train_settings(stage_section(config, stage_key), config["seed"])
     out_dir = Path(out_dir)
     result = train(objective, train_data, settings, out_dir, stop_after_step=stop_after_step,
