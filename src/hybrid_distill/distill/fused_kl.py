@@ -127,7 +127,9 @@ class _ChunkedKL(torch.autograd.Function):
                 if grad_hidden is not None:
                     grad_hidden[rows] = (grad_logits @ wide_student_weight).to(grad_hidden.dtype)
                 if wide_grad_weight is not None:
-                    wide_grad_weight.addmm_(grad_logits.T, wide_hidden)
+                    # Out of place so that autocast runs it on tensor cores: an in-place addmm_ stays a float32
+                    # SIMT GEMM (8 of them were 7% of an H100 stage-2 step); the sum over chunks stays float32.
+                    wide_grad_weight += grad_logits.T @ wide_hidden
                 if wide_grad_bias is not None:
                     wide_grad_bias += grad_logits.sum(dim=0)
 
