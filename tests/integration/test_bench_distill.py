@@ -9,7 +9,7 @@ import torch
 
 from hybrid_distill import cli
 from hybrid_distill.distill.bench import format_table, run_benchmark
-from hybrid_distill.distill.compiled_blocks import compile_dense_blocks
+from hybrid_distill.distill.compiled_blocks import compile_dense_blocks, compile_mixers
 from hybrid_distill.models.student import build_student
 from gloo_launch import needs_gloo, two_process_launcher
 
@@ -46,6 +46,25 @@ def test_compiled_dense_blocks_keep_names_and_outputs(teacher):
     tokens = torch.randint(0, teacher.config.vocab_size, (1, 12))
     with torch.no_grad():
         assert torch.allclose(student(tokens).logits, reference(tokens).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_compiled_mixers_keep_names_and_outputs_and_gradients(teacher):
+    torch.manual_seed(0)
+    last = teacher.config.num_hidden_layers - 1
+    student = build_student(teacher, list(range(last)), "gdn")  # one mixer: compiling it on CPU takes seconds
+    reference = build_student(teacher, list(range(last)), "gdn")
+    reference.load_state_dict(student.state_dict())
+    names = list(student.state_dict())
+    assert compile_mixers(student) == 1
+    assert list(student.state_dict()) == names
+    tokens = torch.randint(0, teacher.config.vocab_size, (2, 12))
+    outputs = [model(tokens).logits for model in (student, reference)]
+    assert torch.allclose(*outputs, atol=1e-5, rtol=1e-5)
+    for output in outputs:
+        output.square().mean().backward()
+    mixer_grads = [dict(model.model.layers[last].self_attn.named_parameters()) for model in (student, reference)]
+    for name, parameter in mixer_grads[0].items():
+        assert torch.allclose(parameter.grad, mixer_grads[1][name].grad, atol=1e-5, rtol=1e-4), name
 
 
 @needs_gloo

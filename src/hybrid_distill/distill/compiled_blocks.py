@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from hybrid_distill.models.student import decoder_layers
+from hybrid_distill.models.student import decoder_layers, mixers_of
 
 DENSE_BLOCKS = ("mlp", "input_layernorm", "post_attention_layernorm")
 
@@ -22,3 +22,12 @@ def compile_dense_blocks(model: nn.Module) -> int:
     for module in modules:
         module.compile(dynamic=False)
     return len(modules)
+
+
+def compile_mixers(model: nn.Module) -> int:
+    """Compile every linear mixer of `model` in place (projections, short convs, gates, norms; fla's kernel
+    calls stay opaque to the compiler); returns how many. Bench option until a GPU number says it pays."""
+    mixers = list(mixers_of(model).values())
+    for mixer in mixers:
+        mixer.compile(dynamic=False)
+    return len(mixers)
