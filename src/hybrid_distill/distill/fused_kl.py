@@ -92,7 +92,7 @@ class _ChunkedKL(torch.autograd.Function):
 
         if token_mask is None:
             token_weights = None
-            weight_total = torch.tensor(float(num_tokens), dtype=compute_dtype, device=device)
+            weight_total = torch.full((), float(num_tokens), dtype=compute_dtype, device=device)  # no host copy
         else:
             token_weights = token_mask.to(device=device, dtype=compute_dtype)
             weight_total = token_weights.sum()
