@@ -17,8 +17,9 @@ import torch
 
 from hybrid_distill.data.packed import PackedTokens, write_packed
 from hybrid_distill.distill.bench_processes import bench_processes, data_parallel, unwrapped
-from hybrid_distill.distill.compiled_blocks import compile_dense_blocks, compile_mixers
+from hybrid_distill.distill.compiled_blocks import compile_mixers
 from hybrid_distill.distill.fused_kl import naive_kl
+from hybrid_distill.distill.jobs import stage2_objective
 from hybrid_distill.distill.objectives import HiddenAlignment, LogitDistillation
 from hybrid_distill.distill.precision import training_autocast_dtype
 from hybrid_distill.distill.teacher_cache import TeacherCache, write_teacher_cache
@@ -80,12 +81,11 @@ def build_objective(stage, step, teacher, softmax_layers, mixer, chunk_tokens, t
         objective = HiddenAlignment(student, teacher)
     elif step == "naive":
         return NaiveLogitDistillation(student, teacher, 1.0, chunk_tokens)
-    else:
-        objective = LogitDistillation(student, teacher, 1.0, chunk_tokens,
-                                      teacher_cache=teacher_cache if step == "cached" else None,
-                                      activation_checkpointing=activation_checkpointing)
-    if compile_blocks:
-        compile_dense_blocks(student)
+    else:  # the workflow's own stage-2 construction, so the bench times what the jobs run
+        distill = {"temperature": 1.0, "kl_chunk_tokens": chunk_tokens,
+                   "activation_checkpointing": activation_checkpointing, "compile_blocks": compile_blocks}
+        objective = stage2_objective(distill, student, teacher, "all",
+                                     teacher_cache if step == "cached" else None)
     if compile_linear_mixers:
         compile_mixers(student)
     return objective
