@@ -1,6 +1,9 @@
 """Decode speed and cache bytes of the teacher vs a hybrid at SmolLM2-135M shapes (random weights): a table + JSON.
 
     python scripts/bench_inference.py --contexts 2048 8192 --batches 1 16 --softmax-ratio 0.25 --out bench.json
+
+On a GPU each model is timed twice: decoding as CUDA-graph replays on a fixed-address cache (what the workflow's
+efficiency step reports) and as HF's eager loop (`--decode graph` or `--decode eager` keeps one).
 """
 import argparse
 import json
@@ -13,6 +16,7 @@ def main(argv=None):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from hybrid_distill.distill.bench import SMOLLM2_135M
+    from hybrid_distill.distill.compiled_blocks import compile_dense_blocks, compile_student
     from hybrid_distill.evaluate.efficiency import measure_inference
     from hybrid_distill.models.student import build_student
     from hybrid_distill.select.layer_sets import k_from_ratio, uniform_layers
@@ -23,28 +27,40 @@ def main(argv=None):
     parser.add_argument("--softmax-ratio", type=float, default=0.25)
     parser.add_argument("--mixer", default="gdn", choices=["gdn", "gla"])
     parser.add_argument("--decode-tokens", type=int, default=32)
+    parser.add_argument("--decode", default="both", choices=["both", "graph", "eager"])
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the MLPs and norms of both models and the mixers' tensor maths")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    modes = {"both": [True, False], "graph": [True], "eager": [False]}[args.decode] if device == "cuda" else [False]
     torch.manual_seed(0)
     teacher = LlamaForCausalLM(LlamaConfig(**SMOLLM2_135M)).to(device, dtype).eval()
     layers = teacher.config.num_hidden_layers
     k = k_from_ratio(layers, args.softmax_ratio)
     hybrid = build_student(teacher, uniform_layers(layers, k), args.mixer).to(device, dtype).eval()
+    if args.compile:
+        torch._dynamo.config.recompile_limit = 64   # one graph per prefill and decode shape
+        compile_dense_blocks(teacher)
+        compile_student(hybrid)
     result = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "dtype": str(dtype),
-              "mixer": args.mixer, "k": k, "layers": layers, "rows": {}}
+              "mixer": args.mixer, "k": k, "layers": layers, "compile": args.compile, "rows": {}}
     for name, model in (("teacher", teacher), (f"hybrid_K{k}", hybrid)):
-        result["rows"][name] = measure_inference(model, args.contexts, args.batches, args.decode_tokens,
-                                                 warmup=1, repeats=3, device=device)
-    print(f"{result['device']} {dtype}: teacher vs {args.mixer} hybrid with {k}/{layers} softmax layers")
-    print(f"{'model':14} {'context':>8} {'batch':>6} {'prefill ms':>11} {'decode tok/s':>13} {'cache MiB':>10}")
+        result["rows"][name] = [row for graphed in modes for row in measure_inference(
+            model, args.contexts, args.batches, args.decode_tokens, warmup=1, repeats=3, device=device,
+            cuda_graphs=graphed)]
+    print(f"{result['device']} {dtype}: teacher vs {args.mixer} hybrid with {k}/{layers} softmax layers"
+          f"{', compiled' if args.compile else ''}")
+    print(f"{'model':14} {'decode':>10} {'context':>8} {'batch':>6} {'prefill ms':>11} {'decode tok/s':>13} "
+          f"{'cache MiB':>10} {'peak MiB':>9}")
     for name, rows in result["rows"].items():
         for row in rows:
             prefill = f"{row['prefill_s'] * 1e3:11.1f}" if row["prefill_s"] else f"{'OOM':>11}"
             decode = f"{row['decode_tok_s']:13.1f}" if row["decode_tok_s"] else f"{'OOM':>13}"
             cache = f"{row['cache_bytes'] / 2**20:10.1f}" if row["cache_bytes"] else f"{'-':>10}"
-            print(f"{name:14} {row['context']:8d} {row['batch']:6d} {prefill} {decode} {cache}")
+            peak = f"{row['peak_mem_bytes'] / 2**20:9.0f}" if row["peak_mem_bytes"] else f"{'-':>9}"
+            print(f"{name:14} {row['decode']:>10} {row['context']:8d} {row['batch']:6d} {prefill} {decode} {cache} {peak}")
     if args.out:
         with open(args.out, "w") as handle:
             json.dump(result, handle, indent=2)

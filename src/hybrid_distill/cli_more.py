@@ -74,7 +74,7 @@ def step_measure_efficiency(args):
                      batch_sizes=config["evaluate"]["efficiency_batches"],
                      decode_tokens=config["evaluate"]["efficiency_decode_tokens"],
                      repeats=config["evaluate"]["efficiency_repeats"], dtype=config["evaluate"]["dtype"],
-                     extra=_meta(args))
+                     extra=_meta(args), cuda_graphs=config["evaluate"]["efficiency_cuda_graphs"])
 
 
 def step_make_report(args):
@@ -91,7 +91,7 @@ def step_bench(args):
                            repeats=args.repeats, stages=args.stages, students=args.students, shape=dict(args.shape),
                            chunk_tokens=args.kl_chunk_tokens, stage2_steps=args.stage2_steps,
                            activation_checkpointing=args.activation_checkpointing,
-                           compile_blocks=args.compile_blocks, compile_linear_mixers=args.compile_mixers,
+                           compile_blocks=args.compile_blocks,
                            profile_top=args.profile_top)
     if result["rank"] != 0:
         return  # under `accelerate launch --num_processes N`, the first process reports for all
@@ -154,9 +154,8 @@ def add_steps(steps, add):
     p.add_argument("--activation-checkpointing", action="store_true",
                    help="the project's stage-2 step recomputes each decoder layer in backward")
     p.add_argument("--compile-blocks", action="store_true",
-                   help="torch.compile the students' MLPs and norms (project steps only)")
-    p.add_argument("--compile-mixers", action="store_true",
-                   help="torch.compile the students' linear mixers around fla's kernels (project steps only)")
+                   help="torch.compile the students' MLPs, norms and mixer maths, as distill.compile_blocks "
+                        "(project steps only)")
     p.add_argument("--profile-top", type=int, default=0, metavar="N",
                    help="also profile one step per row and list its N most expensive kernels")
     p.add_argument("--out", type=Path, default=None)

@@ -1,4 +1,4 @@
-"""On CUDA with fla's kernels and bf16 autocast, compiled linear mixers (bench --compile-mixers) compute the
+"""On CUDA with fla's kernels and bf16 autocast, compiled linear mixers (part of distill.compile_blocks) compute the
 same stage-2 loss and gradients as eager ones, measured against an fp32 eager reference: the compiled step may
 round differently (it fuses elementwise chains in fp32) but must be no further from the reference."""
 import pytest

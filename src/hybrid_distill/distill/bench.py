@@ -17,7 +17,6 @@ import torch
 
 from hybrid_distill.data.packed import PackedTokens, write_packed
 from hybrid_distill.distill.bench_processes import bench_processes, data_parallel, unwrapped
-from hybrid_distill.distill.compiled_blocks import compile_mixers
 from hybrid_distill.distill.fused_kl import naive_kl
 from hybrid_distill.distill.jobs import stage2_objective
 from hybrid_distill.distill.objectives import HiddenAlignment, LogitDistillation
@@ -74,7 +73,7 @@ class NaiveLogitDistillation(LogitDistillation):
 
 
 def build_objective(stage, step, teacher, softmax_layers, mixer, chunk_tokens, teacher_cache=None,
-                    activation_checkpointing=False, compile_blocks=False, compile_linear_mixers=False):
+                    activation_checkpointing=False, compile_blocks=False):
     """The objective one row times; the options apply to the project's steps, never to the naive baseline."""
     student = build_student(teacher, softmax_layers, mixer)
     if stage == "stage1":
@@ -86,8 +85,6 @@ def build_objective(stage, step, teacher, softmax_layers, mixer, chunk_tokens, t
                    "activation_checkpointing": activation_checkpointing, "compile_blocks": compile_blocks}
         objective = stage2_objective(distill, student, teacher, "all",
                                      teacher_cache if step == "cached" else None)
-    if compile_linear_mixers:
-        compile_mixers(student)
     return objective
 
 
@@ -166,18 +163,18 @@ def profile_kernels(step, device, top: int) -> list[dict]:
 def run_benchmark(batch_size=8, seq_len=2048, warmup=2, repeats=5, stages=("stage1", "stage2"),
                   students=("softmax", "gdn", "gla"), chunk_tokens=4096, shape: dict | None = None,
                   stage2_steps=("naive", "project", "cached"), activation_checkpointing=False,
-                  compile_blocks=False, profile_top=0, compile_linear_mixers=False) -> dict:
+                  compile_blocks=False, profile_top=0) -> dict:
     """The table's rows; every process of a multi-process launch returns them (rank 0 is the one to print).
     Each process steps on `batch_size` x `seq_len` tokens, so tokens/s counts all processes' tokens."""
     with bench_processes() as (rank, world, device):
         result = _run_rows(batch_size, seq_len, warmup, repeats, stages, students, chunk_tokens, shape,
-                           stage2_steps, activation_checkpointing, compile_blocks, compile_linear_mixers, profile_top,
+                           stage2_steps, activation_checkpointing, compile_blocks, profile_top,
                            rank, world, device)
     return {**result, "rank": rank}
 
 
 def _run_rows(batch_size, seq_len, warmup, repeats, stages, students, chunk_tokens, shape, stage2_steps,
-              activation_checkpointing, compile_blocks, compile_linear_mixers, profile_top, rank, world,
+              activation_checkpointing, compile_blocks, profile_top, rank, world,
               device) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -205,8 +202,7 @@ def _run_rows(batch_size, seq_len, warmup, repeats, stages, students, chunk_toke
                 try:
                     torch.manual_seed(0)  # fresh mixer parameters equal across processes
                     objective = build_objective(stage, step, teacher, softmax_layers, mixer, chunk_tokens,
-                                                teacher_cache, activation_checkpointing, compile_blocks,
-                                                compile_linear_mixers).to(device)
+                                                teacher_cache, activation_checkpointing, compile_blocks).to(device)
                     objective = data_parallel(objective, device, world)
                     times, kernels = time_steps(objective, batch, warmup, repeats, device, profile_top)
                 except torch.OutOfMemoryError:
@@ -228,7 +224,7 @@ def _run_rows(batch_size, seq_len, warmup, repeats, stages, students, chunk_toke
             "tokens_per_step": world * batch_size * seq_len, "matmul_bf16_flops": peak_rate,
             "shape": shape,
             "options": {"kl_chunk_tokens": chunk_tokens, "activation_checkpointing": activation_checkpointing,
-                        "compile_blocks": compile_blocks, "compile_mixers": compile_linear_mixers,
+                        "compile_blocks": compile_blocks,
                         "torch": torch.__version__},
             "rows": [row.__dict__ for row in rows]}
 

@@ -1,9 +1,10 @@
-"""torch.compile of the dense, elementwise-heavy parts of a decoder (MLPs and RMS norms), leaving attention and
-fla's mixers to their own kernels: at small hidden sizes a training step is bound by many small elementwise
-kernels (norm, SiLU-gate, casts), which the compiler fuses.
+"""torch.compile of the elementwise-heavy parts of a student (MLPs, RMS norms, the mixers' maths around fla's
+kernels), leaving attention and fla's kernels to themselves: at small hidden sizes a training step is bound by
+many small elementwise kernels (norm, SiLU-gate, casts, gates), which the compiler fuses.
 """
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from hybrid_distill.models.student import decoder_layers, mixers_of
@@ -25,9 +26,16 @@ def compile_dense_blocks(model: nn.Module) -> int:
 
 
 def compile_mixers(model: nn.Module) -> int:
-    """Compile every linear mixer of `model` in place (projections, short convs, gates, norms; fla's kernel
-    calls stay opaque to the compiler); returns how many. Bench option until a GPU number says it pays."""
+    """Compile the tensor maths of every linear mixer of `model` in place (projections, short convs, gates,
+    norms); fla's kernel call and the cache bookkeeping stay outside the compiled code, which is then the same
+    pure function for training and decoding steps. Returns how many mixers."""
     mixers = list(mixers_of(model).values())
     for mixer in mixers:
-        mixer.compile(dynamic=False)
+        mixer._kernel_inputs = torch.compile(mixer._kernel_inputs, dynamic=False)
+        mixer._finish = torch.compile(mixer._finish, dynamic=False)
     return len(mixers)
+
+
+def compile_student(model: nn.Module) -> int:
+    """`distill.compile_blocks`: dense blocks and mixer maths; returns how many modules were compiled."""
+    return compile_dense_blocks(model) + compile_mixers(model)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from hybrid_distill.data.packed import PackedTokens
 from hybrid_distill.distill.atomic import write_text_atomic
-from hybrid_distill.distill.compiled_blocks import compile_dense_blocks
+from hybrid_distill.distill.compiled_blocks import compile_student
 from hybrid_distill.distill.objectives import HiddenAlignment, LogitDistillation, heldout_kl, heldout_layer_mse
 from hybrid_distill.distill.precision import train_on_cpu, training_autocast_dtype
 from hybrid_distill.distill.teacher_cache import (TeacherCache, sequences_to_cache, teacher_fingerprint,
@@ -83,7 +83,7 @@ def stage2_objective(distill: dict, student, teacher, trainable: str, cache=None
     objective = LogitDistillation(student, teacher, distill["temperature"], distill["kl_chunk_tokens"], trainable,
                                   teacher_cache=cache, activation_checkpointing=distill["activation_checkpointing"])
     if distill["compile_blocks"]:
-        compile_dense_blocks(student)
+        compile_student(student)
     return objective
 
 

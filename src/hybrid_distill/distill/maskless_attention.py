@@ -24,7 +24,7 @@ def _causal_sdpa(module, query, key, value, attention_mask, **kwargs):
 AttentionInterface.register(MASKLESS_SDPA, _causal_sdpa)
 
 
-def _has_windowed_layers(config) -> bool:
+def has_windowed_layers(config) -> bool:
     """Sliding-window layers need their mask; such models keep HF's mask building."""
     layer_types = getattr(config, "layer_types", None) or ()
     return bool(getattr(config, "use_sliding_window", False)) or any(kind != "full_attention" for kind in layer_types)
@@ -36,7 +36,7 @@ def maskless_causal_attention(*models):
     switched = []
     for model in models:
         config = model.config
-        if config._attn_implementation == "sdpa" and not _has_windowed_layers(config):
+        if config._attn_implementation == "sdpa" and not has_windowed_layers(config):
             config._attn_implementation = MASKLESS_SDPA
             switched.append(config)
     try:

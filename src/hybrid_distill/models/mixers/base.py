@@ -46,6 +46,23 @@ class LinearMixer(nn.Module):
         if spec.use_output_gate:
             self.g_proj = nn.Linear(spec.hidden_size, inner, bias=False)
 
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
+        keep = self._keep_mask(hidden_states)
+        conv_caches, recurrent_state = self._load_state(past_key_values)
+        kernel_inputs, conv_caches = self._kernel_inputs(hidden_states, keep, conv_caches)
+        output, recurrent_state = self._kernel(kernel_inputs, recurrent_state, past_key_values is not None)
+        self._store_state(past_key_values, hidden_states, conv_caches, recurrent_state)
+        return self._finish(output, hidden_states), None
+
+    # -- what a subclass defines: tensor-only maths around its fla kernel (compile_mixers compiles these) ---
+    def _kernel_inputs(self, hidden_states, keep, conv_caches):
+        """(tuple of the kernel's tensor inputs, new conv caches)."""
+        raise NotImplementedError
+
+    def _kernel(self, kernel_inputs, recurrent_state, output_final_state: bool):
+        """(output [B, T, H, V], final state or None) of the mixer's recurrence."""
+        raise NotImplementedError
+
     # -- pieces the subclasses combine ---------------------------------------------------------------
     def _keep_mask(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
         """[B, T] float mask of real tokens for this call, or None when nothing is padded."""

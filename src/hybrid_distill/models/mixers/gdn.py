@@ -48,9 +48,7 @@ class GatedDeltaNetMixer(LinearMixer):
                 nn.init.normal_(self.g_proj.weight, std=0.02)
             self.o_norm.weight.fill_(1.0)
 
-    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
-        keep = self._keep_mask(hidden_states)
-        conv_caches, recurrent_state = self._load_state(past_key_values)
+    def _kernel_inputs(self, hidden_states, keep, conv_caches):
         q, k, v, conv_caches = self._project_qkv(hidden_states, keep, conv_caches)
         q, k = F.normalize(q.float(), dim=-1, eps=1e-6).to(v.dtype), F.normalize(k.float(), dim=-1, eps=1e-6).to(v.dtype)
         decay_log = -self.A_log.float().exp() * F.softplus(self.a_proj(hidden_states).float() + self.dt_bias.float())
@@ -59,8 +57,9 @@ class GatedDeltaNetMixer(LinearMixer):
             beta = beta * 2.0
         if keep is not None:  # padded positions neither decay nor write the state
             decay_log, beta = decay_log * keep[..., None], beta * keep[..., None]
-        output, recurrent_state = gated_delta_rule(
-            q, k, v, decay_log, beta.to(v.dtype), scale=self.spec.head_dim ** -0.5,
-            initial_state=recurrent_state, output_final_state=past_key_values is not None)
-        self._store_state(past_key_values, hidden_states, conv_caches, recurrent_state)
-        return self._finish(output, hidden_states), None
+        return (q, k, v, decay_log, beta.to(v.dtype)), conv_caches
+
+    def _kernel(self, kernel_inputs, recurrent_state, output_final_state: bool):
+        q, k, v, decay_log, beta = kernel_inputs
+        return gated_delta_rule(q, k, v, decay_log, beta, scale=self.spec.head_dim ** -0.5,
+                                initial_state=recurrent_state, output_final_state=output_final_state)

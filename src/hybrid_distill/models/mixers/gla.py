@@ -40,17 +40,16 @@ class GatedLinearAttentionMixer(LinearMixer):
                 nn.init.normal_(self.g_proj.weight, std=0.02)
             self.g_norm.weight.fill_(1.0)
 
-    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
-        keep = self._keep_mask(hidden_states)
-        conv_caches, recurrent_state = self._load_state(past_key_values)
+    def _kernel_inputs(self, hidden_states, keep, conv_caches):
         q, k, v, conv_caches = self._project_qkv(hidden_states, keep, conv_caches)
         gate_logits = self.gk_proj(hidden_states).float()
         decay_log = F.logsigmoid(gate_logits) / self.spec.gate_logit_normalizer
         decay_log = decay_log.reshape(*hidden_states.shape[:2], self.spec.num_heads, self.spec.head_dim)
         if keep is not None:  # padded positions neither decay nor write the state
             decay_log = decay_log * keep[..., None, None]
-        output, recurrent_state = gated_linear_attention(
-            q, k, v, decay_log, scale=self.spec.head_dim ** -0.5,
-            initial_state=recurrent_state, output_final_state=past_key_values is not None)
-        self._store_state(past_key_values, hidden_states, conv_caches, recurrent_state)
-        return self._finish(output, hidden_states), None
+        return (q, k, v, decay_log), conv_caches
+
+    def _kernel(self, kernel_inputs, recurrent_state, output_final_state: bool):
+        q, k, v, decay_log = kernel_inputs
+        return gated_linear_attention(q, k, v, decay_log, scale=self.spec.head_dim ** -0.5,
+                                      initial_state=recurrent_state, output_final_state=output_final_state)

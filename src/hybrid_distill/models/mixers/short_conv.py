@@ -30,5 +30,6 @@ class ShortConvolution(nn.Conv1d):
             cache = inputs.new_zeros(inputs.shape[0], inputs.shape[1], history)
         padded = torch.cat([cache.to(inputs.dtype), inputs], dim=-1)
         out = F.conv1d(padded, self.weight, self.bias, groups=self.groups)
-        new_cache = padded[..., -history:] if history else padded[..., :0]
+        # a copy: a view would keep the whole padded input (a prefill's length) alive inside the decoding cache
+        new_cache = (padded[..., -history:] if history else padded[..., :0]).contiguous()
         return F.silu(out[..., -length:]).transpose(1, 2), new_cache

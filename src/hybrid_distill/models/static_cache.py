@@ -1,0 +1,94 @@
+"""Decoding caches whose tensors never move, so one decode step can be captured as a CUDA graph and replayed.
+
+A graph replays kernels on the addresses seen at capture time. HF's dynamic cache concatenates (new address
+every step) and our recurrent layers swap in new state tensors; here softmax layers write keys and values in place
+into buffers of the final length, at a position held in a device tensor, and linear layers copy each new state
+into the buffer of the previous one.
+"""
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import DynamicLayer
+
+from .mixers.cache_layer import RecurrentStateLayer
+
+
+class FixedAddressKVLayer(DynamicLayer):
+    """Keys/values of one softmax layer in [B, KV heads, capacity, D] buffers, written at `write_position`.
+
+    `update` returns the whole buffers: positions not yet written must be masked out by the caller's mask.
+    """
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, capacity: int, write_position: torch.Tensor):
+        super().__init__()
+        filled = keys.shape[2]
+        if filled >= capacity:
+            raise ValueError(f"cache capacity {capacity} must exceed the {filled} tokens already cached")
+        shape = (*keys.shape[:2], capacity, keys.shape[3])
+        self.keys = keys.new_zeros(shape)
+        self.values = values.new_zeros((*values.shape[:2], capacity, values.shape[3]))
+        self.keys[:, :, :filled].copy_(keys)
+        self.values[:, :, :filled].copy_(values)
+        self.write_position = write_position
+        self.tokens_seen = filled
+        self.is_initialized = True
+        self.dtype, self.device = keys.dtype, keys.device
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if key_states.shape[2] != 1:
+            raise ValueError(f"a fixed-address cache takes one token per step, got {key_states.shape[2]}")
+        self.keys.index_copy_(2, self.write_position, key_states)
+        self.values.index_copy_(2, self.write_position, value_states)
+        self.tokens_seen += 1
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.tokens_seen
+
+    def get_max_cache_shape(self) -> int:
+        return self.keys.shape[2]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.keys.shape[2], 0
+
+    def nbytes(self) -> int:
+        """Bytes of the filled part, comparable with a dynamic cache at the same length."""
+        per_token = (self.keys[:, :, 0].numel() + self.values[:, :, 0].numel()) * self.keys.element_size()
+        return per_token * self.tokens_seen
+
+
+class FixedAddressStateLayer(RecurrentStateLayer):
+    """A linear layer's conv and recurrent states, copied into the same buffers at every step."""
+
+    def __init__(self, source: RecurrentStateLayer):
+        super().__init__()
+        if source.recurrent_state is None:
+            raise ValueError("a linear layer's state must be filled by a prefill before it is fixed in place")
+        self.recurrent_state = source.recurrent_state.clone()
+        self.conv_caches = tuple(c.contiguous().clone() for c in source.conv_caches) if source.conv_caches else None
+        self.tokens_seen = source.tokens_seen
+        self.is_initialized = True
+        self.device, self.dtype = source.device, source.dtype
+
+    def store(self, conv_caches, recurrent_state, new_tokens: int) -> None:
+        self.recurrent_state.copy_(recurrent_state)
+        for buffer, new in zip(self.conv_caches or (), conv_caches or ()):
+            buffer.copy_(new)
+        self.tokens_seen += new_tokens
+
+
+def fix_cache_addresses(cache, capacity: int, write_position: torch.Tensor) -> list[torch.Tensor]:
+    """Swap every layer of a prefilled HF cache for its fixed-address twin; returns the tensors a step mutates
+    besides the KV buffers (which a step writes only at `write_position`)."""
+    small_state = []
+    for index, layer in enumerate(cache.layers):
+        if isinstance(layer, RecurrentStateLayer):
+            fixed = FixedAddressStateLayer(layer)
+            small_state += [fixed.recurrent_state, *(fixed.conv_caches or ())]
+        elif isinstance(layer, DynamicLayer) and type(layer) is DynamicLayer and layer.is_initialized:
+            fixed = FixedAddressKVLayer(layer.keys, layer.values, capacity, write_position)
+        else:
+            raise TypeError(f"cache layer {index} ({type(layer).__name__}) has no fixed-address twin; sliding-window "
+                            f"and offloaded caches are not supported for graphed decoding")
+        cache.layers[index] = fixed
+    return small_state
