@@ -15,6 +15,7 @@ import torch
 def main(argv=None):
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from hybrid_distill.cli_more import _shape_item
     from hybrid_distill.distill.bench import SMOLLM2_135M
     from hybrid_distill.distill.compiled_blocks import compile_dense_blocks, compile_student
     from hybrid_distill.evaluate.efficiency import measure_inference
@@ -30,13 +31,18 @@ def main(argv=None):
     parser.add_argument("--decode", default="both", choices=["both", "graph", "eager"])
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the MLPs and norms of both models and the mixers' tensor maths")
+    parser.add_argument("--shape", nargs="+", type=_shape_item, default=[], metavar="KEY=INT",
+                        help="config changes from SmolLM2-135M's shape, e.g. for Llama-3.2-3B: hidden_size=3072 "
+                             "intermediate_size=8192 num_hidden_layers=28 num_attention_heads=24 "
+                             "num_key_value_heads=8 head_dim=128 vocab_size=128256")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     modes = {"both": [True, False], "graph": [True], "eager": [False]}[args.decode] if device == "cuda" else [False]
     torch.manual_seed(0)
-    teacher = LlamaForCausalLM(LlamaConfig(**SMOLLM2_135M)).to(device, dtype).eval()
+    with torch.device(device):   # large shapes initialise on the GPU
+        teacher = LlamaForCausalLM(LlamaConfig(**{**SMOLLM2_135M, **dict(args.shape)})).to(dtype).eval()
     layers = teacher.config.num_hidden_layers
     k = k_from_ratio(layers, args.softmax_ratio)
     hybrid = build_student(teacher, uniform_layers(layers, k), args.mixer).to(device, dtype).eval()
@@ -45,7 +51,7 @@ def main(argv=None):
         compile_dense_blocks(teacher)
         compile_student(hybrid)
     result = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "dtype": str(dtype),
-              "mixer": args.mixer, "k": k, "layers": layers, "compile": args.compile, "rows": {}}
+              "mixer": args.mixer, "k": k, "layers": layers, "compile": args.compile, "shape": dict(args.shape), "rows": {}}
     for name, model in (("teacher", teacher), (f"hybrid_K{k}", hybrid)):
         result["rows"][name] = [row for graphed in modes for row in measure_inference(
             model, args.contexts, args.batches, args.decode_tokens, warmup=1, repeats=3, device=device,

@@ -46,3 +46,25 @@ def test_delta_rule_overwrites_a_key_with_beta_one():
                                                       torch.ones(1, 2, 1, dtype=torch.float64), 1.0, None, True)
     assert torch.allclose(out[0, 1, 0], torch.tensor([5.0, -1.0], dtype=torch.float64))
     assert torch.allclose(state[0, 0, 0], torch.tensor([5.0, -1.0], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_short_conv_decoding_token_by_token_equals_the_whole_sequence(bias):
+    """The one-token path (a weighted sum) and the sequence path (conv1d) are the same causal convolution."""
+    from hybrid_distill.models.mixers.short_conv import ShortConvolution
+
+    torch.manual_seed(0)
+    conv = ShortConvolution(6, kernel_size=4, bias=bias)
+    with torch.no_grad():
+        conv.weight.normal_()
+        if bias:
+            conv.bias.normal_()
+    inputs = torch.randn(2, 7, 6)
+    whole, whole_cache = conv(inputs)
+    prefix, cache = conv(inputs[:, :3])
+    steps = [prefix]
+    for t in range(3, 7):
+        out, cache = conv(inputs[:, t:t + 1], cache)
+        steps.append(out)
+    torch.testing.assert_close(torch.cat(steps, 1), whole, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(cache, whole_cache)
