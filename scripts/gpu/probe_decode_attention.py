@@ -1,4 +1,4 @@
-"""Probe (not a benchmark): kernel breakdown of one eager static decode step, and one-token attention variants."""
+"""Probe (not a benchmark): kernel breakdown of one eager static decode step at 8k x 16 (`3b`: Llama-3.2-3B shapes)."""
 import sys
 import time
 
@@ -24,8 +24,13 @@ def timed(fn, n=50):
 
 
 torch.manual_seed(0)
-teacher = LlamaForCausalLM(LlamaConfig(**SMOLLM2_135M)).cuda().to(torch.bfloat16).eval()
-hybrid = build_student(teacher, uniform_layers(30, 8), "gdn").eval()
+LLAMA_3B = dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
+                num_key_value_heads=8, head_dim=128, vocab_size=128256)
+shape = {**SMOLLM2_135M, **(LLAMA_3B if "3b" in sys.argv else {})}
+with torch.device("cuda"):
+    teacher = LlamaForCausalLM(LlamaConfig(**shape)).to(torch.bfloat16).eval()
+layers = shape["num_hidden_layers"]
+hybrid = build_student(teacher, uniform_layers(layers, layers // 4), "gdn").eval()
 from hybrid_distill.distill.compiled_blocks import compile_dense_blocks, compile_student
 torch._dynamo.config.recompile_limit = 64
 compile_dense_blocks(teacher)
