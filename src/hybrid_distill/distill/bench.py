@@ -72,17 +72,34 @@ class NaiveLogitDistillation(LogitDistillation):
         return naive_kl(student_logits.flatten(0, 1), teacher_logits.flatten(0, 1), self.temperature), {}
 
 
-def build_objective(stage, step, teacher, softmax_layers, mixer, chunk_tokens, teacher_cache=None,
-                    activation_checkpointing=False, compile_blocks=False):
+@dataclass(frozen=True)
+class BenchSettings:
+    """What one bench run times: token shapes, rows, and the stage-2 options of the project's steps."""
+    batch_size: int = 8
+    seq_len: int = 2048
+    warmup: int = 2
+    repeats: int = 5
+    stages: tuple = ("stage1", "stage2")
+    students: tuple = ("softmax", "gdn", "gla")
+    chunk_tokens: int = 4096
+    shape: dict | None = None
+    stage2_steps: tuple = ("naive", "project", "cached")
+    activation_checkpointing: bool = False
+    compile_blocks: bool = False
+    profile_top: int = 0
+
+
+def build_objective(stage, step, teacher, softmax_layers, mixer, settings: BenchSettings, teacher_cache=None):
     """The objective one row times; the options apply to the project's steps, never to the naive baseline."""
     student = build_student(teacher, softmax_layers, mixer)
     if stage == "stage1":
         objective = HiddenAlignment(student, teacher)
     elif step == "naive":
-        return NaiveLogitDistillation(student, teacher, 1.0, chunk_tokens)
+        return NaiveLogitDistillation(student, teacher, 1.0, settings.chunk_tokens)
     else:  # the workflow's own stage-2 construction, so the bench times what the jobs run
-        distill = {"temperature": 1.0, "kl_chunk_tokens": chunk_tokens,
-                   "activation_checkpointing": activation_checkpointing, "compile_blocks": compile_blocks}
+        distill = {"temperature": 1.0, "kl_chunk_tokens": settings.chunk_tokens,
+                   "activation_checkpointing": settings.activation_checkpointing,
+                   "compile_blocks": settings.compile_blocks}
         objective = stage2_objective(distill, student, teacher, "all",
                                      teacher_cache if step == "cached" else None)
     return objective
@@ -160,51 +177,47 @@ def profile_kernels(step, device, top: int) -> list[dict]:
              "share": getattr(event, attribute) / total, "calls": event.count} for event in timed[:top]]
 
 
-def run_benchmark(batch_size=8, seq_len=2048, warmup=2, repeats=5, stages=("stage1", "stage2"),
-                  students=("softmax", "gdn", "gla"), chunk_tokens=4096, shape: dict | None = None,
-                  stage2_steps=("naive", "project", "cached"), activation_checkpointing=False,
-                  compile_blocks=False, profile_top=0) -> dict:
-    """The table's rows; every process of a multi-process launch returns them (rank 0 is the one to print).
-    Each process steps on `batch_size` x `seq_len` tokens, so tokens/s counts all processes' tokens."""
+def run_benchmark(**settings) -> dict:
+    """The table's rows for `BenchSettings(**settings)`; every process of a multi-process launch returns them
+    (rank 0 is the one to print). Each process steps on batch_size x seq_len tokens, so tokens/s counts all
+    processes' tokens."""
+    settings = BenchSettings(**settings)
     with bench_processes() as (rank, world, device):
-        result = _run_rows(batch_size, seq_len, warmup, repeats, stages, students, chunk_tokens, shape,
-                           stage2_steps, activation_checkpointing, compile_blocks, profile_top,
-                           rank, world, device)
+        result = _run_rows(settings, rank, world, device)
     return {**result, "rank": rank}
 
 
-def _run_rows(batch_size, seq_len, warmup, repeats, stages, students, chunk_tokens, shape, stage2_steps,
-              activation_checkpointing, compile_blocks, profile_top, rank, world,
-              device) -> dict:
+def _run_rows(settings: BenchSettings, rank, world, device) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)  # the same teacher and students in every process, as DDP requires
-    shape = {**SMOLLM2_135M, **(shape or {})}
+    shape = {**SMOLLM2_135M, **(settings.shape or {})}
     teacher = LlamaForCausalLM(LlamaConfig(**shape)).to(device).eval()
     teacher.requires_grad_(False)
     layers = teacher.config.num_hidden_layers
     peak_rate = matmul_rate(device) if device.type == "cuda" else None
-    batch = torch.randint(0, teacher.config.vocab_size, (batch_size, seq_len), device=device,
+    batch = torch.randint(0, teacher.config.vocab_size, (settings.batch_size, settings.seq_len), device=device,
                           generator=torch.Generator(device).manual_seed(1 + rank))  # each process its own rows
     cache_dir = tempfile.TemporaryDirectory(prefix="bench_teacher_cache_")
-    teacher_cache = cache_batch(teacher, batch, Path(cache_dir.name)) if "cached" in stage2_steps else None
+    teacher_cache = cache_batch(teacher, batch, Path(cache_dir.name)) if "cached" in settings.stage2_steps else None
     rows = []
-    for stage in stages:
-        for student_kind in students:
+    for stage in settings.stages:
+        for student_kind in settings.students:
             if stage == "stage1" and student_kind == "softmax":
                 continue  # nothing to align
             softmax_layers = range(layers) if student_kind == "softmax" else []
             mixer = "gdn" if student_kind == "softmax" else student_kind
-            for step in (stage2_steps if stage == "stage2" else ("project",)):
+            for step in (settings.stage2_steps if stage == "stage2" else ("project",)):
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
                     torch.cuda.reset_peak_memory_stats()
                 try:
                     torch.manual_seed(0)  # fresh mixer parameters equal across processes
-                    objective = build_objective(stage, step, teacher, softmax_layers, mixer, chunk_tokens,
-                                                teacher_cache, activation_checkpointing, compile_blocks).to(device)
+                    objective = build_objective(stage, step, teacher, softmax_layers, mixer, settings,
+                                                teacher_cache).to(device)
                     objective = data_parallel(objective, device, world)
-                    times, kernels = time_steps(objective, batch, warmup, repeats, device, profile_top)
+                    times, kernels = time_steps(objective, batch, settings.warmup, settings.repeats, device,
+                                                settings.profile_top)
                 except torch.OutOfMemoryError:
                     rows.append(BenchRow(stage, student_kind, step, None, None, None, "out of memory"))
                     continue
@@ -220,12 +233,12 @@ def _run_rows(batch_size, seq_len, warmup, repeats, stages, students, chunk_toke
                 del objective
     cache_dir.cleanup()
     return {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "processes": world, "batch_size": batch_size, "seq_len": seq_len,
-            "tokens_per_step": world * batch_size * seq_len, "matmul_bf16_flops": peak_rate,
+            "processes": world, "batch_size": settings.batch_size, "seq_len": settings.seq_len,
+            "tokens_per_step": world * batch.numel(), "matmul_bf16_flops": peak_rate,
             "shape": shape,
-            "options": {"kl_chunk_tokens": chunk_tokens, "activation_checkpointing": activation_checkpointing,
-                        "compile_blocks": compile_blocks,
-                        "torch": torch.__version__},
+            "options": {"kl_chunk_tokens": settings.chunk_tokens,
+                        "activation_checkpointing": settings.activation_checkpointing,
+                        "compile_blocks": settings.compile_blocks, "torch": torch.__version__},
             "rows": [row.__dict__ for row in rows]}
 
 
