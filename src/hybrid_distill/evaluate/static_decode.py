@@ -128,6 +128,8 @@ class StaticGreedyDecoder:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             self._step_kernels()
+        # the KV buffers are not restored: the warm-up wrote them only at positions the mask keeps closed until
+        # the real steps have overwritten them
         for tensor, value in zip(self._mutable(), saved):
             tensor.copy_(value)
         return graph
