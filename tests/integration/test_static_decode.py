@@ -139,3 +139,21 @@ def test_compiled_mixer_maths_decode_the_same_without_recompiling_per_step():
             graphs_after_two_steps = counters["stats"]["unique_graphs"]
     assert torch.equal(decoder.tokens, expected_tokens)
     assert counters["stats"]["unique_graphs"] == graphs_after_two_steps > 0
+
+
+@pytest.mark.parametrize("mixer", ["gdn", "gla"])
+def test_decode_steps_equal_one_forward_over_the_whole_sequence(mixer):
+    """The one-token paths (short conv as a weighted sum, fused gate projections, recurrent kernel) compute what
+    the sequence paths compute, with live gates: each step's logits equal a full forward's at that position."""
+    model = hybrid_with_live_gates([2], mixer)
+    prompt = torch.randint(model.config.vocab_size, (2, PROMPT_LENGTH), generator=torch.Generator().manual_seed(5))
+    decoder = StaticGreedyDecoder.after_prefill(model, prompt, NEW_TOKENS)
+    step_logits = []
+    for _ in range(NEW_TOKENS):
+        decoder.step()
+        step_logits.append(decoder.last_logits.clone())
+    sequence = torch.cat([prompt, decoder.prefill_token, decoder.tokens[:, :-1]], 1)
+    with torch.no_grad():
+        full = model(input_ids=sequence).logits.float()
+    for step, logits in enumerate(step_logits):
+        torch.testing.assert_close(logits, full[:, PROMPT_LENGTH + step], rtol=1e-4, atol=1e-4)
