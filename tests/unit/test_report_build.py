@@ -155,3 +155,28 @@ def test_headline_says_when_recall_cannot_separate_and_still_ranks_perplexity(tm
     assert perplexity.startswith("Held-out perplexity (lower is better)")
     assert "GA-S2 11.3500, Uniform 11.9200" in perplexity and "GA-S2 leads the best baseline by 0.5700" in perplexity
     assert "No ratio separates GA-S2 from the baselines on this score." in recall and "best or tied" not in recall
+
+
+def _efficiency_with_loops(tmp_path: Path, loops: dict[str, str]) -> list[Path]:
+    """Copies of the fixture's efficiency JSONs with each row's `decode` set per model."""
+    paths = []
+    for source in sorted((DATA / "efficiency").glob("*.json")):
+        data = json.loads(source.read_text())
+        for row in data["rows"]:
+            row["decode"] = loops.get(data["model"], "cuda_graph")
+        paths.append(tmp_path / source.name)
+        paths[-1].write_text(json.dumps(data))
+    return paths
+
+
+def test_report_says_how_decoding_was_timed_and_warns_when_models_differ(tmp_path):
+    evaluations = sorted((DATA / "evaluations").glob("*.json"))
+    same = build_report(evaluations, _efficiency_with_loops(tmp_path, {}), None, [], None, tmp_path / "same", TITLE)
+    assert "timed as one CUDA-graph replay per greedy token on a fixed-address cache, for every model" in \
+        same.read_text(encoding="utf-8")
+    teacher = json.loads(sorted((DATA / "efficiency").glob("*.json"))[0].read_text())["model"]
+    (tmp_path / "mixed").mkdir()
+    mixed = build_report(evaluations, _efficiency_with_loops(tmp_path / "mixed", {teacher: "eager"}), None, [], None,
+                         tmp_path / "mixed_out", TITLE).read_text(encoding="utf-8")
+    assert "> Note: decode tokens/s were timed with different loops" in mixed and f"{teacher}: eager" in mixed
+    assert "for every model" not in mixed

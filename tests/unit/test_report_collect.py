@@ -87,6 +87,14 @@ def test_malformed_efficiency_names_file_and_row(tmp_path):
         load_efficiency([path])
 
 
+def test_unknown_decode_loop_names_file_and_row(tmp_path):
+    row = {"context": 512, "batch": 1, "prefill_s": 0.1, "decode_tok_s": 9.0, "cache_bytes": 1, "peak_mem_bytes": None}
+    path = write(tmp_path / "eff.json", {"model": "teacher", "kind": "teacher", "k": None,
+                                         "rows": [{**row, "decode": "graph"}]})
+    with raises_naming(path, "rows[0]: 'decode'"):
+        load_efficiency([path])
+
+
 def test_efficiency_fixture_loads_with_null_peak_memory():
     frame = load_efficiency(sorted((DATA / "efficiency").glob("*.json")))
     assert len(frame) == 4 * 3 * 2 and frame["peak_mem_bytes"].isna().all()

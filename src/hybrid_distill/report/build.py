@@ -169,6 +169,23 @@ def _early_stop_section(report: _Report, early_stop, ga_s2_sets: dict[int, tuple
                   "Early-stop statistics per snapshot")
 
 
+DECODE_LOOP_TEXT = {"cuda_graph": "one CUDA-graph replay per greedy token on a fixed-address cache",
+                    "eager": "HF's eager one-token loop"}
+
+
+def _decode_loop_line(report: _Report, efficiency) -> None:
+    """Say how decoding was timed; warn when models were timed differently, which makes their speeds
+    incomparable (an eager loop at small sizes mostly measures kernel launches)."""
+    loops = {model: set(rows["decode"]) - {""} for model, rows in efficiency.groupby("model")}
+    used = set().union(*loops.values())
+    if len(used) == 1:
+        report.add(f"Decode tokens/s were timed as {DECODE_LOOP_TEXT[used.pop()]}, for every model.", "")
+    elif used:
+        timed = "; ".join(f"{model}: {', '.join(sorted(found)) or 'not recorded'}"
+                          for model, found in sorted(loops.items()))
+        report.note(f"decode tokens/s were timed with different loops ({timed}); compare them with care.")
+
+
 def _efficiency_section(report: _Report, efficiency) -> None:
     report.add("## Inference efficiency", "")
     if efficiency is None:
@@ -176,6 +193,7 @@ def _efficiency_section(report: _Report, efficiency) -> None:
         return
     report.add("Decode throughput (tokens/s), prefill latency (ms), cache and peak memory (MiB) per model, "
                "context length and batch size; a dash marks a measurement not taken.", "")
+    _decode_loop_line(report, efficiency)
     report.table(efficiency_table(efficiency), "efficiency")
     for batch in sorted(set(efficiency["batch"])):
         stem = report.figures_dir / f"efficiency_B{batch}"

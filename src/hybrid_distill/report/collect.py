@@ -152,6 +152,10 @@ def load_evaluations(paths: Sequence[Path], num_layers: int | None = None) -> pd
     return frame
 
 
+# how a row's decode tokens/s were timed (evaluate/efficiency.py); files written before the key existed have none
+DECODE_LOOPS = ("cuda_graph", "eager")
+
+
 def _check_efficiency(data: dict, path: Path) -> list[dict]:
     model = _get(data, "model", path, lambda v: isinstance(v, str) and v, "a non-empty string")
     kind = _get(data, "kind", path, lambda v: v in KINDS, f"one of {', '.join(KINDS)}")
@@ -171,8 +175,10 @@ def _check_efficiency(data: dict, path: Path) -> list[dict]:
         seen.add((context, batch))
         values = {key: _get(row, key, path, lambda v: v is None or _is_number(v), "null or a number", where)
                   for key in MEASUREMENTS}
+        decode = _get(row, "decode", path, lambda v: v in DECODE_LOOPS, f"one of {', '.join(DECODE_LOOPS)}",
+                      where) if "decode" in row else ""
         records.append(dict(source=str(path), model=model, kind=kind, mixer=mixer, selector=selector, k=k,
-                            context=context, batch=batch,
+                            context=context, batch=batch, decode=decode,
                             **{key: math.nan if value is None else float(value) for key, value in values.items()}))
     return records
 
@@ -187,7 +193,7 @@ def load_efficiency(paths: Iterable[Path]) -> pd.DataFrame:
             raise ValueError(f"{path}: model '{key[1]}' is also measured in {owner[key]}")
         owner[key] = str(path)
         records.extend(file_records)
-    columns = ["source", "model", "kind", "mixer", "selector", "k", "context", "batch", *MEASUREMENTS]
+    columns = ["source", "model", "kind", "mixer", "selector", "k", "context", "batch", "decode", *MEASUREMENTS]
     frame = pd.DataFrame(records, columns=columns)
     frame["k"] = frame["k"].astype("Int64")
     return frame
