@@ -2,35 +2,72 @@
 # round a checkpoint applies the rolling-Jaccard rule and decides whether the next round is scheduled.
 
 
-rule score_layer:
-    input:
-        config=RUN_CONFIG,
-        teacher=TEACHER_DIR,
-        data=DATA_FILES,
-        teacher_cache=stage2_teacher_cache(),
-        stage1=stage1_model("{mixer}"),
-        previous=previous_round,
-    output:
-        f"{ROOT}/{{mixer}}/swap/layer{{layer}}/round{{round}}.json",
-    params:
-        cache=teacher_cache_option,
-        data=lambda wc, input: os.path.dirname(input.data[0]),
-        init=lambda wc: stage1_dir(wc.mixer),
-        out=lambda wc: f"{ROOT}/{wc.mixer}/swap/layer{wc.layer}/stage2",
-        stop=lambda wc: min((int(wc.round) + 1) * SNAPSHOT_EVERY, SCORING_STEPS),
-        launch=lambda wc, resources: train_command(resources),
-    conda:
-        "../envs/hybrid-distill.yaml"
-    log:
-        f"{LOGS}/{{mixer}}/score_layer/layer{{layer}}_round{{round}}.log",
-    benchmark:
-        f"{BENCH}/{{mixer}}/score_layer/layer{{layer}}_round{{round}}.tsv"
-    resources:
-        gpu=0,
-    shell:
-        "{params.launch} --threads {threads} distill-stage2 --config {input.config} --stage scoring.stage2 --teacher {input.teacher}"
-        " --data {params.data} --init {params.init} --softmax-layers {wildcards.layer} --out {params.out} {params.cache}"
-        " --stop-after-step {params.stop} --score-out {output} --no-model 2> {log}"
+if config["scoring"]["early_stop"]["enabled"]:
+
+    rule score_layer:
+        input:
+            config=RUN_CONFIG,
+            teacher=TEACHER_DIR,
+            data=DATA_FILES,
+            teacher_cache=stage2_teacher_cache(),
+            stage1=stage1_model("{mixer}"),
+            previous=previous_round,
+        output:
+            f"{ROOT}/{{mixer}}/swap/layer{{layer}}/round{{round}}.json",
+        params:
+            cache=teacher_cache_option,
+            data=lambda wc, input: os.path.dirname(input.data[0]),
+            init=lambda wc: stage1_dir(wc.mixer),
+            out=lambda wc: f"{ROOT}/{wc.mixer}/swap/layer{wc.layer}/stage2",
+            stop=lambda wc: min((int(wc.round) + 1) * SNAPSHOT_EVERY, SCORING_STEPS),
+            launch=lambda wc, resources: train_command(resources),
+        conda:
+            "../envs/hybrid-distill.yaml"
+        log:
+            f"{LOGS}/{{mixer}}/score_layer/layer{{layer}}_round{{round}}.log",
+        benchmark:
+            f"{BENCH}/{{mixer}}/score_layer/layer{{layer}}_round{{round}}.tsv"
+        resources:
+            gpu=0,
+        shell:
+            "{params.launch} --threads {threads} distill-stage2 --config {input.config} --stage scoring.stage2 --teacher {input.teacher}"
+            " --data {params.data} --init {params.init} --softmax-layers {wildcards.layer} --out {params.out} {params.cache}"
+            " --stop-after-step {params.stop} --score-out {output} --no-model 2> {log}"
+
+
+else:
+    # Without the live rule no round decides anything: one job per layer trains the whole scoring budget and
+    # writes every round's score on the way (no process start, load or state save per round); the checkpoints
+    # below still apply the rule to each round, so early_stop.json says where it would have stopped.
+
+    rule score_layer:
+        input:
+            config=RUN_CONFIG,
+            teacher=TEACHER_DIR,
+            data=DATA_FILES,
+            teacher_cache=stage2_teacher_cache(),
+            stage1=stage1_model("{mixer}"),
+        output:
+            [swap_score("{mixer}", "{layer}", round) for round in range(MAX_ROUNDS)],
+        params:
+            cache=teacher_cache_option,
+            data=lambda wc, input: os.path.dirname(input.data[0]),
+            init=lambda wc: stage1_dir(wc.mixer),
+            out=lambda wc: f"{ROOT}/{wc.mixer}/swap/layer{wc.layer}/stage2",
+            rounds=lambda wc: f"{ROOT}/{wc.mixer}/swap/layer{wc.layer}",
+            launch=lambda wc, resources: train_command(resources),
+        conda:
+            "../envs/hybrid-distill.yaml"
+        log:
+            f"{LOGS}/{{mixer}}/score_layer/layer{{layer}}_all_rounds.log",
+        benchmark:
+            f"{BENCH}/{{mixer}}/score_layer/layer{{layer}}_all_rounds.tsv"
+        resources:
+            gpu=0,
+        shell:
+            "{params.launch} --threads {threads} distill-stage2 --config {input.config} --stage scoring.stage2"
+            " --teacher {input.teacher} --data {params.data} --init {params.init} --softmax-layers {wildcards.layer}"
+            " --out {params.out} {params.cache} --score-rounds-dir {params.rounds} --no-model 2> {log}"
 
 
 checkpoint check_early_stop:

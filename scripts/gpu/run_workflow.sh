@@ -13,7 +13,7 @@ running() { [[ -f $state/pid ]] && kill -0 "$(cat "$state/pid")" 2>/dev/null; }
 if ! running && [[ ! -f $state/rc || $(cat "$state/rc") != 0 ]]; then
   [[ -f $state/started ]] || date +%s > "$state/started"
   rm -f "$state/rc"
-  setsid nohup bash -c 'snakemake --profile profiles/gpu-workstation --configfile "$0" "${@:2}"; echo $? > "$1/rc"' \
+  setsid nohup bash -c 'snakemake --profile profiles/gpu-workstation "${@:2}" --configfile "$0"; echo $? > "$1/rc"' \
     "$config" "$state" "$@" >> "$state/snakemake.log" 2>&1 < /dev/null &
   echo $! > "$state/pid"
   echo "run_workflow: started snakemake (pid $!)"

@@ -97,6 +97,26 @@ def test_whole_dag_runs_end_to_end(tiny_teacher_dir, tmp_path):
     assert list((root / "report" / "tables").glob("*.tex"))
 
 
+def test_without_the_live_rule_one_job_per_layer_scores_every_round(tiny_teacher_dir, tmp_path):
+    config = tiny_config(tiny_teacher_dir, **{"scoring.early_stop.enabled": False})
+    result = run_snakemake(tmp_path / "run", config, "results/tiny/gdn/selection/early_stop.json")
+    assert result.returncode == 0, result.stderr[-5000:]
+    root = tmp_path / "run" / "results" / "tiny"
+    logs = sorted(path.name for path in (root / "logs" / "gdn" / "score_layer").iterdir())
+    assert logs == [f"layer{layer}_all_rounds.log" for layer in range(4)]  # no job per round
+    for layer in range(4):
+        swap = root / "gdn" / "swap" / f"layer{layer}"
+        steps = [json.loads((swap / f"round{r}.json").read_text())["step"] for r in range(4)]
+        assert steps == [1, 2, 3, 4]
+        assert not (swap / "stage2" / "state").exists()
+    early_stop = json.loads((root / "gdn" / "selection" / "early_stop.json").read_text())
+    assert early_stop["stopped_at_round"] == 3 and not early_stop["enabled"]
+    cost = early_stop["selection_cost"]
+    assert cost["top_k_full_budget"] == early_stop["rounds"][3]["top_k"]
+    assert cost["top_k_at_stop"] == early_stop["rounds"][cost["stop_round"]]["top_k"]
+    assert cost["swaps_between"] == len(set(cost["top_k_full_budget"]) - set(cost["top_k_at_stop"]))
+
+
 ALL_SELECTORS = ["ga_s2", "ga_s1", "gr_s1", "avg_s1", "gr_s2", "avg_s2", "uniform", "random", "act_mse", "lm_ppl",
                  "ar", "kv", "user", "ga_iter"]
 

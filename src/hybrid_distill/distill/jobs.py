@@ -89,12 +89,16 @@ def stage2_objective(distill: dict, student, teacher, trainable: str, cache=None
 
 def distill_stage2(config: dict, stage_key: str, teacher_dir: Path, data_dir: Path, init_dir: Path,
                    softmax_layers: list[int], out_dir: Path, stop_after_step: int | None = None,
-                   score_path: Path | None = None, save_model: bool = True, teacher_cache: Path | None = None) -> dict:
+                   score_path: Path | None = None, save_model: bool = True, teacher_cache: Path | None = None,
+                   rounds_dir: Path | None = None) -> dict:
     """Stage 2 from a stage-1 student with `softmax_layers` restored to the teacher's attention.
 
     Serves every stage-2 job: all-linear, one-swap rounds (stop_after_step + score_path, no model), greedy
     removal and final hybrids. The score is the held-out KL after the trained steps. `teacher_cache` (written by
     `cache_teacher_hidden`) replaces the teacher's body on the training rows it holds.
+    `rounds_dir` scores every round of a one-swap run in this one job (`round{r}.json`, r = 0, 1, ... every
+    `scoring.snapshot_every` steps), the scores the live rounds would write, for runs without the early stop:
+    it starts from `init_dir` (a kept state would skip rounds whose files a failed attempt lost) and keeps no state.
     """
     teacher, tokenizer = load_teacher(str(teacher_dir))
     student = load_hybrid(init_dir)
@@ -105,17 +109,34 @@ def distill_stage2(config: dict, stage_key: str, teacher_dir: Path, data_dir: Pa
     objective = stage2_objective(config["distill"], student, teacher, trainable, cache)
     settings = train_settings(stage_section(config, stage_key), config["seed"])
     out_dir = Path(out_dir)
+    heldout = open_data(data_dir, "heldout")
+
+    def score_of(result, with_kl: bool) -> dict:
+        tokens_per_step = result.tokens // max(result.step, 1)
+        score = {"softmax_layers": softmax_layers_of(result.objective.student), "step": result.step,
+                 "tokens": result.tokens, "train_loss": result.loss,
+                 "budget_exhausted": result.tokens + tokens_per_step > settings.token_budget}
+        if with_kl:
+            score["heldout_kl"] = heldout_kl(result.objective.student, result.objective.teacher, heldout,
+                                             config["scoring"]["heldout_sequences"], EVAL_BATCH,
+                                             config["distill"]["temperature"], config["distill"]["kl_chunk_tokens"])
+        return score
+
+    every, write_round = config["scoring"]["snapshot_every"], None
+    if rounds_dir is not None:
+        drop_training_state(out_dir)
+
+        def write_round(result) -> None:  # round r ends at step min((r + 1) x every, last step)
+            write_json(Path(rounds_dir) / f"round{-(-result.step // every) - 1}.json", score_of(result, True))
     result = train(objective, train_data, settings, out_dir, stop_after_step=stop_after_step,
-                   description=f"stage2 {out_dir.parent.name}/{out_dir.name}")
-    student, teacher = result.objective.student, result.objective.teacher
-    tokens_per_step = result.tokens // max(result.step, 1)
-    score = {"softmax_layers": softmax_layers_of(student), "step": result.step, "tokens": result.tokens,
-             "train_loss": result.loss, "budget_exhausted": result.tokens + tokens_per_step > settings.token_budget}
-    if score_path is not None:
-        score["heldout_kl"] = heldout_kl(student, teacher, open_data(data_dir, "heldout"),
-                                         config["scoring"]["heldout_sequences"], EVAL_BATCH,
-                                         config["distill"]["temperature"], config["distill"]["kl_chunk_tokens"])
+                   description=f"stage2 {out_dir.parent.name}/{out_dir.name}",
+                   snapshot_every=every, on_snapshot=write_round)
+    student = result.objective.student
+    score = score_of(result, with_kl=score_path is not None and rounds_dir is None)
+    if "heldout_kl" in score:
         write_json(score_path, score)
+    if rounds_dir is not None:
+        drop_training_state(out_dir)
     if save_model:
         save_hybrid(student.cpu(), out_dir, tokenizer)
         drop_training_state(out_dir)

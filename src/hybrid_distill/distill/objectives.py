@@ -116,19 +116,28 @@ class LogitDistillation(nn.Module):
 @torch.no_grad()
 def heldout_kl(student, teacher, data, num_sequences: int, batch_size: int, temperature: float = 1.0,
                chunk_tokens: int = 4096) -> float:
-    """Token-mean KL(teacher || student) on the first `num_sequences` held-out sequences (I(l) = -this)."""
-    objective = LogitDistillation(student, teacher, temperature, chunk_tokens)
+    """Token-mean KL(teacher || student) on the first `num_sequences` held-out sequences (I(l) = -this).
+
+    Leaves the student as it found it (train/eval mode and which parameters train), so training can go on after
+    a mid-run score.
+    """
     was_training = student.training
-    student.eval()
-    total, count = 0.0, 0
-    num_sequences = min(num_sequences, data.num_sequences)
-    device = next(student.parameters()).device
-    for first in range(0, num_sequences, batch_size):
-        size = min(batch_size, num_sequences - first)
-        loss, _ = objective(data.batch(first, size).to(device))
-        total += loss.item() * size
-        count += size
-    student.train(was_training)
+    trains = [param.requires_grad for param in student.parameters()]
+    try:
+        objective = LogitDistillation(student, teacher, temperature, chunk_tokens)
+        student.eval()
+        total, count = 0.0, 0
+        num_sequences = min(num_sequences, data.num_sequences)
+        device = next(student.parameters()).device
+        for first in range(0, num_sequences, batch_size):
+            size = min(batch_size, num_sequences - first)
+            loss, _ = objective(data.batch(first, size).to(device))
+            total += loss.item() * size
+            count += size
+    finally:
+        student.train(was_training)
+        for param, requires_grad in zip(student.parameters(), trains):
+            param.requires_grad_(requires_grad)
     return total / count
 
 

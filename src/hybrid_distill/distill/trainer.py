@@ -9,6 +9,7 @@ import re
 import shutil
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from contextlib import ExitStack, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -72,6 +73,8 @@ def train(
     init_state: Path | None = None,
     first_sequence: int = 0,
     description: str = "train",
+    snapshot_every: int | None = None,
+    on_snapshot: Callable[[TrainResult], None] | None = None,
 ) -> TrainResult:
     """Train `objective` (forward(input_ids) -> (loss, metrics)) on `data` (.batch/.seq_len/.num_sequences).
 
@@ -82,6 +85,8 @@ def train(
     Module modes (train/eval) stay as the caller set them, so a frozen teacher can stay in eval mode.
     An objective with `reads_sequence_indices = True` also gets `sequence_indices=` (the batch's data rows), so
     it can look rows up in a per-sequence cache.
+    `on_snapshot` is called after every `snapshot_every`-th step and after the last, with what this call would
+    have returned had it stopped there (one job can then score every round of a run that resumes nothing).
     Setting HD_FAIL_AT_STEP=k raises RuntimeError right after step k (and its state save) once per
     out_dir, marked by `out_dir/.failed_once`, so that workflow tests can check a retried job.
     """
@@ -105,6 +110,8 @@ def train(
     if stop_after_step is not None and stop_after_step < 1:
         raise ValueError(f"stop_after_step must be at least 1, got {stop_after_step}")
     fail_at = _injected_failure_step()
+    if on_snapshot is not None and (snapshot_every is None or snapshot_every < 1):
+        raise ValueError(f"{description}: on_snapshot needs snapshot_every >= 1, got {snapshot_every}")
 
     objective.to(accelerator.device)
     trainable = [(name, param) for name, param in objective.named_parameters() if param.requires_grad]
@@ -165,7 +172,8 @@ def train(
             progress.update(1)
 
             saving = step % settings.save_every == 0 or step == end_step
-            if saving or step % settings.log_every == 0:
+            gathered = saving or step % settings.log_every == 0
+            if gathered:
                 loss, objective_metrics = _mean_over_processes(accelerator, loss_sum, metric_sums, settings.grad_accum)
                 now = time.perf_counter()
                 line = {**objective_metrics, "step": step, "tokens": tokens, "loss": loss, "lr": lr,
@@ -181,6 +189,11 @@ def train(
                               num_processes=accelerator.num_processes, description=description,
                               settings=asdict(settings))
                 latest_state = _save_state(accelerator, state_root, record)
+            if on_snapshot is not None and (step % snapshot_every == 0 or step == end_step):
+                if not gathered:
+                    loss, _ = _mean_over_processes(accelerator, loss_sum, metric_sums, settings.grad_accum)
+                on_snapshot(TrainResult(step=step, tokens=tokens, loss=loss, state_dir=latest_state,
+                                        resumed=own_state is not None, objective=accelerator.unwrap_model(model)))
             if step == fail_at:
                 _fail_once(accelerator, out_dir, step)
 
