@@ -74,6 +74,7 @@ def _steps(stage):
 SCORING_STEPS = _steps(config["scoring"]["stage2"])
 SNAPSHOT_EVERY = config["scoring"]["snapshot_every"]
 MAX_ROUNDS = math.ceil(SCORING_STEPS / SNAPSHOT_EVERY)
+LIVE_EARLY_STOP = config["scoring"]["early_stop"]["enabled"]
 SCORING_FULL_TOKENS = NUM_LAYERS * SCORING_STEPS * config["scoring"]["stage2"]["micro_batch_size"] \
     * config["scoring"]["stage2"]["grad_accum"] * config["data"]["seq_len"]
 
@@ -154,7 +155,10 @@ def efficiency_file(mixer, model):
 
 
 def final_round(wildcards):
-    """The round at which scoring stopped: each round's checkpoint decides whether the next one is needed."""
+    """The round at which scoring stopped: each round's checkpoint decides whether the next one is needed.
+    Without the live rule every round runs, and no checkpoint is needed to know it."""
+    if not LIVE_EARLY_STOP:
+        return MAX_ROUNDS - 1
     round = 0
     while True:
         decision = checkpoints.check_early_stop.get(mixer=wildcards.mixer, round=round).output[0]
@@ -212,8 +216,8 @@ def previous_round(wildcards):
 
 
 def rounds_so_far(wildcards):
-    return [swap_score(wildcards.mixer, layer, round)
-            for round in range(int(wildcards.round) + 1) for layer in LAYERS]
+    last = int(wildcards.round) if LIVE_EARLY_STOP else MAX_ROUNDS - 1
+    return [swap_score(wildcards.mixer, layer, round) for round in range(last + 1) for layer in LAYERS]
 
 
 def final_scores(wildcards):

@@ -1,5 +1,7 @@
 # Phase 3: one-swap scoring. Each layer's stage 2 advances in rounds of `snapshot_every` steps; after every
 # round a checkpoint applies the rolling-Jaccard rule and decides whether the next round is scheduled.
+# With scoring.early_stop.enabled: false (a reference run) nothing is decided live: one job per layer scores
+# every round, one job applies the rule to every round, and early_stop.json says where it would have stopped.
 
 
 if config["scoring"]["early_stop"]["enabled"]:
@@ -34,11 +36,29 @@ if config["scoring"]["early_stop"]["enabled"]:
             " --data {params.data} --init {params.init} --softmax-layers {wildcards.layer} --out {params.out} {params.cache}"
             " --stop-after-step {params.stop} --score-out {output} --no-model 2> {log}"
 
+    checkpoint check_early_stop:
+        input:
+            config=RUN_CONFIG,
+            scores=rounds_so_far,
+        output:
+            f"{ROOT}/{{mixer}}/selection/rounds/round{{round}}.json",
+        params:
+            k=EARLY_STOP_K,
+            layers=NUM_LAYERS,
+            max_rounds=MAX_ROUNDS,
+        conda:
+            "../envs/hybrid-distill.yaml"
+        log:
+            f"{LOGS}/{{mixer}}/check_early_stop/round{{round}}.log",
+        shell:
+            "hybrid-distill --threads {threads} check-round --config {input.config} --layers {params.layers} --k {params.k}"
+            " --max-rounds {params.max_rounds} --scores {input.scores} --out {output} 2> {log}"
+
 
 else:
     # Without the live rule no round decides anything: one job per layer trains the whole scoring budget and
-    # writes every round's score on the way (no process start, load or state save per round); the checkpoints
-    # below still apply the rule to each round, so early_stop.json says where it would have stopped.
+    # writes every round's score on the way (no process start, load or state save per round); one job then
+    # applies the rule to every round, so early_stop.json says where it would have stopped.
 
     rule score_layer:
         input:
@@ -69,24 +89,23 @@ else:
             " --teacher {input.teacher} --data {params.data} --init {params.init} --softmax-layers {wildcards.layer}"
             " --out {params.out} {params.cache} --score-rounds-dir {params.rounds} --no-model 2> {log}"
 
-
-checkpoint check_early_stop:
-    input:
-        config=RUN_CONFIG,
-        scores=rounds_so_far,
-    output:
-        f"{ROOT}/{{mixer}}/selection/rounds/round{{round}}.json",
-    params:
-        k=EARLY_STOP_K,
-        layers=NUM_LAYERS,
-        max_rounds=MAX_ROUNDS,
-    conda:
-        "../envs/hybrid-distill.yaml"
-    log:
-        f"{LOGS}/{{mixer}}/check_early_stop/round{{round}}.log",
-    shell:
-        "hybrid-distill --threads {threads} check-round --config {input.config} --layers {params.layers} --k {params.k}"
-        " --max-rounds {params.max_rounds} --scores {input.scores} --out {output} 2> {log}"
+    rule check_early_stop:  # every round's decision in one job: none of them changes the DAG
+        input:
+            config=RUN_CONFIG,
+            scores=rounds_so_far,
+        output:
+            [round_decision("{mixer}", round) for round in range(MAX_ROUNDS)],
+        params:
+            k=EARLY_STOP_K,
+            layers=NUM_LAYERS,
+            max_rounds=MAX_ROUNDS,
+        conda:
+            "../envs/hybrid-distill.yaml"
+        log:
+            f"{LOGS}/{{mixer}}/check_early_stop/all_rounds.log",
+        shell:
+            "hybrid-distill --threads {threads} check-round --config {input.config} --layers {params.layers}"
+            " --k {params.k} --max-rounds {params.max_rounds} --scores {input.scores} --out {output} 2> {log}"
 
 
 rule rank_layers:

@@ -94,7 +94,14 @@ def _rounds(args) -> list[list[Path]]:
 def step_check_round(args):
     from hybrid_distill.select.jobs import decide_round
 
-    decide_round(_config(args), _rounds(args), args.k, args.max_rounds, args.out)
+    rounds, config = _rounds(args), _config(args)
+    if len(args.out) == 1:
+        decide_round(config, rounds, args.k, args.max_rounds, args.out[0])
+        return
+    if len(args.out) != len(rounds):
+        raise SystemExit(f"check-round: {len(args.out)} decision files for {len(rounds)} rounds of scores")
+    for last, out in enumerate(args.out):  # every round's decision, as the live checkpoints make them
+        decide_round(config, rounds[:last + 1], args.k, args.max_rounds, out)
 
 
 def step_rank_layers(args):
@@ -210,7 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", required=True, type=int)
     p.add_argument("--max-rounds", required=True, type=int)
     p.add_argument("--scores", required=True, nargs="+", help="score files, round-major then layer order")
-    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--out", required=True, type=Path, nargs="+",
+                   help="the last round's decision file, or one per round (round order) to decide them all")
 
     p = _add(steps, "rank-layers", step_rank_layers, "importance.csv from the final one-swap scores")
     p.add_argument("--scores", required=True, nargs="+", help="one score file per layer, in layer order")

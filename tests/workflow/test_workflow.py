@@ -104,6 +104,10 @@ def test_without_the_live_rule_one_job_per_layer_scores_every_round(tiny_teacher
     root = tmp_path / "run" / "results" / "tiny"
     logs = sorted(path.name for path in (root / "logs" / "gdn" / "score_layer").iterdir())
     assert logs == [f"layer{layer}_all_rounds.log" for layer in range(4)]  # no job per round
+    checks = sorted(path.name for path in (root / "logs" / "gdn" / "check_early_stop").iterdir())
+    assert checks == ["all_rounds.log"]  # and no checkpoint per round: nothing is decided live
+    decisions = [json.loads((root / "gdn" / "selection" / "rounds" / f"round{r}.json").read_text()) for r in range(4)]
+    assert [d["stop"] for d in decisions] == [False, False, False, True]
     for layer in range(4):
         swap = root / "gdn" / "swap" / f"layer{layer}"
         steps = [json.loads((swap / f"round{r}.json").read_text())["step"] for r in range(4)]
