@@ -9,7 +9,7 @@ from snakemake.utils import validate
 from hybrid_distill.config.load import SCHEMA_PATH, ConfigError, validate_config
 from hybrid_distill.models.teacher import TeacherError, describe_teacher
 from hybrid_distill.select.greedy_jobs import read_greedy_choice
-from hybrid_distill.select.jobs import ScoreFileError
+from hybrid_distill.select.score_files import ScoreFileError
 from hybrid_distill.select.layer_sets import k_from_ratio, validate_layer_list
 
 

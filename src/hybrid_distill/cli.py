@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -57,7 +56,7 @@ def step_distill_stage2(args):
 
     softmax_layers = args.softmax_layers
     if args.selection is not None:
-        from hybrid_distill.select.jobs import read_selection
+        from hybrid_distill.select.score_files import read_selection
 
         softmax_layers = read_selection(args.selection)
     distill_stage2(_config(args), args.stage, args.teacher, args.data, args.init, softmax_layers, args.out,
@@ -92,7 +91,7 @@ def _rounds(args) -> list[list[Path]]:
 
 
 def step_check_round(args):
-    from hybrid_distill.select.jobs import decide_round
+    from hybrid_distill.select.rounds import decide_round
 
     rounds, config = _rounds(args), _config(args)
     if len(args.out) == 1:
@@ -105,19 +104,19 @@ def step_check_round(args):
 
 
 def step_rank_layers(args):
-    from hybrid_distill.select.jobs import rank_layers
+    from hybrid_distill.select.rounds import rank_layers
 
     rank_layers([Path(p) for p in args.scores], args.out)
 
 
 def step_write_early_stop(args):
-    from hybrid_distill.select.jobs import summarise_early_stop
+    from hybrid_distill.select.rounds import summarise_early_stop
 
     summarise_early_stop(_config(args), [Path(p) for p in args.decisions], _rounds(args), args.full_budget, args.out)
 
 
 def step_removal_signal(args):
-    from hybrid_distill.select.jobs import removal_signal
+    from hybrid_distill.select.selections import removal_signal
 
     removal_signal([Path(p) for p in args.scores], args.out)
 
@@ -130,7 +129,7 @@ def step_choose_greedy_layer(args):
 
 
 def step_select_layers(args):
-    from hybrid_distill.select.jobs import select_layers
+    from hybrid_distill.select.selections import select_layers
 
     pick_order = None
     if args.greedy is not None:
@@ -142,9 +141,10 @@ def step_select_layers(args):
                   pick_order=pick_order)
 
 
-def _add(subparsers, name, function, help_text):
+def _add(subparsers, name, function, help_text, uses_torch=True):
+    """A step; `uses_torch=False` marks the bookkeeping steps of local rules, which start without importing torch."""
     parser = subparsers.add_parser(name, help=help_text, description=help_text)
-    parser.set_defaults(function=function)
+    parser.set_defaults(function=function, uses_torch=uses_torch)
     return parser
 
 
@@ -211,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stage1", required=True, type=Path)
     p.add_argument("--out", required=True, type=Path)
 
-    p = _add(steps, "check-round", step_check_round, "early-stop decision after a scoring round")
+    p = _add(steps, "check-round", step_check_round, "early-stop decision after a scoring round", uses_torch=False)
     p.add_argument("--config", required=True, type=Path)
     p.add_argument("--layers", required=True, type=int)
     p.add_argument("--k", required=True, type=int)
@@ -220,11 +220,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, nargs="+",
                    help="the last round's decision file, or one per round (round order) to decide them all")
 
-    p = _add(steps, "rank-layers", step_rank_layers, "importance.csv from the final one-swap scores")
+    p = _add(steps, "rank-layers", step_rank_layers, "importance.csv from the final one-swap scores", uses_torch=False)
     p.add_argument("--scores", required=True, nargs="+", help="one score file per layer, in layer order")
     p.add_argument("--out", required=True, type=Path)
 
-    p = _add(steps, "write-early-stop", step_write_early_stop, "early_stop.json from the round decisions")
+    p = _add(steps, "write-early-stop", step_write_early_stop,
+             "early_stop.json from the round decisions", uses_torch=False)
     p.add_argument("--config", required=True, type=Path)
     p.add_argument("--layers", required=True, type=int)
     p.add_argument("--decisions", required=True, nargs="+")
@@ -232,12 +233,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--full-budget", required=True, type=int, help="tokens of scoring every layer in full")
     p.add_argument("--out", required=True, type=Path)
 
-    p = _add(steps, "removal-signal", step_removal_signal, "GR-S2 importances from greedy-removal scores")
+    p = _add(steps, "removal-signal", step_removal_signal,
+             "GR-S2 importances from greedy-removal scores", uses_torch=False)
     p.add_argument("--scores", required=True, nargs="+")
     p.add_argument("--out", required=True, type=Path)
 
     p = _add(steps, "choose-greedy-layer", step_choose_greedy_layer,
-             "GA-iter: one greedy step's pick from its candidates' brief stage-2 scores")
+             "GA-iter: one greedy step's pick from its candidates' brief stage-2 scores", uses_torch=False)
     p.add_argument("--step", dest="step_index", metavar="STEP", required=True, type=int,
                    help="greedy step, 0 = first pick")
     p.add_argument("--num-layers", required=True, type=int)
@@ -247,7 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drop-states", action="store_true", help="delete the scoring jobs' training states")
     p.add_argument("--out", required=True, type=Path)
 
-    p = _add(steps, "select-layers", step_select_layers, "write one selector's softmax layers at one K")
+    p = _add(steps, "select-layers", step_select_layers,
+             "write one selector's softmax layers at one K", uses_torch=False)
     p.add_argument("--config", required=True, type=Path)
     p.add_argument("--selector", required=True)
     p.add_argument("--k", required=True, type=int)
@@ -278,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     threads = args.threads or os.environ.get("SLURM_CPUS_PER_TASK")
-    if threads:
+    if threads and args.uses_torch:
         import torch
 
         processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # set by `accelerate launch` for several

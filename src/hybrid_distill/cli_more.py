@@ -160,7 +160,7 @@ def add_steps(steps, add):
                    help="also profile one step per row and list its N most expensive kernels")
     p.add_argument("--out", type=Path, default=None)
 
-    p = add(steps, "make-report", step_make_report, "tables, figures and report.md")
+    p = add(steps, "make-report", step_make_report, "tables, figures and report.md", uses_torch=False)
     p.add_argument("--title", required=True)
     p.add_argument("--evals", nargs="+", required=True, type=Path)
     p.add_argument("--efficiency", nargs="*", default=[], type=Path)

@@ -1,10 +1,7 @@
-"""The exceptions a user's input can cause; the CLI prints them as one line instead of a traceback."""
-from hybrid_distill.config.load import ConfigError
-from hybrid_distill.data.packed import DataError
-from hybrid_distill.distill.teacher_cache import TeacherCacheError
-from hybrid_distill.models.checkpoint import CheckpointError
-from hybrid_distill.models.teacher import TeacherError
-from hybrid_distill.select.jobs import ScoreFileError
+"""The exceptions a user's input can cause; the CLI prints them as one line instead of a traceback.
 
-USER_ERRORS = (ConfigError, DataError, TeacherCacheError, CheckpointError, TeacherError, ScoreFileError, ValueError,
-               FileNotFoundError)
+Each of the package's input errors (ConfigError, DataError, TeacherCacheError, CheckpointError, TeacherError,
+ScoreFileError) is a ValueError, so they are caught here without importing their modules: the local rules'
+steps then start without torch.
+"""
+USER_ERRORS = (ValueError, FileNotFoundError)

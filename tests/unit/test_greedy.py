@@ -10,7 +10,7 @@ from hybrid_distill.select.greedy import best_candidate, greedy_layers, greedy_s
 from hybrid_distill.distill.jobs import drop_training_state as drop_state
 from hybrid_distill.select.greedy_jobs import choose_greedy_layer, read_greedy_choice
 from hybrid_distill.select.importance import choose_layers
-from hybrid_distill.select.jobs import ScoreFileError
+from hybrid_distill.select.score_files import ScoreFileError
 
 
 def test_best_candidate_has_the_lowest_kl_and_ties_go_to_the_lower_layer():

@@ -38,6 +38,9 @@ def test_threads_per_process(threads, processes, expected):
     assert cli.threads_per_process(threads, processes) == expected
 
 
+STAGE1_ARGS = ["distill-stage1", "--config", "c.yaml", "--teacher", "t", "--data", "d", "--mixer", "gdn", "--out", "o"]
+
+
 @pytest.fixture
 def restore_torch_threads():
     before = torch.get_num_threads()
@@ -55,8 +58,8 @@ def test_the_cli_splits_its_threads_among_the_launched_processes(
     for name, value in environment.items():
         monkeypatch.setenv(name, value)
     seen = []
-    monkeypatch.setattr(cli, "step_removal_signal", lambda args: seen.append(torch.get_num_threads()))
-    assert cli.main(["--threads", "8", "removal-signal", "--scores", "a.json", "--out", "b.json"]) == 0
+    monkeypatch.setattr(cli, "step_distill_stage1", lambda args: seen.append(torch.get_num_threads()))
+    assert cli.main(["--threads", "8", *STAGE1_ARGS]) == 0
     assert seen == [expected]
 
 
@@ -64,8 +67,8 @@ def test_slurm_cpus_are_split_when_no_threads_are_given(monkeypatch, restore_tor
     monkeypatch.setenv("SLURM_CPUS_PER_TASK", "6")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     seen = []
-    monkeypatch.setattr(cli, "step_removal_signal", lambda args: seen.append(torch.get_num_threads()))
-    assert cli.main(["removal-signal", "--scores", "a.json", "--out", "b.json"]) == 0
+    monkeypatch.setattr(cli, "step_distill_stage1", lambda args: seen.append(torch.get_num_threads()))
+    assert cli.main(STAGE1_ARGS) == 0
     assert seen == [3]
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from hybrid_distill.select.jobs import selection_cost
+from hybrid_distill.select.rounds import selection_cost
 
 
 def config(enabled: bool, stage1_tokens: int = 1000, stage2_tokens: int = 50_000) -> dict:

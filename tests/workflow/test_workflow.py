@@ -3,16 +3,12 @@ from __future__ import annotations
 
 import csv
 import json
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
-from safetensors.torch import load_file
 
 from workflow_helpers import REPO, bare_env, run_snakemake, tiny_config
 

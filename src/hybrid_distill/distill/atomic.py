@@ -1,6 +1,7 @@
 """Publish files and directories so that a reader sees either the old content or the complete new one."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -46,3 +47,21 @@ def publish_dir(staging: Path, final: Path) -> None:
         shutil.rmtree(retired)
     os.replace(staging, final)
     fsync_path(final.parent)
+
+
+def write_json(path: Path, payload: dict) -> None:
+    write_text_atomic(Path(path), json.dumps(payload, indent=2) + "\n")
+
+
+def drop_training_state(out_dir: Path) -> None:
+    """A finished job's model is its output; its resumable state (weights + AdamW moments) is only disk cost.
+
+    Renamed before it is deleted, so a kill mid-delete never leaves a state that looks complete to a rerun.
+    """
+    state = Path(out_dir) / "state"
+    if not state.exists():
+        return
+    retired = state.with_name(".state.retired")
+    shutil.rmtree(retired, ignore_errors=True)
+    os.replace(state, retired)
+    shutil.rmtree(retired)

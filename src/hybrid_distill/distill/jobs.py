@@ -1,14 +1,11 @@
 """Distillation jobs as the workflow runs them: load inputs, build the objective, train, write outputs last."""
 from __future__ import annotations
 
-import json
 import logging
-import os
-import shutil
 from pathlib import Path
 
 from hybrid_distill.data.packed import PackedTokens
-from hybrid_distill.distill.atomic import write_text_atomic
+from hybrid_distill.distill.atomic import drop_training_state, write_json
 from hybrid_distill.distill.compiled_blocks import compile_student
 from hybrid_distill.distill.objectives import HiddenAlignment, LogitDistillation, heldout_kl, heldout_layer_mse
 from hybrid_distill.distill.precision import train_on_cpu, training_autocast_dtype
@@ -39,26 +36,8 @@ def stage_section(config: dict, key: str) -> dict:
     return config[group][name]
 
 
-def write_json(path: Path, payload: dict) -> None:
-    write_text_atomic(Path(path), json.dumps(payload, indent=2) + "\n")
-
-
 def open_data(data_dir: Path, split: str) -> PackedTokens:
     return PackedTokens(Path(data_dir) / f"{split}.bin")
-
-
-def drop_training_state(out_dir: Path) -> None:
-    """A finished job's model is its output; its resumable state (weights + AdamW moments) is only disk cost.
-
-    Renamed before it is deleted, so a kill mid-delete never leaves a state that looks complete to a rerun.
-    """
-    state = Path(out_dir) / "state"
-    if not state.exists():
-        return
-    retired = state.with_name(".state.retired")
-    shutil.rmtree(retired, ignore_errors=True)
-    os.replace(state, retired)
-    shutil.rmtree(retired)
 
 
 def distill_all_linear_stage1(config: dict, teacher_dir: Path, data_dir: Path, mixer: str, out_dir: Path) -> None:
@@ -122,15 +101,15 @@ def distill_stage2(config: dict, stage_key: str, teacher_dir: Path, data_dir: Pa
                                              config["distill"]["temperature"], config["distill"]["kl_chunk_tokens"])
         return score
 
-    every, write_round = config["scoring"]["snapshot_every"], None
+    every = config["scoring"]["snapshot_every"]
+
+    def write_round(result) -> None:  # round r ends at step min((r + 1) x every, last step)
+        write_json(Path(rounds_dir) / f"round{-(-result.step // every) - 1}.json", score_of(result, True))
     if rounds_dir is not None:
         drop_training_state(out_dir)
-
-        def write_round(result) -> None:  # round r ends at step min((r + 1) x every, last step)
-            write_json(Path(rounds_dir) / f"round{-(-result.step // every) - 1}.json", score_of(result, True))
     result = train(objective, train_data, settings, out_dir, stop_after_step=stop_after_step,
                    description=f"stage2 {out_dir.parent.name}/{out_dir.name}",
-                   snapshot_every=every, on_snapshot=write_round)
+                   snapshot_every=every, on_snapshot=write_round if rounds_dir is not None else None)
     student = result.objective.student
     score = score_of(result, with_kl=score_path is not None and rounds_dir is None)
     if "heldout_kl" in score:

@@ -5,9 +5,9 @@ import json
 import logging
 from pathlib import Path
 
-from hybrid_distill.distill.jobs import drop_training_state, write_json
+from hybrid_distill.distill.atomic import drop_training_state, write_json
 from hybrid_distill.select.greedy import greedy_step
-from hybrid_distill.select.jobs import ScoreFileError, read_score
+from hybrid_distill.select.score_files import ScoreFileError, read_score
 
 log = logging.getLogger(__name__)
 
