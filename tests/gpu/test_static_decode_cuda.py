@@ -5,6 +5,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from hybrid_distill.evaluate.static_decode import StaticGreedyDecoder
+from hybrid_distill.models.cache_names import cache_argument, output_cache
 from hybrid_distill.models.student import build_student, mixers_of
 
 pytestmark = [pytest.mark.gpu,
@@ -28,10 +29,10 @@ def models(dtype):
 def dynamic_greedy(model, prompt):
     with torch.no_grad():
         output = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
-        token, cache, logits = output.logits[:, -1].argmax(-1, keepdim=True), output.past_key_values, []
+        token, cache, logits = output.logits[:, -1].argmax(-1, keepdim=True), output_cache(output), []
         for _ in range(NEW_TOKENS):
-            output = model(input_ids=token, past_key_values=cache, use_cache=True)
-            cache = output.past_key_values
+            output = model(input_ids=token, use_cache=True, **cache_argument(model, cache))
+            cache = output_cache(output)
             logits.append(output.logits[:, -1].float())
             token = logits[-1].argmax(-1, keepdim=True)
     return logits

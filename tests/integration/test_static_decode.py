@@ -6,6 +6,7 @@ from tiny_models import tiny_config, tiny_teacher
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from hybrid_distill.evaluate.static_decode import StaticGreedyDecoder, _grouped_decode_attention
+from hybrid_distill.models.cache_names import cache_argument, output_cache
 from hybrid_distill.models.mixers.cache_layer import RecurrentStateLayer
 from hybrid_distill.models.static_cache import FixedAddressKVLayer, FixedAddressStateLayer
 from hybrid_distill.models.student import build_student, mixers_of
@@ -21,10 +22,10 @@ def dynamic_greedy(model, prompt, new_tokens):
     with torch.no_grad():
         output = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
         token = output.logits[:, -1].argmax(-1, keepdim=True)
-        cache, tokens, logits = output.past_key_values, [], []
+        cache, tokens, logits = output_cache(output), [], []
         for _ in range(new_tokens):
-            output = model(input_ids=token, past_key_values=cache, use_cache=True)
-            cache = output.past_key_values
+            output = model(input_ids=token, use_cache=True, **cache_argument(model, cache))
+            cache = output_cache(output)
             logits.append(output.logits[:, -1].float())
             token = logits[-1].argmax(-1, keepdim=True)
             tokens.append(token)
@@ -113,7 +114,7 @@ def test_decode_cache_holds_only_its_own_bytes():
     """The conv cache of a prefill is a copy, not a view keeping the whole padded prompt alive."""
     model = build_student(tiny_teacher("llama"), [], "gdn").eval()
     with torch.no_grad():
-        cache = model(input_ids=torch.zeros(2, 50, dtype=torch.long), use_cache=True).past_key_values
+        cache = output_cache(model(input_ids=torch.zeros(2, 50, dtype=torch.long), use_cache=True))
     for layer in cache.layers:
         for conv_cache in layer.conv_caches:
             assert conv_cache.untyped_storage().nbytes() == conv_cache.numel() * conv_cache.element_size()

@@ -19,6 +19,7 @@ from transformers.cache_utils import DynamicLayer
 from hybrid_distill.evaluate.loading import load_for_evaluation, resolve_device
 from hybrid_distill.evaluate.run_eval import json_safe, write_json_atomic
 from hybrid_distill.evaluate.static_decode import StaticGreedyDecoder
+from hybrid_distill.models.cache_names import cache_argument, output_cache
 from hybrid_distill.models.mixers.cache_layer import RecurrentStateLayer
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ def _prefill_and_decode(model, prompt: torch.Tensor, decode_tokens: int, graphed
     output = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
     _synchronize(device)
     prefill_s = time.perf_counter() - start
-    cache = output.past_key_values
+    cache = output_cache(output)
     cache_bytes = cache_nbytes(cache)
     if graphed:
         decoder = StaticGreedyDecoder(model, output, prompt.shape[1], decode_tokens, use_graph=True)
@@ -71,8 +72,8 @@ def _prefill_and_decode(model, prompt: torch.Tensor, decode_tokens: int, graphed
     _synchronize(device)
     start = time.perf_counter()
     for _ in range(decode_tokens):
-        output = model(input_ids=next_token, past_key_values=cache, use_cache=True)
-        cache = output.past_key_values
+        output = model(input_ids=next_token, use_cache=True, **cache_argument(model, cache))
+        cache = output_cache(output)
         next_token = output.logits[:, -1].argmax(-1, keepdim=True)
     _synchronize(device)
     return prefill_s, time.perf_counter() - start, cache_bytes

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 
 from hybrid_distill.distill.maskless_attention import has_windowed_layers
+from hybrid_distill.models.cache_names import cache_argument, output_cache
 from hybrid_distill.models.static_cache import fix_cache_addresses
 
 GROUPED_DECODE = "hd_grouped_decode"
@@ -76,8 +77,9 @@ class StaticGreedyDecoder:
         capacity = prompt_length + max_new_tokens + 1
         self.max_new_tokens = max_new_tokens
         self.write_position = torch.tensor([prompt_length], device=device)
-        self.small_state = fix_cache_addresses(prefill_output.past_key_values, capacity, self.write_position)
-        self.cache = prefill_output.past_key_values
+        self.cache = output_cache(prefill_output)
+        self.cache_argument = cache_argument(model, self.cache)
+        self.small_state = fix_cache_addresses(self.cache, capacity, self.write_position)
         self.input_ids = logits[:, -1].argmax(-1, keepdim=True)
         self.prefill_token = self.input_ids.clone()  # what the prefill predicted: the first step's input
         self.position_ids = torch.full((batch, 1), prompt_length, device=device)
@@ -105,7 +107,7 @@ class StaticGreedyDecoder:
     def _step_kernels(self) -> None:
         with grouped_decode_attention(self.model):
             output = self.model(input_ids=self.input_ids, position_ids=self.position_ids, attention_mask=self.mask,
-                                past_key_values=self.cache, use_cache=True)
+                                use_cache=True, **self.cache_argument)
         logits = output.logits[:, -1]
         self.last_logits.copy_(logits)
         next_token = logits.argmax(-1, keepdim=True)

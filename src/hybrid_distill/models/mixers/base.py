@@ -46,12 +46,15 @@ class LinearMixer(nn.Module):
         if spec.use_output_gate:
             self.g_proj = nn.Linear(spec.hidden_size, inner, bias=False)
 
-    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, cache=None,
+                **kwargs):
+        """The decoder layer passes its HF cache as `cache` (transformers >= 5.24) or `past_key_values` (before)."""
+        cache = past_key_values if cache is None else cache
         keep = self._keep_mask(hidden_states)
-        conv_caches, recurrent_state = self._load_state(past_key_values)
+        conv_caches, recurrent_state = self._load_state(cache)
         kernel_inputs, conv_caches = self._kernel_inputs(hidden_states, keep, conv_caches)
-        output, recurrent_state = self._kernel(kernel_inputs, recurrent_state, past_key_values is not None)
-        self._store_state(past_key_values, hidden_states, conv_caches, recurrent_state)
+        output, recurrent_state = self._kernel(kernel_inputs, recurrent_state, cache is not None)
+        self._store_state(cache, hidden_states, conv_caches, recurrent_state)
         return self._finish(output, hidden_states), None
 
     # -- what a subclass defines: tensor-only maths around its fla kernel (compile_mixers compiles these) ---
