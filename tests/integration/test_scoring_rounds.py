@@ -72,6 +72,16 @@ def test_a_rerun_rescores_from_the_start_rather_than_from_a_kept_state(scoring_r
     assert [json.loads((out / f"round{r}.json").read_text())["step"] for r in range(3)] == [2, 4, 5]
 
 
+def test_a_multi_process_launch_is_refused_before_training(scoring_run, tiny_teacher_dir, tmp_path, monkeypatch):
+    """Rounds count one process's steps: two processes would end after half of the files Snakemake expects."""
+    config, data, stage1 = scoring_run
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="scoring.early_stop.enabled"):
+        distill_stage2(config, "scoring.stage2", tiny_teacher_dir, data, stage1, [1], tmp_path / "out" / "stage2",
+                       save_model=False, rounds_dir=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_heldout_kl_leaves_modes_and_trainable_parameters_as_they_were(tiny_teacher_dir, tmp_path):
     teacher, _ = load_teacher(str(tiny_teacher_dir))
     student = build_student(teacher, [], "gla")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 from hybrid_distill.data.packed import PackedTokens
@@ -79,6 +80,9 @@ def distill_stage2(config: dict, stage_key: str, teacher_dir: Path, data_dir: Pa
     `scoring.snapshot_every` steps), the scores the live rounds would write, for runs without the early stop:
     it starts from `init_dir` (a kept state would skip rounds whose files a failed attempt lost) and keeps no state.
     """
+    if rounds_dir is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("scoring.early_stop.enabled: false scores every round in one job, whose rounds are counted "
+                         "in one process's steps; launch score_layer with one process (gpu: 1)")
     teacher, tokenizer = load_teacher(str(teacher_dir))
     student = load_hybrid(init_dir)
     restore_softmax_layers(student, teacher, softmax_layers)
