@@ -5,7 +5,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from hybrid_distill.evaluate.static_decode import StaticGreedyDecoder
-from hybrid_distill.models.cache_names import cache_argument, output_cache
+from hybrid_distill.models.cache_names import cache_keyword, output_cache
 from hybrid_distill.models.student import build_student, mixers_of
 
 pytestmark = [pytest.mark.gpu,
@@ -31,7 +31,7 @@ def dynamic_greedy(model, prompt):
         output = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
         token, cache, logits = output.logits[:, -1].argmax(-1, keepdim=True), output_cache(output), []
         for _ in range(NEW_TOKENS):
-            output = model(input_ids=token, use_cache=True, **cache_argument(model, cache))
+            output = model(input_ids=token, use_cache=True, **{cache_keyword(model): cache})
             cache = output_cache(output)
             logits.append(output.logits[:, -1].float())
             token = logits[-1].argmax(-1, keepdim=True)

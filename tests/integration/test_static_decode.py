@@ -6,7 +6,7 @@ from tiny_models import tiny_config, tiny_teacher
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from hybrid_distill.evaluate.static_decode import StaticGreedyDecoder, _grouped_decode_attention
-from hybrid_distill.models.cache_names import cache_argument, output_cache
+from hybrid_distill.models.cache_names import cache_keyword, output_cache
 from hybrid_distill.models.mixers.cache_layer import RecurrentStateLayer
 from hybrid_distill.models.static_cache import FixedAddressKVLayer, FixedAddressStateLayer
 from hybrid_distill.models.student import build_student, mixers_of
@@ -24,7 +24,7 @@ def dynamic_greedy(model, prompt, new_tokens):
         token = output.logits[:, -1].argmax(-1, keepdim=True)
         cache, tokens, logits = output_cache(output), [], []
         for _ in range(new_tokens):
-            output = model(input_ids=token, use_cache=True, **cache_argument(model, cache))
+            output = model(input_ids=token, use_cache=True, **{cache_keyword(model): cache})
             cache = output_cache(output)
             logits.append(output.logits[:, -1].float())
             token = logits[-1].argmax(-1, keepdim=True)

@@ -10,7 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from hybrid_distill.data.packed import DataError
-from hybrid_distill.models.cache_names import cache_argument
+from hybrid_distill.models.cache_names import cache_keyword
 
 logger = logging.getLogger(__name__)
 
@@ -138,7 +138,7 @@ def _sample_batch(model, prefix_ids, seq_len, temperature, top_p, generator, pro
     batch_ids[:, :prefix_length] = prefix_ids
     progress.update(rows * prefix_length)
     cache = DynamicCache(config=model.config)
-    forward_kwargs = {**_forward_kwargs(model), **cache_argument(model, cache)}
+    forward_kwargs = {**_forward_kwargs(model), cache_keyword(model): cache}
     next_input = prefix_ids
     for position in range(prefix_length, seq_len):
         output = model(input_ids=next_input, use_cache=True, **forward_kwargs)

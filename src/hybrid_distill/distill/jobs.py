@@ -107,21 +107,19 @@ def distill_stage2(config: dict, stage_key: str, teacher_dir: Path, data_dir: Pa
 
     every = config["scoring"]["snapshot_every"]
 
-    def write_round(result) -> None:  # round r ends at step min((r + 1) x every, last step)
-        write_json(Path(rounds_dir) / f"round{-(-result.step // every) - 1}.json", score_of(result, True))
+    def write_round(snapshot) -> None:  # round r ends at step min((r + 1) x every, last step)
+        write_json(Path(rounds_dir) / f"round{-(-snapshot.step // every) - 1}.json", score_of(snapshot, with_kl=True))
     if rounds_dir is not None:
         drop_training_state(out_dir)
     result = train(objective, train_data, settings, out_dir, stop_after_step=stop_after_step,
                    description=f"stage2 {out_dir.parent.name}/{out_dir.name}",
-                   snapshot_every=every, on_snapshot=write_round if rounds_dir is not None else None)
-    student = result.objective.student
-    score = score_of(result, with_kl=score_path is not None and rounds_dir is None)
-    if "heldout_kl" in score:
+                   snapshot_every=every, on_snapshot=None if rounds_dir is None else write_round)
+    score = score_of(result, with_kl=score_path is not None)
+    if score_path is not None:
         write_json(score_path, score)
-    if rounds_dir is not None:
-        drop_training_state(out_dir)
     if save_model:
-        save_hybrid(student.cpu(), out_dir, tokenizer)
+        save_hybrid(result.objective.student.cpu(), out_dir, tokenizer)
+    if save_model or rounds_dir is not None:
         drop_training_state(out_dir)
     return score
 

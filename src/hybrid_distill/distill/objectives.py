@@ -81,12 +81,13 @@ class LogitDistillation(nn.Module):
     reads_sequence_indices = True  # the trainer passes each batch's data rows
 
     def __init__(self, student: nn.Module, teacher: nn.Module, temperature: float, chunk_tokens: int,
-                 trainable: str = "all", teacher_cache=None, activation_checkpointing: bool = False):
+                 trainable: str | None = "all", teacher_cache=None, activation_checkpointing: bool = False):
         super().__init__()
         self.student, self.teacher = student, teacher
         self.temperature, self.chunk_tokens = temperature, chunk_tokens
         self.teacher_cache = teacher_cache
-        self.student.requires_grad_(trainable == "all")
+        if trainable is not None:  # None: leave the student's flags alone (scoring a model mid-training)
+            self.student.requires_grad_(trainable == "all")
         if trainable == "attention":  # every layer's attention or mixer module, nothing else
             for layer in decoder_layers(student):
                 layer.self_attn.requires_grad_(True)
@@ -121,23 +122,18 @@ def heldout_kl(student, teacher, data, num_sequences: int, batch_size: int, temp
     Leaves the student as it found it (train/eval mode and which parameters train), so training can go on after
     a mid-run score.
     """
+    objective = LogitDistillation(student, teacher, temperature, chunk_tokens, trainable=None)
     was_training = student.training
-    trains = [param.requires_grad for param in student.parameters()]
-    try:
-        objective = LogitDistillation(student, teacher, temperature, chunk_tokens)
-        student.eval()
-        total, count = 0.0, 0
-        num_sequences = min(num_sequences, data.num_sequences)
-        device = next(student.parameters()).device
-        for first in range(0, num_sequences, batch_size):
-            size = min(batch_size, num_sequences - first)
-            loss, _ = objective(data.batch(first, size).to(device))
-            total += loss.item() * size
-            count += size
-    finally:
-        student.train(was_training)
-        for param, requires_grad in zip(student.parameters(), trains):
-            param.requires_grad_(requires_grad)
+    student.eval()
+    total, count = 0.0, 0
+    num_sequences = min(num_sequences, data.num_sequences)
+    device = next(student.parameters()).device
+    for first in range(0, num_sequences, batch_size):
+        size = min(batch_size, num_sequences - first)
+        loss, _ = objective(data.batch(first, size).to(device))
+        total += loss.item() * size
+        count += size
+    student.train(was_training)
     return total / count
 
 

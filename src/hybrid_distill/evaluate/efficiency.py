@@ -19,7 +19,7 @@ from transformers.cache_utils import DynamicLayer
 from hybrid_distill.evaluate.loading import load_for_evaluation, resolve_device
 from hybrid_distill.evaluate.run_eval import json_safe, write_json_atomic
 from hybrid_distill.evaluate.static_decode import StaticGreedyDecoder
-from hybrid_distill.models.cache_names import cache_argument, output_cache
+from hybrid_distill.models.cache_names import cache_keyword, output_cache
 from hybrid_distill.models.mixers.cache_layer import RecurrentStateLayer
 
 log = logging.getLogger(__name__)
@@ -69,10 +69,11 @@ def _prefill_and_decode(model, prompt: torch.Tensor, decode_tokens: int, graphed
         _synchronize(device)
         return prefill_s, time.perf_counter() - start, cache_bytes
     next_token = output.logits[:, -1].argmax(-1, keepdim=True)
+    keyword = cache_keyword(model)
     _synchronize(device)
     start = time.perf_counter()
     for _ in range(decode_tokens):
-        output = model(input_ids=next_token, use_cache=True, **cache_argument(model, cache))
+        output = model(input_ids=next_token, use_cache=True, **{keyword: cache})
         cache = output_cache(output)
         next_token = output.logits[:, -1].argmax(-1, keepdim=True)
     _synchronize(device)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 
 from hybrid_distill.distill.maskless_attention import has_windowed_layers
-from hybrid_distill.models.cache_names import cache_argument, output_cache
+from hybrid_distill.models.cache_names import cache_keyword, output_cache
 from hybrid_distill.models.static_cache import fix_cache_addresses
 
 GROUPED_DECODE = "hd_grouped_decode"
@@ -78,7 +78,7 @@ class StaticGreedyDecoder:
         self.max_new_tokens = max_new_tokens
         self.write_position = torch.tensor([prompt_length], device=device)
         self.cache = output_cache(prefill_output)
-        self.cache_argument = cache_argument(model, self.cache)
+        self.cache_argument = {cache_keyword(model): self.cache}
         self.small_state = fix_cache_addresses(self.cache, capacity, self.write_position)
         self.input_ids = logits[:, -1].argmax(-1, keepdim=True)
         self.prefill_token = self.input_ids.clone()  # what the prefill predicted: the first step's input

@@ -5,10 +5,9 @@ from __future__ import annotations
 import inspect
 
 
-def cache_argument(model, cache) -> dict:
-    """`{name: cache}` for `model(...)`, under the name its forward takes."""
-    parameters = inspect.signature(model.forward).parameters
-    return {"cache" if "cache" in parameters else "past_key_values": cache}
+def cache_keyword(model) -> str:
+    """The name `model.forward` takes its cache under (look it up once, not per decoding step)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def output_cache(output):
