@@ -75,6 +75,7 @@ SCORING_STEPS = _steps(config["scoring"]["stage2"])
 SNAPSHOT_EVERY = config["scoring"]["snapshot_every"]
 MAX_ROUNDS = math.ceil(SCORING_STEPS / SNAPSHOT_EVERY)
 LIVE_EARLY_STOP = config["scoring"]["early_stop"]["enabled"]
+LIVE_RACING = LIVE_EARLY_STOP and config["scoring"]["racing"]["enabled"]  # a reference run only replays the race
 SCORING_FULL_TOKENS = NUM_LAYERS * SCORING_STEPS * config["scoring"]["stage2"]["micro_batch_size"] \
     * config["scoring"]["stage2"]["grad_accum"] * config["data"]["seq_len"]
 
@@ -215,13 +216,37 @@ def previous_round(wildcards):
     return [swap_score(wildcards.mixer, wildcards.layer, round - 1)] if round > 0 else []
 
 
+_RACING_AFTER = {}  # (mixer, round) -> layers its decision kept racing; a finished checkpoint never changes
+
+
+def racing_after(mixer, round):
+    if (mixer, round) not in _RACING_AFTER:
+        with open(checkpoints.check_early_stop.get(mixer=mixer, round=round).output[0]) as handle:
+            _RACING_AFTER[mixer, round] = set(json.load(handle)["racing"])
+    return _RACING_AFTER[mixer, round]
+
+
+def last_raced_round(mixer, layer, round):
+    """The latest round <= `round` that `layer` trained in. With scoring.racing a decision drops layers for good,
+    and a dropped layer's last score file stands for it in every later round's grid."""
+    if not LIVE_RACING:
+        return round
+    for earlier in range(round):
+        if layer not in racing_after(mixer, earlier):
+            return earlier
+    return round
+
+
 def rounds_so_far(wildcards):
+    """The score grid a decision reads: round-major, one file per layer (a raced-out layer repeats its last)."""
     last = int(wildcards.round) if LIVE_EARLY_STOP else MAX_ROUNDS - 1
-    return [swap_score(wildcards.mixer, layer, round) for round in range(last + 1) for layer in LAYERS]
+    return [swap_score(wildcards.mixer, layer, last_raced_round(wildcards.mixer, layer, round))
+            for round in range(last + 1) for layer in LAYERS]
 
 
 def final_scores(wildcards):
-    return [swap_score(wildcards.mixer, layer, final_round(wildcards)) for layer in LAYERS]
+    last = final_round(wildcards)
+    return [swap_score(wildcards.mixer, layer, last_raced_round(wildcards.mixer, layer, last)) for layer in LAYERS]
 
 
 def all_decisions(wildcards):

