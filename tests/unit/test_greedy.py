@@ -74,6 +74,14 @@ def test_two_steps_pick_greedily_and_drop_the_scoring_states(tmp_path):
     assert not list(tmp_path.rglob("*.partial"))
 
 
+def test_step0_takes_ga_s2_scores_of_raced_out_layers_and_later_steps_train_the_longest_budget(tmp_path):
+    steps = [3, 3, 1, 1]  # layers 2 and 3 left the race after one step (scoring.racing)
+    first = [_score(tmp_path / f"swap/layer{i}/round.json", [i], kl, step)
+             for i, (kl, step) in enumerate(zip([0.4, 0.1, 0.3, 0.2], steps))]
+    step0 = choose_greedy_layer(0, 4, [0, 1, 2, 3], first, tmp_path / "step0.json")
+    assert step0["picked"] == 1 and step0["train_steps"] == 3
+
+
 @pytest.mark.parametrize("content, reason", [
     (None, "FileNotFoundError"),
     ("{", "JSONDecodeError"),

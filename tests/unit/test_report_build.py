@@ -180,3 +180,13 @@ def test_report_says_how_decoding_was_timed_and_warns_when_models_differ(tmp_pat
                          tmp_path / "mixed_out", TITLE).read_text(encoding="utf-8")
     assert "> Note: decode tokens/s were timed with different loops" in mixed and f"{teacher}: eager" in mixed
     assert "for every model" not in mixed
+
+
+def test_a_raced_selection_pass_says_how_many_layers_raced_on(tmp_path):
+    early_stop = json.loads((DATA / "early_stop.json").read_text())
+    (tmp_path / "early_stop.json").write_text(json.dumps({**early_stop, "racing": {"keep": 6, "from_tokens": 2048}}))
+    path = build_report(sorted((DATA / "evaluations").glob("*.json")), None, None, [], tmp_path / "early_stop.json",
+                        tmp_path / "out", TITLE)
+    assert "racing kept the 6 best-ranked layers training once each had trained 2,048 tokens" in path.read_text()
+    plain = build(tmp_path / "plain", efficiency=False, importance=False, selections=False)
+    assert "racing kept" not in plain.read_text()

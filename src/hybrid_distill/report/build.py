@@ -129,6 +129,14 @@ def _importance_section(report: _Report, importance, ga_s2_sets: dict[int, tuple
         report.figure(figures.plot_importance(importance, layers, k, stem), f"Per-layer importance, GA-S2 at K={k}")
 
 
+def _racing_text(early_stop) -> str:
+    racing = early_stop.get("racing") or {}
+    if not racing.get("keep"):
+        return ""
+    return (f"; racing kept the {racing['keep']} best-ranked layers training once each had trained "
+            f"{racing['from_tokens']:,} tokens")
+
+
 def _early_stop_section(report: _Report, early_stop, ga_s2_sets: dict[int, tuple[int, ...]]) -> None:
     report.add("## Early stop of the selection pass", "")
     if early_stop is None:
@@ -154,7 +162,7 @@ def _early_stop_section(report: _Report, early_stop, ga_s2_sets: dict[int, tuple
                    f"stage 2: {cost['paper_protocol_tokens']:,.0f} tokens), selection up to the stop costs "
                    f"{cost['tokens_to_stop']:,.0f} tokens ({cost['fraction_of_paper']:.1%}; "
                    f"{cost['no_early_stop_tokens']:,.0f} without early stop): one shared stage 1 and brief "
-                   f"stage 2 until round {cost['stop_round']}{versus}.", "")
+                   f"stage 2 until round {cost['stop_round']}{versus}{_racing_text(early_stop)}.", "")
     k = early_stop["k"]
     fired_rows = early_stop["rounds"][early_stop["rounds"]["round"] == early_stop["fired_round"]]
     if early_stop["fired"] and not fired_rows.empty and k in ga_s2_sets:

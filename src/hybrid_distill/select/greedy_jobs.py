@@ -38,7 +38,8 @@ def choose_greedy_layer(step: int, num_layers: int, candidates: list[int], score
     """Greedy step `step`: add the best candidate to the previous step's pick order and write it.
 
     Step 0 has nothing chosen, so its jobs are exactly GA-S2's one-swap jobs: it reads their final-round scores
-    (no recomputation) and records how many steps they trained (`train_steps`); every later step's jobs train
+    (no recomputation) and records the most steps they trained (`train_steps`: layers raced out by
+    scoring.racing stopped sooner and keep their last score); every later step's jobs train
     that many, so all steps score on the same budget. `drop_states` deletes the scoring jobs' training states.
     """
     if len(candidates) != len(score_files):
@@ -50,16 +51,16 @@ def choose_greedy_layer(step: int, num_layers: int, candidates: list[int], score
     if len(chosen) != step:
         raise ScoreFileError(f"greedy step file {previous_file} lists {len(chosen)} picks, step {step - 1} "
                              f"should have made {step}")
-    train_steps = previous["train_steps"] if previous else None
+    scores = {layer: _candidate_score(path) for layer, path in zip(candidates, score_files)}
+    # step 0's scores are GA-S2's: with scoring.racing, raced-out layers stopped early and keep their last score
+    train_steps = previous["train_steps"] if previous else max(trained for _, trained, _ in scores.values())
     heldout_kl = {}
-    for layer, path in zip(candidates, score_files):
-        kl, trained, softmax_layers = _candidate_score(path)
+    for (layer, (kl, trained, softmax_layers)), path in zip(scores.items(), score_files):
         expected = sorted([*chosen, layer])
         if softmax_layers != expected:
             raise ScoreFileError(f"score file {path} scores softmax layers {softmax_layers}, greedy step {step} "
                                  f"expects {expected}")
-        train_steps = trained if train_steps is None else train_steps
-        if trained != train_steps:
+        if trained != train_steps and previous:
             raise ScoreFileError(f"score file {path} trained {trained} steps, greedy step {step} expects {train_steps}")
         heldout_kl[layer] = kl
     pick_order = greedy_step(chosen, heldout_kl, num_layers)
