@@ -33,6 +33,8 @@ BAD_CONFIGS = [
     ("wrong type", {"data.seq_len": "long"}, "config: data.seq_len: 'long' is not of type 'integer'"),
     ("ratio zero", {"selection.ratios": [0]}, "config: selection.ratios.0: 0 is less than or equal to the minimum"),
     ("ratio above one", {"selection.ratios": [1.5]}, "config: selection.ratios.0: 1.5 is greater than the maximum of 1"),
+    ("racing from no budget", {"scoring.racing.from_fraction": 0},
+     "config: scoring.racing.from_fraction: 0 is less than or equal to the minimum"),
     ("K larger than layers", {"selection.ks": [9]}, "selection.ks: K=9 is larger than the teacher's 4 layers"),
     ("user layer out of range", {"selection.selectors": ["user"], "selection.user_layers": [0, 7]},
      "selection.user_layers: layer index 7 is out of range"),
