@@ -117,7 +117,7 @@ def test_without_the_live_rule_one_job_per_layer_scores_every_round(tiny_teacher
     assert cost["swaps_between"] == len(set(cost["top_k_full_budget"]) - set(cost["top_k_at_stop"]))
 
 
-def test_live_racing_schedules_no_further_rounds_for_raced_out_layers(tiny_teacher_dir, tmp_path):
+def test_live_racing_schedules_no_further_rounds_for_raced_out_layers_and_a_reference_run_replays_it(tiny_teacher_dir, tmp_path):
     # 4 rounds of one step, K = 1, keep 2 layers from the first round on; a window of 10 never fires in 4 rounds
     config = tiny_config(tiny_teacher_dir, **{"scoring.early_stop.window": 10,
                                               "scoring.racing": {"enabled": True, "from_fraction": 0.25,
@@ -138,6 +138,18 @@ def test_live_racing_schedules_no_further_rounds_for_raced_out_layers(tiny_teach
     with open(root / "selection" / "importance.csv") as handle:
         ranked = sorted(csv.DictReader(handle), key=lambda row: int(row["rank"]))
     assert {int(row["layer"]) for row in ranked[:2]} == set(first["racing"])
+
+    # a reference run (one job per layer, every round) replays the same race in its decisions, so a replay of
+    # recorded scores stands for a live run (docs/results/racing_replay/)
+    config["scoring"]["early_stop"]["enabled"] = False
+    result = run_snakemake(tmp_path / "reference", config, "results/tiny/gdn/selection/early_stop.json")
+    assert result.returncode == 0, result.stderr[-5000:]
+    reference = tmp_path / "reference" / "results" / "tiny" / "gdn" / "selection" / "rounds"
+    for r in range(4):
+        live = json.loads((root / "selection" / "rounds" / f"round{r}.json").read_text())
+        replayed = json.loads((reference / f"round{r}.json").read_text())
+        assert {key: replayed[key] for key in ("racing", "top_k", "tokens", "mean_jaccard")} == \
+            {key: live[key] for key in ("racing", "top_k", "tokens", "mean_jaccard")}
 
 
 ALL_SELECTORS = ["ga_s2", "ga_s1", "gr_s1", "avg_s1", "gr_s2", "avg_s2", "uniform", "random", "act_mse", "lm_ppl",
