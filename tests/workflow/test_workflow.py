@@ -93,39 +93,21 @@ def test_whole_dag_runs_end_to_end(tiny_teacher_dir, tmp_path):
     assert list((root / "report" / "tables").glob("*.tex"))
 
 
-def test_without_the_live_rule_one_job_per_layer_scores_every_round(tiny_teacher_dir, tmp_path):
-    config = tiny_config(tiny_teacher_dir, **{"scoring.early_stop.enabled": False})
-    result = run_snakemake(tmp_path / "run", config, "results/tiny/gdn/selection/early_stop.json")
-    assert result.returncode == 0, result.stderr[-5000:]
-    root = tmp_path / "run" / "results" / "tiny"
-    logs = sorted(path.name for path in (root / "logs" / "gdn" / "score_layer").iterdir())
-    assert logs == [f"layer{layer}_all_rounds.log" for layer in range(4)]  # no job per round
-    checks = sorted(path.name for path in (root / "logs" / "gdn" / "check_early_stop").iterdir())
-    assert checks == ["all_rounds.log"]  # and no checkpoint per round: nothing is decided live
-    decisions = [json.loads((root / "gdn" / "selection" / "rounds" / f"round{r}.json").read_text()) for r in range(4)]
-    assert [d["stop"] for d in decisions] == [False, False, False, True]
-    for layer in range(4):
-        swap = root / "gdn" / "swap" / f"layer{layer}"
-        steps = [json.loads((swap / f"round{r}.json").read_text())["step"] for r in range(4)]
-        assert steps == [1, 2, 3, 4]
-        assert not (swap / "stage2" / "state").exists()
-    early_stop = json.loads((root / "gdn" / "selection" / "early_stop.json").read_text())
-    assert early_stop["stopped_at_round"] == 3 and not early_stop["enabled"]
-    cost = early_stop["selection_cost"]
-    assert cost["top_k_full_budget"] == early_stop["rounds"][3]["top_k"]
-    assert cost["top_k_at_stop"] == early_stop["rounds"][cost["stop_round"]]["top_k"]
-    assert cost["swaps_between"] == len(set(cost["top_k_full_budget"]) - set(cost["top_k_at_stop"]))
+# 4 rounds of one step, K = 1, keep 2 layers from the first round on; a window of 10 never fires in 4 rounds
+RACING = {"scoring.early_stop.window": 10, "scoring.racing": {"enabled": True, "from_fraction": 0.25, "keep_factor": 2}}
 
 
-def test_live_racing_schedules_no_further_rounds_for_raced_out_layers_and_a_reference_run_replays_it(tiny_teacher_dir, tmp_path):
-    # 4 rounds of one step, K = 1, keep 2 layers from the first round on; a window of 10 never fires in 4 rounds
-    config = tiny_config(tiny_teacher_dir, **{"scoring.early_stop.window": 10,
-                                              "scoring.racing": {"enabled": True, "from_fraction": 0.25,
-                                                                 "keep_factor": 2}})
-    result = run_snakemake(tmp_path / "run", config, "results/tiny/gdn/selection/early_stop.json",
-                           "results/tiny/gdn/selection/importance.csv")
+@pytest.fixture(scope="module")
+def live_racing_run(tiny_teacher_dir, tmp_path_factory) -> Path:
+    workdir = tmp_path_factory.mktemp("live_racing")
+    result = run_snakemake(workdir, tiny_config(tiny_teacher_dir, **RACING),
+                           "results/tiny/gdn/selection/early_stop.json", "results/tiny/gdn/selection/importance.csv")
     assert result.returncode == 0, result.stderr[-5000:]
-    root = tmp_path / "run" / "results" / "tiny" / "gdn"
+    return workdir / "results" / "tiny" / "gdn"
+
+
+def test_live_racing_schedules_no_further_rounds_for_raced_out_layers(live_racing_run):
+    root = live_racing_run
     first = json.loads((root / "selection" / "rounds" / "round0.json").read_text())
     assert len(first["racing"]) == 2
     for layer in range(4):
@@ -139,17 +121,36 @@ def test_live_racing_schedules_no_further_rounds_for_raced_out_layers_and_a_refe
         ranked = sorted(csv.DictReader(handle), key=lambda row: int(row["rank"]))
     assert {int(row["layer"]) for row in ranked[:2]} == set(first["racing"])
 
-    # a reference run (one job per layer, every round) replays the same race in its decisions, so a replay of
-    # recorded scores stands for a live run (docs/results/racing_replay/)
-    config["scoring"]["early_stop"]["enabled"] = False
-    result = run_snakemake(tmp_path / "reference", config, "results/tiny/gdn/selection/early_stop.json")
+
+def test_without_the_live_rule_one_job_per_layer_scores_every_round_and_replays_the_race(
+        tiny_teacher_dir, tmp_path, live_racing_run):
+    config = tiny_config(tiny_teacher_dir, **RACING, **{"scoring.early_stop.enabled": False})
+    result = run_snakemake(tmp_path / "run", config, "results/tiny/gdn/selection/early_stop.json")
     assert result.returncode == 0, result.stderr[-5000:]
-    reference = tmp_path / "reference" / "results" / "tiny" / "gdn" / "selection" / "rounds"
-    for r in range(4):
-        live = json.loads((root / "selection" / "rounds" / f"round{r}.json").read_text())
-        replayed = json.loads((reference / f"round{r}.json").read_text())
+    root = tmp_path / "run" / "results" / "tiny"
+    logs = sorted(path.name for path in (root / "logs" / "gdn" / "score_layer").iterdir())
+    assert logs == [f"layer{layer}_all_rounds.log" for layer in range(4)]  # no job per round
+    checks = sorted(path.name for path in (root / "logs" / "gdn" / "check_early_stop").iterdir())
+    assert checks == ["all_rounds.log"]  # and no checkpoint per round: nothing is decided live
+    decisions = [json.loads((root / "gdn" / "selection" / "rounds" / f"round{r}.json").read_text()) for r in range(4)]
+    assert [d["stop"] for d in decisions] == [False, False, False, True]
+    for layer in range(4):  # the reference run trains every layer in full, raced out or not
+        swap = root / "gdn" / "swap" / f"layer{layer}"
+        steps = [json.loads((swap / f"round{r}.json").read_text())["step"] for r in range(4)]
+        assert steps == [1, 2, 3, 4]
+        assert not (swap / "stage2" / "state").exists()
+    # its decisions replay the live race exactly, so a replay of recorded scores stands for a live run
+    for r, replayed in enumerate(decisions):
+        live = json.loads((live_racing_run / "selection" / "rounds" / f"round{r}.json").read_text())
         assert {key: replayed[key] for key in ("racing", "top_k", "tokens", "mean_jaccard")} == \
             {key: live[key] for key in ("racing", "top_k", "tokens", "mean_jaccard")}
+    early_stop = json.loads((root / "gdn" / "selection" / "early_stop.json").read_text())
+    assert early_stop["stopped_at_round"] == 3 and not early_stop["enabled"]
+    cost = early_stop["selection_cost"]
+    assert cost["top_k_full_budget"] == decisions[3]["top_k_as_scored"]  # every layer's own last score
+    assert cost["top_k_at_stop"] == early_stop["rounds"][cost["stop_round"]]["top_k"]
+    assert cost["swaps_between"] == len(set(cost["top_k_full_budget"]) - set(cost["top_k_at_stop"]))
+    assert early_stop["tokens_spent"] == 4 * 4 * 64 and cost["stage2_tokens_to_stop"] == (4 + 2 * 3) * 64
 
 
 ALL_SELECTORS = ["ga_s2", "ga_s1", "gr_s1", "avg_s1", "gr_s2", "avg_s2", "uniform", "random", "act_mse", "lm_ppl",
