@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 
 from hybrid_distill.config.load import load_config
-from hybrid_distill.select.rounds import decide_round, summarise_early_stop
+from hybrid_distill.select.rounds import decide_every_round, summarise_early_stop
 
 
 def grid_from_run(run_dir: Path) -> tuple[list[list[float]], list[int], int]:
@@ -66,10 +66,11 @@ def replay(config: dict, kl: list[list[float]], steps: list[int], tokens_per_ste
                                             "budget_exhausted": r == rounds - 1}))
                 paths.append(path)
             files.append(paths)
+        decision_files = [Path(scratch) / f"decision{r}.json" for r in range(rounds)]
         decisions = []
-        for r in range(rounds):
-            decisions.append(Path(scratch) / f"decision{r}.json")
-            if decide_round(config, files[:r + 1], k, rounds, decisions[-1])["stop"]:
+        for path, decision in zip(decision_files, decide_every_round(config, files, k, rounds, decision_files)):
+            decisions.append(path)
+            if decision["stop"]:
                 break
         summarise_early_stop(config, decisions, files[:len(decisions)], num_layers * steps[-1] * tokens_per_step,
                              out / "early_stop.json")

@@ -91,7 +91,7 @@ def _rounds(args) -> list[list[Path]]:
 
 
 def step_check_round(args):
-    from hybrid_distill.select.rounds import decide_round
+    from hybrid_distill.select.rounds import decide_every_round, decide_round
 
     rounds, config = _rounds(args), _config(args)
     if len(args.out) == 1:
@@ -99,8 +99,8 @@ def step_check_round(args):
         return
     if len(args.out) != len(rounds):
         raise SystemExit(f"check-round: {len(args.out)} decision files for {len(rounds)} rounds of scores")
-    for last, out in enumerate(args.out):  # every round's decision, as the live checkpoints make them
-        decide_round(config, rounds[:last + 1], args.k, args.max_rounds, out)
+    for _ in decide_every_round(config, rounds, args.k, args.max_rounds, args.out):
+        pass
 
 
 def step_rank_layers(args):

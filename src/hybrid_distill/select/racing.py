@@ -55,8 +55,8 @@ def run_race(kl_grid: list[list[float]], token_grid: list[list[int]], keep: int 
 
 def racing_settings(config: dict, k: int) -> tuple[int | None, int]:
     """(keep, from_tokens) from `scoring.racing`; keep None when racing is off."""
-    race = config["scoring"].get("racing") or {}
-    if not race.get("enabled", False):
+    race = config["scoring"]["racing"]
+    if not race["enabled"]:
         return None, 0
     from_tokens = int(race["from_fraction"] * config["scoring"]["stage2"]["tokens"])
     return race["keep_factor"] * k, from_tokens

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 from hybrid_distill.distill.atomic import drop_training_state, write_json, write_text_atomic
 from hybrid_distill.select.early_stop import early_stop_decision
 from hybrid_distill.select.importance import importance_csv
 from hybrid_distill.select.layer_sets import top_k_layers
-from hybrid_distill.select.racing import RaceRound, racing_settings, run_race
+from hybrid_distill.select.racing import racing_settings, run_race
 from hybrid_distill.select.score_files import read_score
 
 log = logging.getLogger(__name__)
@@ -26,19 +27,30 @@ def read_grid(round_files: list[list[Path]]) -> tuple[list[list[dict]], list[lis
     return scores, kl, tokens
 
 
-def snapshot_sets(race: list[RaceRound], k: int) -> list[set[int]]:
-    """Top-K set of every round, a dropped layer counting with its last score."""
-    return [set(top_k_layers({i: -value for i, value in enumerate(entry.kl)}, k)) for entry in race]
+def lowest_kl_layers(kl: list[float], k: int) -> list[int]:
+    return top_k_layers([-value for value in kl], k)
 
 
 def decide_round(config: dict, round_files: list[list[Path]], k: int, max_rounds: int, out_json: Path) -> dict:
     """The live early-stop decision after the last round in `round_files`: schedule another round or not, and
     for whom (`racing`). round_files[r] lists one score file per layer; a layer out of the race repeats its last."""
+    return _decide(config, round_files, *read_grid(round_files), k, max_rounds, out_json)
+
+
+def decide_every_round(config: dict, round_files: list[list[Path]], k: int, max_rounds: int,
+                       outs: list[Path]) -> Iterator[dict]:
+    """Round r's decision into outs[r], in turn, as the live checkpoints make them; the files are read once."""
+    grids = read_grid(round_files)
+    for last, out in enumerate(outs):
+        yield _decide(config, round_files[:last + 1], *(grid[:last + 1] for grid in grids), k, max_rounds, out)
+
+
+def _decide(config: dict, round_files: list[list[Path]], scores: list[list[dict]], kl: list[list[float]],
+            tokens: list[list[int]], k: int, max_rounds: int, out_json: Path) -> dict:
     rule = config["scoring"]["early_stop"]
-    scores, kl, tokens = read_grid(round_files)
     keep, from_tokens = racing_settings(config, k)
     race = run_race(kl, tokens, keep, from_tokens)
-    sets = snapshot_sets(race, k)
+    sets = [set(lowest_kl_layers(entry.kl, k)) for entry in race]  # a dropped layer counts with its last score
     decision = early_stop_decision(sets, k, window=rule["window"], min_mean_jaccard=rule["min_mean_jaccard"],
                                    min_backbone=rule["min_backbone"], max_union=rule["max_union"])
     current = len(sets) - 1
@@ -50,7 +62,7 @@ def decide_round(config: dict, round_files: list[list[Path]], k: int, max_rounds
                "mean_jaccard": decision["mean_jaccard"], "backbone": decision["backbone"],
                "union": decision["union"], "max_rounds": max_rounds, "tokens": race[-1].tokens,
                "racing": sorted(race[-1].racing),
-               "top_k_as_scored": top_k_layers({i: -value for i, value in enumerate(kl[-1])}, k)}
+               "top_k_as_scored": lowest_kl_layers(kl[-1], k)}
     write_json(out_json, payload)
     every_layer = frozenset(range(len(kl[-1])))
     left = every_layer if stop else (race[-2].racing if current else every_layer) - race[-1].racing
