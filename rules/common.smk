@@ -74,6 +74,9 @@ def _steps(stage):
 SCORING_STEPS = _steps(config["scoring"]["stage2"])
 SNAPSHOT_EVERY = config["scoring"]["snapshot_every"]
 MAX_ROUNDS = math.ceil(SCORING_STEPS / SNAPSHOT_EVERY)
+ROUNDS_PER_JOB = config["scoring"]["snapshots_per_job"]
+# A live scoring job trains ROUNDS_PER_JOB rounds; its file and its checkpoint are named by the last of them.
+JOB_ENDS = [min(end, MAX_ROUNDS) - 1 for end in range(ROUNDS_PER_JOB, MAX_ROUNDS + ROUNDS_PER_JOB, ROUNDS_PER_JOB)]
 LIVE_EARLY_STOP = config["scoring"]["early_stop"]["enabled"]
 LIVE_RACING = LIVE_EARLY_STOP and config["scoring"]["racing"]["enabled"]  # a reference run only replays the race
 SCORING_FULL_TOKENS = NUM_LAYERS * SCORING_STEPS * config["scoring"]["stage2"]["micro_batch_size"] \
@@ -160,13 +163,12 @@ def final_round(wildcards):
     Without the live rule every round runs, and no checkpoint is needed to know it."""
     if not LIVE_EARLY_STOP:
         return MAX_ROUNDS - 1
-    round = 0
-    while True:
+    for round in JOB_ENDS:
         decision = checkpoints.check_early_stop.get(mixer=wildcards.mixer, round=round).output[0]
         with open(decision) as handle:
             if json.load(handle)["stop"]:
                 return round
-        round += 1
+    raise WorkflowError(f"{decision}: the last scoring round did not stop scoring; delete it to decide again")
 
 
 def hybrid_models(mixer):
@@ -211,9 +213,15 @@ def teacher_cache_option(wildcards, input):
     return f"--teacher-cache {input.teacher_cache[0]}" if input.teacher_cache else ""
 
 
+def live_job_ends(last):
+    """The rounds that end live scoring jobs, up to `last`."""
+    return [end for end in JOB_ENDS if end <= last]
+
+
 def previous_round(wildcards):
-    round = int(wildcards.round)
-    return [swap_score(wildcards.mixer, wildcards.layer, round - 1)] if round > 0 else []
+    """A live scoring job resumes where the layer's previous job ended."""
+    earlier = live_job_ends(int(wildcards.round) - 1)
+    return [swap_score(wildcards.mixer, wildcards.layer, earlier[-1])] if earlier else []
 
 
 _RACING_AFTER = {}  # (mixer, round) -> layers its decision kept racing; a finished checkpoint never changes
@@ -231,17 +239,18 @@ def last_raced_round(mixer, layer, round):
     and a dropped layer's last score file stands for it in every later round's grid."""
     if not LIVE_RACING:
         return round
-    for earlier in range(round):
+    for earlier in live_job_ends(round - 1):
         if layer not in racing_after(mixer, earlier):
             return earlier
     return round
 
 
 def rounds_so_far(wildcards):
-    """The score grid a decision reads: round-major, one file per layer (a raced-out layer repeats its last)."""
-    last = int(wildcards.round) if LIVE_EARLY_STOP else MAX_ROUNDS - 1
+    """The score grid a decision reads: one row of files per live job (each holds its rounds) or per round of a
+    reference run, one file per layer (a raced-out layer repeats its last)."""
+    rows = live_job_ends(int(wildcards.round)) if LIVE_EARLY_STOP else range(MAX_ROUNDS)
     return [swap_score(wildcards.mixer, layer, last_raced_round(wildcards.mixer, layer, round))
-            for round in range(last + 1) for layer in LAYERS]
+            for round in rows for layer in LAYERS]
 
 
 def final_scores(wildcards):
@@ -250,7 +259,8 @@ def final_scores(wildcards):
 
 
 def all_decisions(wildcards):
-    return [round_decision(wildcards.mixer, round) for round in range(final_round(wildcards) + 1)]
+    rounds = live_job_ends(final_round(wildcards)) if LIVE_EARLY_STOP else range(MAX_ROUNDS)
+    return [round_decision(wildcards.mixer, round) for round in rounds]
 
 
 SIGNAL_SOURCES = {

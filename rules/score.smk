@@ -1,5 +1,7 @@
-# Phase 3: one-swap scoring. Each layer's stage 2 advances in rounds of `snapshot_every` steps; after every
-# round a checkpoint applies the rolling-Jaccard rule and decides whether the next round is scheduled.
+# Phase 3: one-swap scoring. Each layer's stage 2 advances in rounds of `snapshot_every` steps, a held-out KL
+# snapshot at the end of each; a live job trains `snapshots_per_job` rounds and is named by its last. After every
+# such job a checkpoint applies the rolling-Jaccard rule to every round so far and decides whether (and for which
+# layers, with racing) the next job is scheduled.
 # With scoring.early_stop.enabled: false (a reference run) nothing is decided live: one job per layer scores
 # every round, one job applies the rule to every round, and early_stop.json says where it would have stopped.
 
@@ -34,7 +36,7 @@ if config["scoring"]["early_stop"]["enabled"]:
         shell:
             "{params.launch} --threads {threads} distill-stage2 --config {input.config} --stage scoring.stage2 --teacher {input.teacher}"
             " --data {params.data} --init {params.init} --softmax-layers {wildcards.layer} --out {params.out} {params.cache}"
-            " --stop-after-step {params.stop} --score-out {output} --no-model 2> {log}"
+            " --stop-after-step {params.stop} --score-out {output} --score-job-rounds --no-model 2> {log}"
 
     checkpoint check_early_stop:
         input:

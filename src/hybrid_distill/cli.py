@@ -61,7 +61,7 @@ def step_distill_stage2(args):
         softmax_layers = read_selection(args.selection)
     distill_stage2(_config(args), args.stage, args.teacher, args.data, args.init, softmax_layers, args.out,
                    stop_after_step=args.stop_after_step, score_path=args.score_out, save_model=not args.no_model,
-                   teacher_cache=args.teacher_cache, rounds_dir=args.score_rounds_dir)
+                   teacher_cache=args.teacher_cache, rounds_dir=args.score_rounds_dir, job_rounds=args.score_job_rounds)
 
 
 def step_cache_teacher(args):
@@ -187,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--score-out", type=Path, default=None, help="write the held-out KL score here")
     p.add_argument("--score-rounds-dir", type=Path, default=None,
                    help="score every round (DIR/round{r}.json every scoring.snapshot_every steps) in this one job")
+    p.add_argument("--score-job-rounds", action="store_true",
+                   help="a live one-swap job: --score-out carries every round this job trains (scoring.snapshots_per_job)")
     p.add_argument("--no-model", action="store_true", help="keep only the training state, save no model")
     p.add_argument("--teacher-cache", type=Path, default=None,
                    help="the teacher's cached hidden states (cache-teacher's --out) for the rows it holds")

@@ -43,7 +43,7 @@ def test_keep_must_be_at_least_one_layer():
 
 def config(racing: bool, stage2_tokens: int = 40) -> dict:
     return {"distill": {"stage1": {"tokens": 5}, "stage2": {"tokens": 100}},
-            "scoring": {"stage2": {"tokens": stage2_tokens},
+            "scoring": {"stage2": {"tokens": stage2_tokens}, "snapshots_per_job": 1,
                         "racing": {"enabled": racing, "from_fraction": 0.5, "keep_factor": 2},
                         "early_stop": {"enabled": False, "window": 10, "min_mean_jaccard": 0.9,
                                        "min_backbone": None, "max_union": None}}}
@@ -60,7 +60,7 @@ def write_grid(tmp_path, kl, tokens):
         row = []
         for layer, (value, spent) in enumerate(zip(kl_row, token_row)):
             path = tmp_path / f"layer{layer}" / f"round{r}.json"
-            path.parent.mkdir(exist_ok=True)
+            path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps({"heldout_kl": value, "tokens": spent, "step": spent // 10}))
             row.append(path)
         files.append(row)
@@ -75,7 +75,7 @@ def test_a_reference_run_replays_the_race_in_its_decisions_and_reports_the_true_
     assert [d["tokens"] for d in decisions] == [40, 80, 100]
     assert decisions[-1]["top_k"] == [0]               # layer 3 raced out at 3.5
     assert decisions[-1]["top_k_as_scored"] == [3]     # the reference run trained it on to 0.1
-    cost = selection_cost(config(racing=True), decisions, num_layers=4, tokens_spent=120, tokens_full_budget=120)
+    cost = selection_cost(config(racing=True), decisions[-1], num_layers=4, tokens_spent=120, tokens_full_budget=120)
     assert cost["tokens_to_stop"] == 5 + 100
     assert cost["top_k_at_stop"] == [0] and cost["top_k_full_budget"] == [3] and cost["swaps_between"] == 1
 
@@ -95,3 +95,61 @@ def test_replaying_the_same_set_run_reproduces_its_device_decisions(tmp_path):
     assert [r["top_k"] for r in replayed["rounds"]] == [r["top_k"] for r in recorded["rounds"]]
     assert replayed["fired_round"] == recorded["fired_round"] == 27
     assert replayed["selection_cost"] == recorded["selection_cost"]
+
+
+def test_racing_drops_layers_only_where_a_live_job_ends():
+    # 2 rounds per job: round 1 ends the first job, so nothing is dropped at round 0 even past from_tokens
+    race = run_race(KL, TOKENS, keep=2, from_tokens=10, rounds_per_job=2)
+    assert [entry.racing for entry in race] == [{0, 1, 2, 3}, {0, 1}, {0, 1}]
+    assert run_race(KL, TOKENS, keep=2, from_tokens=10)[0].racing == {0, 1}
+
+
+def job_file(path, rounds):
+    """A live job's score file: its last round's score, and every round it trained in `snapshots`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({**rounds[-1], "snapshots": rounds}))
+    return path
+
+
+def test_live_jobs_of_several_rounds_decide_as_one_round_per_job_would(tmp_path):
+    """Two rounds per job: the decision after the second job equals the decision every round's files give."""
+    cfg = config(racing=True)
+    cfg["scoring"]["snapshots_per_job"] = 2
+    per_round = write_grid(tmp_path / "rounds", KL, TOKENS)
+    score = lambda r, layer: json.loads(per_round[r][layer].read_text())  # noqa: E731
+    first = [job_file(tmp_path / "jobs" / f"layer{layer}" / "round1.json", [score(0, layer), score(1, layer)])
+             for layer in range(4)]
+    # the first job's end drops layers 2 and 3 (20 tokens each); only layers 0 and 1 train round 2
+    second = [job_file(tmp_path / "jobs" / f"layer{layer}" / "round2.json", [score(2, layer)]) for layer in (0, 1)]
+    live = decide_round(cfg, [first, second + first[2:]], k=1, max_rounds=3, out_json=tmp_path / "live.json")
+    replayed = [decide_round(cfg, per_round[:r + 1], k=1, max_rounds=3, out_json=tmp_path / f"r{r}.json")
+                for r in range(3)][-1]
+    assert live["round"] == 2 and live["history"] == replayed["history"]
+    assert live["racing"] == replayed["racing"] == [0, 1] and live["tokens"] == 100
+    assert [entry["racing_layers"] for entry in live["history"]] == [4, 2, 2]
+
+
+def test_a_job_file_missing_one_of_its_rounds_is_named(tmp_path):
+    cfg = config(racing=False)
+    whole = [job_file(tmp_path / f"layer{layer}" / "round1.json",
+                      [{"heldout_kl": 1.0, "tokens": 10, "step": 1}, {"heldout_kl": 0.5, "tokens": 20, "step": 2}])
+             for layer in range(2)]
+    short = job_file(tmp_path / "layer2" / "round1.json", [{"heldout_kl": 0.5, "tokens": 20, "step": 2}])
+    with pytest.raises(ValueError, match="layer2/round1.json holds 1 rounds"):
+        decide_round(cfg, [[*whole, short]], k=1, max_rounds=3, out_json=tmp_path / "d.json")
+
+
+def test_the_rule_stops_a_live_run_at_the_end_of_the_job_in_which_it_fired(tmp_path):
+    cfg = config(racing=False)
+    cfg["scoring"]["early_stop"].update(enabled=True, window=2, min_mean_jaccard=1.0)
+    cfg["scoring"]["snapshots_per_job"] = 2
+    stable = [[0.1, 1.0, 2.0, 3.0]] * 4
+    files = write_grid(tmp_path, stable, [[10 * (r + 1)] * 4 for r in range(4)])
+    decisions = [decide_round(cfg, files[:r + 1], k=1, max_rounds=4, out_json=tmp_path / f"d{r}.json")
+                 for r in range(4)]
+    assert decisions[1]["fired_round"] == 1 and decisions[1]["stop_round"] == 1 and decisions[1]["stop"]
+    cfg["scoring"]["early_stop"]["window"] = 3   # fires at round 2, inside the job of rounds 2-3
+    decisions = [decide_round(cfg, files[:r + 1], k=1, max_rounds=4, out_json=tmp_path / f"d{r}.json")
+                 for r in range(4)]
+    assert [d["stop"] for d in decisions] == [False, False, False, True]
+    assert decisions[3]["fired_round"] == 2 and decisions[3]["stop_round"] == 3

@@ -122,6 +122,32 @@ def test_live_racing_schedules_no_further_rounds_for_raced_out_layers(live_racin
     assert {int(row["layer"]) for row in ranked[:2]} == set(first["racing"])
 
 
+def test_live_jobs_of_two_rounds_halve_the_jobs_and_race_where_a_job_ends(tiny_teacher_dir, tmp_path, live_racing_run):
+    config = tiny_config(tiny_teacher_dir, **RACING, **{"scoring.snapshots_per_job": 2})
+    result = run_snakemake(tmp_path / "run", config, "results/tiny/gdn/selection/early_stop.json")
+    assert result.returncode == 0, result.stderr[-5000:]
+    root = tmp_path / "run" / "results" / "tiny"
+    checks = sorted(path.name for path in (root / "logs" / "gdn" / "check_early_stop").iterdir())
+    assert checks == ["round1.log", "round3.log"]  # one checkpoint per job, not per round
+    first = json.loads((root / "gdn" / "selection" / "rounds" / "round1.json").read_text())
+    assert len(first["racing"]) == 2  # dropped at the first job's end (round 1), not at round 0
+    assert first["history"][0]["racing_layers"] == 4
+    for layer in range(4):
+        swap = root / "gdn" / "swap" / f"layer{layer}"
+        files = sorted(path.name for path in swap.glob("round*.json"))
+        assert files == (["round1.json", "round3.json"] if layer in first["racing"] else ["round1.json"])
+        for name in files:  # each job's rounds score as the run with a job per round scored them
+            for snapshot in json.loads((swap / name).read_text())["snapshots"]:
+                assert snapshot["step"] == snapshot["round"] + 1
+                per_round = live_racing_run / "swap" / f"layer{layer}" / f"round{snapshot['round']}.json"
+                if per_round.exists():  # that run trained this layer this far too
+                    assert snapshot["heldout_kl"] == json.loads(per_round.read_text())["heldout_kl"]
+    early_stop = json.loads((root / "gdn" / "selection" / "early_stop.json").read_text())
+    assert [entry["round"] for entry in early_stop["rounds"]] == [0, 1, 2, 3]
+    assert [entry["racing_layers"] for entry in early_stop["rounds"]] == [4, 2, 2, 2]
+    assert early_stop["tokens_spent"] == (2 * 2 + 2 * 4) * 64 and early_stop["snapshots_per_job"] == 2
+
+
 def test_without_the_live_rule_one_job_per_layer_scores_every_round_and_replays_the_race(
         tiny_teacher_dir, tmp_path, live_racing_run):
     config = tiny_config(tiny_teacher_dir, **RACING, **{"scoring.early_stop.enabled": False})

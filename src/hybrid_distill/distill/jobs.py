@@ -1,6 +1,7 @@
 """Distillation jobs as the workflow runs them: load inputs, build the objective, train, write outputs last."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -70,7 +71,7 @@ def stage2_objective(distill: dict, student, teacher, trainable: str, cache=None
 def distill_stage2(config: dict, stage_key: str, teacher_dir: Path, data_dir: Path, init_dir: Path,
                    softmax_layers: list[int], out_dir: Path, stop_after_step: int | None = None,
                    score_path: Path | None = None, save_model: bool = True, teacher_cache: Path | None = None,
-                   rounds_dir: Path | None = None) -> dict:
+                   rounds_dir: Path | None = None, job_rounds: bool = False) -> dict:
     """Stage 2 from a stage-1 student with `softmax_layers` restored to the teacher's attention.
 
     Serves every stage-2 job: all-linear, one-swap rounds (stop_after_step + score_path, no model), greedy
@@ -79,7 +80,11 @@ def distill_stage2(config: dict, stage_key: str, teacher_dir: Path, data_dir: Pa
     `rounds_dir` scores every round of a one-swap run in this one job (`round{r}.json`, r = 0, 1, ... every
     `scoring.snapshot_every` steps), the scores the live rounds would write, for runs without the early stop:
     it starts from `init_dir` (a kept state would skip rounds whose files a failed attempt lost) and keeps no state.
+    `job_rounds` (a live one-swap job, with score_path) scores each round it trains and writes them all into
+    score_path (`LiveRounds`), so one job can serve several of the live rule's rounds.
     """
+    if job_rounds and score_path is None:
+        raise ValueError("job_rounds writes its rounds into score_path; give one")
     if rounds_dir is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError("scoring.early_stop.enabled: false scores every round in one job, whose rounds are counted "
                          "in one process's steps; launch score_layer with one process (gpu: 1)")
@@ -106,15 +111,20 @@ def distill_stage2(config: dict, stage_key: str, teacher_dir: Path, data_dir: Pa
         return score
 
     every = config["scoring"]["snapshot_every"]
+    live_rounds = LiveRounds(out_dir, every, config["scoring"]["snapshots_per_job"]) if job_rounds else None
 
     def write_round(snapshot) -> None:  # round r ends at step min((r + 1) x every, last step)
-        write_json(Path(rounds_dir) / f"round{-(-snapshot.step // every) - 1}.json", score_of(snapshot, with_kl=True))
+        score = score_of(snapshot, with_kl=True)
+        if rounds_dir is not None:
+            write_json(Path(rounds_dir) / f"round{round_of(snapshot.step, every)}.json", score)
+        else:
+            live_rounds.keep(snapshot.step, score)
     if rounds_dir is not None:
         drop_training_state(out_dir)
     result = train(objective, train_data, settings, out_dir, stop_after_step=stop_after_step,
-                   description=f"stage2 {out_dir.parent.name}/{out_dir.name}",
-                   snapshot_every=every, on_snapshot=None if rounds_dir is None else write_round)
-    score = score_of(result, with_kl=score_path is not None)
+                   description=f"stage2 {out_dir.parent.name}/{out_dir.name}", snapshot_every=every,
+                   on_snapshot=None if rounds_dir is None and live_rounds is None else write_round)
+    score = live_rounds.job_score(result.step) if live_rounds else score_of(result, with_kl=score_path is not None)
     if score_path is not None:
         write_json(score_path, score)
     if save_model:
@@ -122,6 +132,39 @@ def distill_stage2(config: dict, stage_key: str, teacher_dir: Path, data_dir: Pa
     if save_model or rounds_dir is not None:
         drop_training_state(out_dir)
     return score
+
+
+def round_of(step: int, every: int) -> int:
+    """Scoring round r ends at step min((r + 1) x every, last step)."""
+    return -(-step // every) - 1
+
+
+class LiveRounds:
+    """The rounds a live one-swap job scores (`scoring.snapshots_per_job` of them), for its one score file.
+
+    Each round's score is also kept beside the layer's training state (`rounds.json`), so a job resumed from a
+    state saved mid-job still reports the rounds it scored before it was stopped.
+    """
+
+    def __init__(self, out_dir: Path, every: int, per_job: int):
+        self.path, self.every, self.per_job = Path(out_dir) / "rounds.json", every, per_job
+        kept = json.loads(self.path.read_text()) if self.path.exists() else {}
+        self.scores = {int(r): score for r, score in kept.items()}
+
+    def keep(self, step: int, score: dict) -> None:
+        self.scores[round_of(step, self.every)] = score
+        if int(os.environ.get("RANK", "0")) == 0:  # every process holds the same scores; one writes them
+            write_json(self.path, {str(r): score for r, score in sorted(self.scores.items())})
+
+    def job_score(self, step: int) -> dict:
+        """The last round's score, with every round of this job in `snapshots` (the decision reads them all)."""
+        last = round_of(step, self.every)
+        rounds = range(last // self.per_job * self.per_job, last + 1)
+        missing = [r for r in rounds if r not in self.scores]
+        if missing:
+            raise RuntimeError(f"{self.path}: rounds {missing} of this job were never scored (its state outlived "
+                               f"their scores); delete {self.path.parent / 'state'} to retrain the layer from step 0")
+        return {**self.scores[last], "snapshots": [{**self.scores[r], "round": r} for r in rounds]}
 
 
 def cache_identity(teacher_dir: Path, teacher, data: PackedTokens) -> dict:

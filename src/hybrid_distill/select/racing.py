@@ -25,12 +25,13 @@ class RaceRound:
 
 
 def run_race(kl_grid: list[list[float]], token_grid: list[list[int]], keep: int | None,
-             from_tokens: int) -> list[RaceRound]:
-    """Replay the race over rounds; kl_grid[r][l] and token_grid[r][l] are layer l's score file at round r.
+             from_tokens: int, rounds_per_job: int = 1) -> list[RaceRound]:
+    """Replay the race over rounds; kl_grid[r][l] and token_grid[r][l] are layer l's score at round r.
 
-    `keep` None = no racing (every layer trains every round). A round drops layers once its racing layers have
-    trained at least `from_tokens` each. Where a dropped layer has a file for a later round (a reference run),
-    that later file is ignored, so the result equals what the live race would have seen.
+    `keep` None = no racing (every layer trains every round). A round that ends a live scoring job (every
+    `rounds_per_job`-th) drops layers once its racing layers have trained at least `from_tokens` each; a job
+    trains its rounds whatever they show. Where a dropped layer has a score for a later round (a reference run),
+    that later score is ignored, so the result equals what the live race would have seen.
     """
     num_layers = len(kl_grid[0])
     if keep is not None and keep < 1:
@@ -46,7 +47,7 @@ def run_race(kl_grid: list[list[float]], token_grid: list[list[int]], keep: int 
         kl = [kl_grid[last_round[layer]][layer] for layer in range(num_layers)]
         tokens = sum(token_grid[last_round[layer]][layer] for layer in range(num_layers))
         trained = min(token_grid[r][layer] for layer in racing)
-        if keep is not None and trained >= from_tokens:
+        if keep is not None and trained >= from_tokens and (r + 1) % rounds_per_job == 0:
             ranking = ranking_from_importance({layer: -value for layer, value in enumerate(kl)})
             racing -= set(ranking[keep:])
         rounds.append(RaceRound(kl=kl, tokens=tokens, racing=frozenset(racing)))

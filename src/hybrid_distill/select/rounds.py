@@ -14,15 +14,31 @@ from hybrid_distill.select.early_stop import early_stop_decision
 from hybrid_distill.select.importance import importance_csv
 from hybrid_distill.select.layer_sets import top_k_layers
 from hybrid_distill.select.racing import racing_settings, run_race
-from hybrid_distill.select.score_files import read_score
+from hybrid_distill.select.score_files import ScoreFileError, read_score
 
 log = logging.getLogger(__name__)
 
 
 def read_grid(round_files: list[list[Path]]) -> tuple[list[list[dict]], list[list[float]], list[list[int]]]:
-    """Every layer's score at every round, and its held-out KL and tokens trained, as grids [round][layer]."""
-    scores = [[read_score(path) for path in files] for files in round_files]
-    kl = [[score["heldout_kl"] for score in row] for row in scores]
+    """Every layer's score at every round, and its held-out KL and tokens trained, as grids [round][layer].
+
+    round_files[i] lists one score file per layer. A file written by a live job that trained several rounds
+    (`scoring.snapshots_per_job`) carries each of its rounds' scores (`snapshots`) and stands for all of them; a
+    raced-out layer's file, repeated from an earlier job, counts with its last score in each of them.
+    """
+    scores = []
+    for files in round_files:
+        payloads = [read_score(path) for path in files]
+        snapshots = [payload.get("snapshots") or [payload] for payload in payloads]
+        newest = max(payload["step"] for payload in payloads)
+        rounds = max(len(s) for s, payload in zip(snapshots, payloads) if payload["step"] == newest)
+        for path, s, payload in zip(files, snapshots, payloads):
+            if payload["step"] == newest and len(s) != rounds:
+                raise ScoreFileError(f"score file {path} holds {len(s)} rounds where this job's other layers "
+                                     f"hold {rounds}; rerun its job")
+        scores += [[s[i] if payload["step"] == newest else s[-1] for s, payload in zip(snapshots, payloads)]
+                   for i in range(rounds)]
+    kl = [[float(score["heldout_kl"]) for score in row] for row in scores]
     tokens = [[int(score["tokens"]) for score in row] for row in scores]
     return scores, kl, tokens
 
@@ -39,30 +55,41 @@ def decide_round(config: dict, round_files: list[list[Path]], k: int, max_rounds
 
 def decide_every_round(config: dict, round_files: list[list[Path]], k: int, max_rounds: int,
                        outs: list[Path]) -> Iterator[dict]:
-    """Round r's decision into outs[r], in turn, as the live checkpoints make them; the files are read once."""
+    """Round r's decision into outs[r], in turn, as live checkpoints after every round would make them; the files
+    are read once. For a reference run (one file per layer and round)."""
     grids = read_grid(round_files)
     for last, out in enumerate(outs):
         yield _decide(config, round_files[:last + 1], *(grid[:last + 1] for grid in grids), k, max_rounds, out)
 
 
+def job_end(round: int, rounds_per_job: int, max_rounds: int) -> int:
+    """The last round of the live scoring job that trains `round`: where a live run can stop."""
+    return min((round // rounds_per_job + 1) * rounds_per_job, max_rounds) - 1
+
+
 def _decide(config: dict, round_files: list[list[Path]], scores: list[list[dict]], kl: list[list[float]],
             tokens: list[list[int]], k: int, max_rounds: int, out_json: Path) -> dict:
     rule = config["scoring"]["early_stop"]
+    per_job = config["scoring"]["snapshots_per_job"]
     keep, from_tokens = racing_settings(config, k)
-    race = run_race(kl, tokens, keep, from_tokens)
+    race = run_race(kl, tokens, keep, from_tokens, per_job)
     sets = [set(lowest_kl_layers(entry.kl, k)) for entry in race]  # a dropped layer counts with its last score
     decision = early_stop_decision(sets, k, window=rule["window"], min_mean_jaccard=rule["min_mean_jaccard"],
                                    min_backbone=rule["min_backbone"], max_union=rule["max_union"])
     current = len(sets) - 1
     fired = decision["snapshot"] is not None
-    latest = max(scores[-1], key=lambda score: score["step"])  # a layer that trained this round
-    stop = latest.get("budget_exhausted", False) or current + 1 >= max_rounds or (rule["enabled"] and fired)
-    payload = {"round": current, "step": latest["step"], "k": k, "stop": stop, "fired": fired,
-               "fired_round": decision["snapshot"], "top_k": sorted(sets[-1]),
+    steps = [max(score["step"] for score in row) for row in scores]  # of the layers that trained each round
+    exhausted = any(score.get("budget_exhausted", False) for score in scores[-1] if score["step"] == steps[-1])
+    stop_round = job_end(decision["snapshot"], per_job, max_rounds) if fired else None
+    stop = exhausted or current + 1 >= max_rounds or (rule["enabled"] and stop_round == current)
+    history = [{"round": r, "step": steps[r], "top_k": sorted(sets[r]), "tokens": race[r].tokens,
+                "racing_layers": len(race[r].racing)} for r in range(current + 1)]
+    payload = {"round": current, "step": steps[-1], "k": k, "stop": stop, "fired": fired,
+               "fired_round": decision["snapshot"], "stop_round": stop_round, "top_k": sorted(sets[-1]),
                "mean_jaccard": decision["mean_jaccard"], "backbone": decision["backbone"],
                "union": decision["union"], "max_rounds": max_rounds, "tokens": race[-1].tokens,
-               "racing": sorted(race[-1].racing),
-               "top_k_as_scored": lowest_kl_layers(kl[-1], k)}
+               "racing": sorted(race[-1].racing), "top_k_as_scored": lowest_kl_layers(kl[-1], k),
+               "history": history}
     write_json(out_json, payload)
     every_layer = frozenset(range(len(kl[-1])))
     left = every_layer if stop else (race[-2].racing if current else every_layer) - race[-1].racing
@@ -85,14 +112,12 @@ def summarise_early_stop(config: dict, decision_files: list[Path], round_files: 
                          tokens_full_budget: int, out_json: Path) -> None:
     """early_stop.json: when the rule fired (or would have), the Jaccard series and the tokens spent."""
     rule = config["scoring"]["early_stop"]
-    decisions = [json.loads(Path(p).read_text()) for p in decision_files]
-    last = decisions[-1]
+    last = json.loads(Path(decision_files[-1]).read_text())  # its history covers every round before it
     tokens_spent = sum(read_score(files[i])["tokens"] for files in round_files[-1:] for i in range(len(files)))
-    rounds = [{key: d[key] for key in ("round", "step", "top_k", "tokens")} for d in decisions]
-    for entry, decision in zip(rounds, decisions):
-        r = entry["round"]
-        entry.update(mean_jaccard=last["mean_jaccard"][r], backbone=last["backbone"][r], union=last["union"][r],
-                     racing_layers=len(decision["racing"]))
+    rounds = [{**{key: entry[key] for key in ("round", "step", "top_k", "tokens")},
+               "mean_jaccard": last["mean_jaccard"][entry["round"]], "backbone": last["backbone"][entry["round"]],
+               "union": last["union"][entry["round"]], "racing_layers": entry["racing_layers"]}
+              for entry in last["history"]]
     fired_round = last["fired_round"]
     payload = {
         "enabled": rule["enabled"], "k": last["k"], "window": rule["window"],
@@ -100,32 +125,32 @@ def summarise_early_stop(config: dict, decision_files: list[Path], round_files: 
                        "min_backbone": rule["min_backbone"] if rule["min_backbone"] is not None else last["k"] - 1,
                        "max_union": rule["max_union"] if rule["max_union"] is not None else last["k"] + 1},
         "fired": last["fired"], "fired_round": fired_round,
-        "fired_step": decisions[fired_round]["step"] if fired_round is not None else None,
-        "stopped_at_round": last["round"], "rounds": rounds,
+        "fired_step": rounds[fired_round]["step"] if fired_round is not None else None,
+        "stopped_at_round": last["round"], "snapshots_per_job": config["scoring"]["snapshots_per_job"],
+        "rounds": rounds,
         "tokens_spent": tokens_spent, "tokens_full_budget": tokens_full_budget,
         "top_k": last["top_k"],
         "racing": dict(zip(("keep", "from_tokens"), racing_settings(config, last["k"]))),
-        "selection_cost": selection_cost(config, decisions, len(round_files[-1]), tokens_spent, tokens_full_budget),
+        "selection_cost": selection_cost(config, last, len(round_files[-1]), tokens_spent, tokens_full_budget),
     }
     write_json(out_json, payload)
 
 
-def selection_cost(config: dict, decisions: list[dict], num_layers: int, tokens_spent: int,
-                   tokens_full_budget: int) -> dict:
+def selection_cost(config: dict, last: dict, num_layers: int, tokens_spent: int, tokens_full_budget: int) -> dict:
     """Tokens of this selection pass against the paper's protocol, and the top-K sets at the stop and at the end.
 
     The paper trains every one-swap student through the full stage 1 and stage 2 of a final model:
     L x (stage 1 + stage 2), ~25B tokens for a 36-layer teacher. Here stage 1 runs once: it is teacher-forced and
     layer-local, so a one-swap student's stage 1 equals the all-linear student's in every linear layer (an exact
-    saving); stage 2 is the brief scoring budget, and it ends where the rule fires; with `scoring.racing` the layers
-    far outside the top-K stop sooner (each round's `tokens`). `no_early_stop_tokens` is this config's pass without
+    saving); stage 2 is the brief scoring budget, and it ends where the rule fires (at the end of the live job that
+    scored that round); with `scoring.racing` the layers far outside the top-K stop sooner (each round's `tokens`). `no_early_stop_tokens` is this config's pass without
     the rule or racing. With the rule off the run goes on to the full budget, so `top_k_at_stop` vs
     `top_k_full_budget` shows what stopping would have changed; with the rule on and fired, the full-budget set was
     never computed (null).
     """
-    last = decisions[-1]
-    stop = last["fired_round"] if last["fired_round"] is not None else last["round"]
-    tokens_to_stop = decisions[stop]["tokens"]
+    history = last["history"]
+    stop = last["stop_round"] if last["stop_round"] is not None else last["round"]
+    tokens_to_stop = history[stop]["tokens"]
     stage1 = config["distill"]["stage1"]["tokens"]
     paper = num_layers * (stage1 + config["distill"]["stage2"]["tokens"])
     ours = stage1 + tokens_to_stop
@@ -135,7 +160,7 @@ def selection_cost(config: dict, decisions: list[dict], num_layers: int, tokens_
         "paper_protocol_tokens": paper, "no_early_stop_tokens": stage1 + tokens_full_budget,
         "tokens_to_stop": ours, "fraction_of_paper": ours / paper,
         "stage1_tokens_shared": stage1, "stage2_tokens_to_stop": tokens_to_stop, "stop_round": stop,
-        "top_k_at_stop": decisions[stop]["top_k"],
+        "top_k_at_stop": history[stop]["top_k"],
         "top_k_full_budget": None if stopped_early else full_budget,
-        "swaps_between": None if stopped_early else len(set(full_budget) - set(decisions[stop]["top_k"])),
+        "swaps_between": None if stopped_early else len(set(full_budget) - set(history[stop]["top_k"])),
     }
