@@ -182,6 +182,21 @@ def test_report_says_how_decoding_was_timed_and_warns_when_models_differ(tmp_pat
     assert "for every model" not in mixed
 
 
+def test_a_stop_at_the_end_of_a_longer_job_says_where_scoring_stopped(tmp_path):
+    early_stop = json.loads((DATA / "early_stop.json").read_text())  # fired at round 5 (step 12) of 6
+    for stopped, expected in ((5, False), (None, False)):
+        (tmp_path / "early_stop.json").write_text(json.dumps({**early_stop, "stopped_at_round": stopped}))
+        text = build_report(sorted((DATA / "evaluations").glob("*.json")), None, None, [],
+                            tmp_path / "early_stop.json", tmp_path / f"out{stopped}", TITLE).read_text()
+        assert ("scoring stopped where that job ended" in text) is expected
+    rounds = [*early_stop["rounds"], {**early_stop["rounds"][-1], "round": 6, "step": 14}]
+    (tmp_path / "early_stop.json").write_text(json.dumps({**early_stop, "rounds": rounds, "stopped_at_round": 6}))
+    text = build_report(sorted((DATA / "evaluations").glob("*.json")), None, None, [], tmp_path / "early_stop.json",
+                        tmp_path / "out6", TITLE).read_text()
+    assert "stopping rule fired at round 5 (step 12) and scoring stopped where that job ended, round 6 " \
+           "(step 14)" in text.replace("\n", " ")
+
+
 def test_a_raced_selection_pass_says_how_many_layers_raced_on(tmp_path):
     early_stop = json.loads((DATA / "early_stop.json").read_text())
     (tmp_path / "early_stop.json").write_text(json.dumps({**early_stop, "racing": {"keep": 6, "from_tokens": 2048}}))

@@ -137,6 +137,16 @@ def _racing_text(early_stop) -> str:
             f"{racing['from_tokens']:,} tokens")
 
 
+def _job_end_text(early_stop) -> str:
+    """A live job scores several rounds (scoring.snapshots_per_job): the run stops where the firing one ended."""
+    stopped, rounds = early_stop.get("stopped_at_round"), early_stop["rounds"]
+    if stopped is None or stopped == early_stop["fired_round"]:
+        return ""
+    step = rounds.loc[rounds["round"] == stopped, "step"]
+    return (f" and scoring stopped where that job ended, round {stopped}"
+            + (f" (step {step.iloc[0]})" if not step.empty else ""))
+
+
 def _early_stop_section(report: _Report, early_stop, ga_s2_sets: dict[int, tuple[int, ...]]) -> None:
     report.add("## Early stop of the selection pass", "")
     if early_stop is None:
@@ -148,7 +158,7 @@ def _early_stop_section(report: _Report, early_stop, ga_s2_sets: dict[int, tuple
     if not early_stop["fired"]:
         outcome = f"the stopping rule did not fire in {len(early_stop['rounds'])} rounds"
     elif early_stop["enabled"]:
-        outcome = f"the stopping rule fired at {at}"
+        outcome = f"the stopping rule fired at {at}{_job_end_text(early_stop)}"
     else:
         outcome = f"early stop was off; the rule would have fired at {at}"
     report.add(f"{outcome[0].upper()}{outcome[1:]}; the selection pass spent {spent:,.0f} of "
