@@ -8,6 +8,7 @@ from snakemake.utils import validate
 
 from hybrid_distill.config.load import SCHEMA_PATH, ConfigError, validate_config
 from hybrid_distill.models.teacher import TeacherError, describe_teacher
+from hybrid_distill.select.budget import early_stop_k, job_ends, scoring_rounds
 from hybrid_distill.select.greedy_jobs import read_greedy_choice
 from hybrid_distill.select.score_files import ScoreFileError
 from hybrid_distill.select.layer_sets import k_from_ratio, validate_layer_list
@@ -60,23 +61,15 @@ def _ks():
 KS = _ks()
 PROBE = config["mixer"]["probe"]
 FINAL_MIXERS = config["mixer"]["final"]
-EARLY_STOP_K = config["scoring"]["early_stop"]["k"] or KS[0]
+EARLY_STOP_K = early_stop_k(config, NUM_LAYERS)
 if EARLY_STOP_K > NUM_LAYERS:
     raise WorkflowError(f"config: scoring.early_stop.k={EARLY_STOP_K} is larger than {NUM_LAYERS} layers")
 
 
-def _steps(stage):
-    """Optimizer steps of a stage on one process (more processes only shorten it)."""
-    s = stage
-    return max(1, s["tokens"] // (s["micro_batch_size"] * s["grad_accum"] * config["data"]["seq_len"]))
-
-
-SCORING_STEPS = _steps(config["scoring"]["stage2"])
+SCORING_STEPS, MAX_ROUNDS = scoring_rounds(config)
 SNAPSHOT_EVERY = config["scoring"]["snapshot_every"]
-MAX_ROUNDS = math.ceil(SCORING_STEPS / SNAPSHOT_EVERY)
-ROUNDS_PER_JOB = config["scoring"]["snapshots_per_job"]
-# A live scoring job trains ROUNDS_PER_JOB rounds; its file and its checkpoint are named by the last of them.
-JOB_ENDS = [min(end, MAX_ROUNDS) - 1 for end in range(ROUNDS_PER_JOB, MAX_ROUNDS + ROUNDS_PER_JOB, ROUNDS_PER_JOB)]
+# A live scoring job trains snapshots_per_job rounds; its file and its checkpoint are named by the last of them.
+JOB_ENDS = job_ends(MAX_ROUNDS, config["scoring"]["snapshots_per_job"])
 LIVE_EARLY_STOP = config["scoring"]["early_stop"]["enabled"]
 LIVE_RACING = LIVE_EARLY_STOP and config["scoring"]["racing"]["enabled"]  # a reference run only replays the race
 SCORING_FULL_TOKENS = NUM_LAYERS * SCORING_STEPS * config["scoring"]["stage2"]["micro_batch_size"] \

@@ -103,6 +103,15 @@ def step_check_round(args):
         pass
 
 
+def step_plan_selection(args):
+    from hybrid_distill.models.teacher import describe_teacher
+    from hybrid_distill.select.budget import format_budget, selection_budget
+
+    config = _config(args)
+    _, layers = describe_teacher(config["teacher"]["spec"], config["teacher"]["num_layers"])
+    print(format_budget(selection_budget(config, layers), config["run"]))
+
+
 def step_rank_layers(args):
     from hybrid_distill.select.rounds import rank_layers
 
@@ -221,6 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scores", required=True, nargs="+", help="score files, round-major then layer order")
     p.add_argument("--out", required=True, type=Path, nargs="+",
                    help="the last round's decision file, or one per round (round order) to decide them all")
+
+    p = _add(steps, "plan-selection", step_plan_selection,
+             "before a run: the selection pass's scoring jobs and tokens against the paper's protocol, at its bounds")
+    p.add_argument("--config", required=True, type=Path)
 
     p = _add(steps, "rank-layers", step_rank_layers, "importance.csv from the final one-swap scores", uses_torch=False)
     p.add_argument("--scores", required=True, nargs="+", help="one score file per layer, in layer order")
