@@ -8,7 +8,7 @@ from snakemake.utils import validate
 
 from hybrid_distill.config.load import SCHEMA_PATH, ConfigError, validate_config
 from hybrid_distill.models.teacher import TeacherError, describe_teacher
-from hybrid_distill.select.budget import early_stop_k, job_ends, scoring_rounds
+from hybrid_distill.select.budget import early_stop_k, job_ends, scoring_rounds, tokens_per_step
 from hybrid_distill.select.greedy_jobs import read_greedy_choice
 from hybrid_distill.select.score_files import ScoreFileError
 from hybrid_distill.select.layer_sets import k_from_ratio, validate_layer_list
@@ -72,8 +72,7 @@ SNAPSHOT_EVERY = config["scoring"]["snapshot_every"]
 JOB_ENDS = job_ends(MAX_ROUNDS, config["scoring"]["snapshots_per_job"])
 LIVE_EARLY_STOP = config["scoring"]["early_stop"]["enabled"]
 LIVE_RACING = LIVE_EARLY_STOP and config["scoring"]["racing"]["enabled"]  # a reference run only replays the race
-SCORING_FULL_TOKENS = NUM_LAYERS * SCORING_STEPS * config["scoring"]["stage2"]["micro_batch_size"] \
-    * config["scoring"]["stage2"]["grad_accum"] * config["data"]["seq_len"]
+SCORING_FULL_TOKENS = NUM_LAYERS * SCORING_STEPS * tokens_per_step(config, config["scoring"]["stage2"])
 
 
 def selection_names(k):

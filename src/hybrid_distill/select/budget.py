@@ -13,16 +13,25 @@ from hybrid_distill.select.layer_sets import k_from_ratio
 from hybrid_distill.select.racing import racing_settings
 
 
+def tokens_per_step(config: dict, section: dict) -> int:
+    """Tokens of one optimizer step of a stage on one process."""
+    return section["micro_batch_size"] * section["grad_accum"] * config["data"]["seq_len"]
+
+
 def stage_steps(config: dict, section: dict) -> int:
     """Optimizer steps of a stage on one process (more processes only shorten it)."""
-    per_step = section["micro_batch_size"] * section["grad_accum"] * config["data"]["seq_len"]
-    return max(1, section["tokens"] // per_step)
+    return max(1, section["tokens"] // tokens_per_step(config, section))
 
 
 def scoring_rounds(config: dict) -> tuple[int, int]:
     """(scoring steps per one-swap student, rounds): a held-out snapshot every `snapshot_every` steps and at the end."""
     steps = stage_steps(config, config["scoring"]["stage2"])
     return steps, math.ceil(steps / config["scoring"]["snapshot_every"])
+
+
+def job_end(round: int, rounds_per_job: int, max_rounds: int) -> int:
+    """The last round of the live scoring job that trains `round`: where a live run can stop."""
+    return min((round // rounds_per_job + 1) * rounds_per_job, max_rounds) - 1
 
 
 def job_ends(max_rounds: int, rounds_per_job: int) -> list[int]:
@@ -73,8 +82,7 @@ def selection_budget(config: dict, num_layers: int) -> SelectionBudget:
     scoring = config["scoring"]
     steps, rounds = scoring_rounds(config)
     every, per_job = scoring["snapshot_every"], scoring["snapshots_per_job"]
-    stage2 = scoring["stage2"]
-    tokens_per_step = stage2["micro_batch_size"] * stage2["grad_accum"] * config["data"]["seq_len"]
+    step_tokens = tokens_per_step(config, scoring["stage2"])
     k = early_stop_k(config, num_layers)
     keep, from_tokens = racing_settings(config, k)
     ends = job_ends(rounds, per_job)
@@ -84,7 +92,7 @@ def selection_budget(config: dict, num_layers: int) -> SelectionBudget:
 
     drop = None
     if keep is not None and keep < num_layers:
-        drop = next((end for end in ends if step_after(end) * tokens_per_step >= from_tokens), None)
+        drop = next((end for end in ends if step_after(end) * step_tokens >= from_tokens), None)
     stage1 = config["distill"]["stage1"]["tokens"]
     paper = num_layers * (stage1 + config["distill"]["stage2"]["tokens"])
 
@@ -94,17 +102,15 @@ def selection_budget(config: dict, num_layers: int) -> SelectionBudget:
         jobs_kept = sum(1 for end in ends if (drop if racing else stop) < end <= stop)
         layer_steps = (num_layers * step_after(drop) + keep * (step_after(stop) - step_after(drop)) if racing
                        else num_layers * step_after(stop))
-        stage2_tokens = layer_steps * tokens_per_step
+        stage2_tokens = layer_steps * step_tokens
         return PassCost(stop_round=stop, stop_step=step_after(stop),
                         jobs=num_layers * jobs_all + (keep if racing else num_layers) * jobs_kept,
                         stage2_tokens=stage2_tokens, tokens=stage1 + stage2_tokens,
                         fraction_of_paper=(stage1 + stage2_tokens) / paper)
 
-    window = scoring["early_stop"]["window"]
-    first_fire = min(window, rounds) - 1
-    earliest = next(end for end in ends if end >= first_fire)
+    earliest = job_end(min(scoring["early_stop"]["window"], rounds) - 1, per_job, rounds)  # a full window
     return SelectionBudget(
-        layers=num_layers, k=k, steps=steps, tokens_per_step=tokens_per_step, snapshot_every=every, rounds=rounds,
+        layers=num_layers, k=k, steps=steps, tokens_per_step=step_tokens, snapshot_every=every, rounds=rounds,
         rounds_per_job=per_job, racing_keep=keep if drop is not None else None,
         racing_from_step=step_after(drop) if drop is not None else None, paper_protocol_tokens=paper,
         earliest=cost(earliest, racing=True), never=cost(rounds - 1, racing=True),

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from hybrid_distill.distill.atomic import drop_training_state, write_json, write_text_atomic
+from hybrid_distill.select.budget import job_end
 from hybrid_distill.select.early_stop import early_stop_decision
 from hybrid_distill.select.importance import importance_csv
 from hybrid_distill.select.layer_sets import top_k_layers
@@ -60,11 +61,6 @@ def decide_every_round(config: dict, round_files: list[list[Path]], k: int, max_
     grids = read_grid(round_files)
     for last, out in enumerate(outs):
         yield _decide(config, round_files[:last + 1], *(grid[:last + 1] for grid in grids), k, max_rounds, out)
-
-
-def job_end(round: int, rounds_per_job: int, max_rounds: int) -> int:
-    """The last round of the live scoring job that trains `round`: where a live run can stop."""
-    return min((round // rounds_per_job + 1) * rounds_per_job, max_rounds) - 1
 
 
 def _decide(config: dict, round_files: list[list[Path]], scores: list[list[dict]], kl: list[list[float]],
