@@ -34,6 +34,19 @@ def test_bench_records_its_options_and_the_most_expensive_kernels():
     assert table.count("-- top kernels") == 3
 
 
+def test_bench_bf16_weights_row_reports_its_gemm_time():
+    result = run_benchmark(batch_size=2, seq_len=32, warmup=1, repeats=1, stages=["stage2"], students=["gdn"],
+                           chunk_tokens=16, shape=TINY, stage2_steps=["project"], bf16_weights=True,
+                           gemm_ceiling=True)
+    assert result["options"]["bf16_weights"] is True
+    [row] = result["rows"]
+    assert row["tokens_per_s"] > 0 and row["gemm_ms"] > 0
+    assert row["mfu_ceiling"] is None  # no matmul rate is measured on a CPU
+    header, row_line = format_table(result).splitlines()[2:4]
+    assert "step ms  GEMM ms ceiling" in header
+    assert f"{row['gemm_ms']:8.1f}".strip() in row_line
+
+
 def test_compiled_dense_blocks_keep_names_and_outputs(teacher):
     torch.manual_seed(0)
     student = build_student(teacher, [0], "gdn")

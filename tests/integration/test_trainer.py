@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from hybrid_distill.distill import atomic
+from hybrid_distill.distill.master_weights import MASTER_KEY, cast_weights
 from hybrid_distill.distill.trainer import TrainSettings, train
 from gloo_launch import needs_gloo, two_process_launcher
 from trainer_job import SEQ_LEN, TinyLM, TinyTokens, trainable_weights
@@ -230,6 +231,24 @@ def test_init_state_continues_another_jobs_run(reference, tmp_path, caplog):
 
     with pytest.raises(ValueError, match="token_budget"):
         run(tmp_path / "c", tiny_settings(steps=9), init_state=first_round.state_dir)
+
+
+def test_bf16_weights_resume_from_their_float32_masters(tmp_path):
+    def bf16_run(out: Path, **kwargs):
+        model = TinyLM()
+        cast_weights(model, torch.bfloat16)
+        return train(model, TinyTokens(), tiny_settings(), out, description="tiny bf16", **kwargs)
+
+    straight = bf16_run(tmp_path / "straight")
+    bf16_run(tmp_path / "resumed", stop_after_step=4)
+    saved = torch.load(tmp_path / "resumed" / "state" / "step_00000004" / "optimizer.bin", weights_only=True)
+    assert [master.dtype for master in saved[MASTER_KEY]] == [torch.float32] * 5  # embed, mix and head weights
+    resumed = bf16_run(tmp_path / "resumed")
+    assert resumed.resumed and resumed.step == STEPS
+    weights = trainable_weights(resumed.objective)
+    assert {weight.dtype for weight in weights.values()} == {torch.bfloat16}
+    assert_bitwise_equal(weights, trainable_weights(straight.objective))
+    assert losses(tmp_path / "resumed") == losses(tmp_path / "straight")
 
 
 def test_injected_failure_raises_once_then_completes(reference, tmp_path, monkeypatch, caplog):

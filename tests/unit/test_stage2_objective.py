@@ -1,5 +1,8 @@
 """The `distill` section's speed and memory options reach stage 2's student."""
+import copy
+
 import pytest
+import torch
 
 from hybrid_distill.distill.jobs import stage2_objective
 from hybrid_distill.distill.recompute import is_recomputed
@@ -7,17 +10,38 @@ from hybrid_distill.models.student import build_student, decoder_layers
 from tiny_models import tiny_teacher
 
 
+def options(compile_blocks=False, checkpointing=False, bf16_weights=False) -> dict:
+    return {"temperature": 1.0, "kl_chunk_tokens": 16, "activation_checkpointing": checkpointing,
+            "compile_blocks": compile_blocks, "bf16_weights": bf16_weights}
+
+
 @pytest.mark.parametrize("compile_blocks", [False, True])
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_options_apply_to_the_student(compile_blocks, checkpointing):
     teacher = tiny_teacher("llama")
     student = build_student(teacher, [0], "gdn")
-    distill = {"temperature": 1.0, "kl_chunk_tokens": 16, "activation_checkpointing": checkpointing,
-               "compile_blocks": compile_blocks}
-    objective = stage2_objective(distill, student, teacher, "all")
+    objective = stage2_objective(options(compile_blocks, checkpointing), student, teacher, "all")
     layer = decoder_layers(objective.student)[1]
     assert (layer.mlp._compiled_call_impl is not None) is compile_blocks
     assert layer.self_attn._compiled_call_impl is None  # fla's kernel calls stay outside the compiled code
     compiled_maths = hasattr(layer.self_attn._kernel_inputs, "_torchdynamo_orig_callable")
     assert compiled_maths is compile_blocks
     assert is_recomputed(objective.student) is checkpointing
+
+
+@pytest.mark.parametrize("mixer", ["gdn", "gla"])
+def test_bf16_weights_cast_the_student_only_and_keep_the_loss(mixer):
+    """The teacher stays as loaded (a teacher cache written from it stays exact); the KL moves by bf16 rounding."""
+    teacher = tiny_teacher("llama")
+    student = build_student(teacher, [0], mixer)
+    input_ids = torch.randint(0, teacher.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    reference_loss, _ = stage2_objective(options(), copy.deepcopy(student), teacher, "all")(input_ids)
+    objective = stage2_objective(options(bf16_weights=True), student, teacher, "all")
+    assert {param.dtype for param in objective.student.parameters()} == {torch.bfloat16}
+    assert {param.dtype for param in objective.teacher.parameters()} == {torch.float32}
+    assert {buffer.dtype for buffer in objective.student.buffers() if buffer.is_floating_point()} <= {torch.float32}
+    loss, _ = objective(input_ids)
+    loss.backward()
+    assert loss.item() == pytest.approx(reference_loss.item(), rel=2e-2)
+    assert loss.item() != reference_loss.item()
+    assert all(param.grad.dtype == torch.bfloat16 for param in objective.student.parameters())

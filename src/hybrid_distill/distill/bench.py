@@ -18,7 +18,9 @@ import torch
 from hybrid_distill.data.packed import PackedTokens, write_packed
 from hybrid_distill.distill.bench_processes import bench_processes, data_parallel, unwrapped
 from hybrid_distill.distill.fused_kl import naive_kl
+from hybrid_distill.distill.gemm_ceiling import linear_gemms, time_gemms
 from hybrid_distill.distill.jobs import stage2_objective
+from hybrid_distill.distill.master_weights import adamw_for
 from hybrid_distill.distill.objectives import HiddenAlignment, LogitDistillation
 from hybrid_distill.distill.precision import training_autocast_dtype
 from hybrid_distill.distill.teacher_cache import TeacherCache, write_teacher_cache
@@ -39,6 +41,8 @@ class BenchRow:
     peak_mem_gb: float | None
     note: str = ""
     top_kernels: list | None = None
+    gemm_ms: float | None = None  # the step's weight GEMMs alone (gemm_ceiling.py)
+    mfu_ceiling: float | None = None  # the MFU if nothing but those GEMMs took time
 
 
 def synchronize():
@@ -87,6 +91,8 @@ class BenchSettings:
     activation_checkpointing: bool = False
     compile_blocks: bool = False
     profile_top: int = 0
+    bf16_weights: bool = False
+    gemm_ceiling: bool = False
 
 
 def build_objective(stage, step, teacher, softmax_layers, mixer, settings: BenchSettings, teacher_cache=None):
@@ -99,7 +105,7 @@ def build_objective(stage, step, teacher, softmax_layers, mixer, settings: Bench
     else:  # the workflow's own stage-2 construction, so the bench times what the jobs run
         distill = {"temperature": 1.0, "kl_chunk_tokens": settings.chunk_tokens,
                    "activation_checkpointing": settings.activation_checkpointing,
-                   "compile_blocks": settings.compile_blocks}
+                   "compile_blocks": settings.compile_blocks, "bf16_weights": settings.bf16_weights}
         objective = stage2_objective(distill, student, teacher, "all",
                                      teacher_cache if step == "cached" else None)
     return objective
@@ -142,7 +148,7 @@ def time_steps(objective, batch, warmup, repeats, device, profile_top=0):
     """Seconds per step after `warmup` steps; with profile_top > 0 also the kernels that took the most device
     time in one more step (name, ms, share of the step's device time, calls)."""
     params = [p for p in objective.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
+    optimizer = adamw_for(params, lr=1e-5, fused=device.type == "cuda")  # the trainer's optimizer
     rows = {"sequence_indices": list(range(len(batch)))} if getattr(unwrapped(objective), "teacher_cache", None) \
         else {}
     times = []
@@ -175,6 +181,14 @@ def profile_kernels(step, device, top: int) -> list[dict]:
     timed.sort(key=lambda event: getattr(event, attribute), reverse=True)
     return [{"name": event.key[:90], "ms": getattr(event, attribute) / 1e3,
              "share": getattr(event, attribute) / total, "calls": event.count} for event in timed[:top]]
+
+
+def _gemm_ceiling(objective, tokens, step, device, peak_rate) -> tuple[float, float | None]:
+    """(ms of the step's weight GEMMs alone, the MFU if they were all the step did)."""
+    gemms = linear_gemms(objective.student, objective.teacher, tokens, teacher_body=step != "cached")
+    seconds = time_gemms(gemms, device)
+    ceiling = model_flops_per_token(objective) * tokens / seconds / peak_rate if peak_rate else None
+    return seconds * 1e3, ceiling
 
 
 def run_benchmark(**settings) -> dict:
@@ -227,9 +241,12 @@ def _run_rows(settings: BenchSettings, rank, world, device) -> dict:
                 mfu = model_flops_per_token(unwrapped(objective)) * tokens_per_s / (peak_rate * world) \
                     if peak_rate else None
                 peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else None
-                rows.append(BenchRow(stage, student_kind, step, tokens_per_s, mfu, peak,
-                                     "teacher hidden states read from a cache" if step == "cached" else "",
-                                     kernels))
+                row = BenchRow(stage, student_kind, step, tokens_per_s, mfu, peak,
+                               "teacher hidden states read from a cache" if step == "cached" else "", kernels)
+                if settings.gemm_ceiling and stage == "stage2":
+                    row.gemm_ms, row.mfu_ceiling = _gemm_ceiling(unwrapped(objective), batch.numel(), step, device,
+                                                                 peak_rate)
+                rows.append(row)
                 del objective
     cache_dir.cleanup()
     return {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -238,7 +255,8 @@ def _run_rows(settings: BenchSettings, rank, world, device) -> dict:
             "shape": shape,
             "options": {"kl_chunk_tokens": settings.chunk_tokens,
                         "activation_checkpointing": settings.activation_checkpointing,
-                        "compile_blocks": settings.compile_blocks, "torch": torch.__version__},
+                        "compile_blocks": settings.compile_blocks, "bf16_weights": settings.bf16_weights,
+                        "torch": torch.__version__},
             "rows": [row.__dict__ for row in rows]}
 
 
@@ -248,12 +266,17 @@ def format_table(result: dict) -> str:
     lines = [f"{where}, bf16 matmul {result['matmul_bf16_flops'] / 1e12:.0f} TFLOP/s per device"
              if result["matmul_bf16_flops"] else where,
              "options: " + ", ".join(f"{key} {value}" for key, value in result.get("options", {}).items()),
-             f"{'stage':7} {'student':8} {'step':8} {'tok/s':>10} {'MFU':>6} {'peak GB':>8}  note"]
+             f"{'stage':7} {'student':8} {'step':8} {'tok/s':>10} {'MFU':>6} {'peak GB':>8} {'step ms':>8} "
+             f"{'GEMM ms':>8} {'ceiling':>7}  note"]
     for row in result["rows"]:
         tps = f"{row['tokens_per_s']:10.0f}" if row["tokens_per_s"] else f"{'-':>10}"
         mfu = f"{row['mfu'] * 100:5.1f}%" if row["mfu"] else f"{'-':>6}"
         peak = f"{row['peak_mem_gb']:8.1f}" if row["peak_mem_gb"] else f"{'-':>8}"
-        lines.append(f"{row['stage']:7} {row['student']:8} {row['step']:8} {tps} {mfu} {peak}  {row['note']}")
+        step_ms = f"{result['tokens_per_step'] / row['tokens_per_s'] * 1e3:8.1f}" if row["tokens_per_s"] else f"{'-':>8}"
+        gemm_ms = f"{row['gemm_ms']:8.1f}" if row.get("gemm_ms") else f"{'-':>8}"
+        ceiling = f"{row['mfu_ceiling'] * 100:6.1f}%" if row.get("mfu_ceiling") else f"{'-':>7}"
+        lines.append(f"{row['stage']:7} {row['student']:8} {row['step']:8} {tps} {mfu} {peak} {step_ms} {gemm_ms} "
+                     f"{ceiling}  {row['note']}")
     for row in result["rows"]:
         if row.get("top_kernels"):
             lines.append(f"-- top kernels, one {row['stage']} step of {row['student']} / {row['step']}:")

@@ -6,9 +6,12 @@ import logging
 import os
 from pathlib import Path
 
+import torch
+
 from hybrid_distill.data.packed import PackedTokens
 from hybrid_distill.distill.atomic import drop_training_state, write_json
 from hybrid_distill.distill.compiled_blocks import compile_student
+from hybrid_distill.distill.master_weights import cast_weights
 from hybrid_distill.distill.objectives import HiddenAlignment, LogitDistillation, heldout_kl, heldout_layer_mse
 from hybrid_distill.distill.precision import train_on_cpu, training_autocast_dtype
 from hybrid_distill.distill.teacher_cache import (TeacherCache, sequences_to_cache, teacher_fingerprint,
@@ -63,6 +66,8 @@ def stage2_objective(distill: dict, student, teacher, trainable: str, cache=None
     """Stage 2's loss with the `distill` section's speed and memory options applied to the student."""
     objective = LogitDistillation(student, teacher, distill["temperature"], distill["kl_chunk_tokens"], trainable,
                                   teacher_cache=cache, activation_checkpointing=distill["activation_checkpointing"])
+    if distill["bf16_weights"]:
+        cast_weights(student, torch.bfloat16)  # the trainer then keeps float32 master copies (master_weights.py)
     if distill["compile_blocks"]:
         compile_student(student)
     return objective

@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from hybrid_distill.distill.atomic import publish_dir, write_text_atomic
+from hybrid_distill.distill.master_weights import adamw_for
 from hybrid_distill.distill.precision import mixed_precision, to_device, train_on_cpu
 from hybrid_distill.distill.schedule import lr_multiplier
 
@@ -118,7 +119,7 @@ def train(
     if not trainable:
         raise ValueError(f"{description}: the objective has no parameter with requires_grad=True")
     clip_params = _clip_param_groups(trainable, clip_groups)
-    optimizer = torch.optim.AdamW(
+    optimizer = adamw_for(
         [param for _, param in trainable], lr=settings.lr, betas=tuple(settings.betas), eps=settings.eps,
         weight_decay=settings.weight_decay, fused=True if accelerator.device.type == "cuda" else None,
     )
