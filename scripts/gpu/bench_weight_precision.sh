@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # On the lent GPU machine, after `source scripts/gpu/unpack.sh`: the stage-2 step with float32 weights under
 # autocast against bf16 weights with float32 master copies (distill.bf16_weights), each row with its GEMM
-# ceiling (the MFU if only the step's weight matmuls took time). Part 1 (default): no compile, the workflow's
-# scoring shapes, and a wide model (Qwen2.5-3B's widths, 8 layers). Part 2 (`compile`): with compiled blocks.
+# ceiling (the MFU if only the step's weight matmuls took time). Parts: `plain` (default; no compile, at 32k
+# tokens per step and at the workflow's scoring shapes), `wide` (Qwen2.5-3B's widths, 8 layers), `compile`.
 # Each bench writes its JSON and log into $OUT as it goes, so a call stopped at its limit keeps what finished.
-# Usage: bash scripts/gpu/bench_weight_precision.sh [plain|compile]
+# Usage: bash scripts/gpu/bench_weight_precision.sh [plain] [wide] [compile]
 set -uo pipefail
 out=${OUT:-bench-out}
 mkdir -p "$out"
@@ -21,17 +21,20 @@ workflow=(--batch-size 16 --seq-len 512 --kl-chunk-tokens 2048 --students gdn)
 wide=(--batch-size 8 --seq-len 2048 --kl-chunk-tokens 2048 --students softmax gdn
       --shape vocab_size=151936 hidden_size=2048 intermediate_size=11008 num_hidden_layers=8
       num_attention_heads=16 num_key_value_heads=2 head_dim=128)
-case ${1:-plain} in
-  plain)
-    bench b16x2048_fp32 170 "${long[@]}"
-    bench b16x2048_bf16 120 "${long[@]}" --bf16-weights
-    bench b16x512_fp32 60 "${workflow[@]}"
-    bench b16x512_bf16 60 "${workflow[@]}" --bf16-weights
-    bench wide_fp32 90 "${wide[@]}"
-    bench wide_bf16 90 "${wide[@]}" --bf16-weights ;;
-  compile)
-    bench b16x2048_compile_fp32 270 "${long[@]}" --compile-blocks
-    bench b16x2048_compile_bf16 270 "${long[@]}" --compile-blocks --bf16-weights ;;
-  *) echo "usage: $0 [plain|compile]" >&2; exit 2 ;;
-esac
+for part in "${@:-plain}"; do
+  case $part in
+    plain)
+      bench b16x2048_fp32 150 "${long[@]}"
+      bench b16x2048_bf16 110 "${long[@]}" --bf16-weights
+      bench b16x512_fp32 50 "${workflow[@]}"
+      bench b16x512_bf16 50 "${workflow[@]}" --bf16-weights ;;
+    wide)
+      bench wide_fp32 90 "${wide[@]}"
+      bench wide_bf16 90 "${wide[@]}" --bf16-weights ;;
+    compile)
+      bench b16x2048_compile_fp32 200 "${long[@]}" --compile-blocks
+      bench b16x2048_compile_bf16 200 "${long[@]}" --compile-blocks --bf16-weights ;;
+    *) echo "usage: $0 [plain] [wide] [compile]" >&2; exit 2 ;;
+  esac
+done
 true
