@@ -22,6 +22,9 @@ bench b16x2048_compile --batch-size 16 --seq-len 2048 --kl-chunk-tokens 4096 --s
   --compile-blocks --profile-top 8
 bench b16x2048_ckpt_compile --batch-size 16 --seq-len 2048 --kl-chunk-tokens 4096 --stage2-steps project cached \
   --activation-checkpointing --compile-blocks
+# The KL's per-chunk maths compiled too (distill.compile_kl).
+bench b16x2048_compile_kl --batch-size 16 --seq-len 2048 --kl-chunk-tokens 4096 --stage2-steps project cached \
+  --compile-blocks --compile-kl --gemm-ceiling
 # 64k tokens per step, which only fits with recomputation.
 bench b32x2048_ckpt_compile --batch-size 32 --seq-len 2048 --kl-chunk-tokens 8192 --stage2-steps project cached \
   --activation-checkpointing --compile-blocks

@@ -92,7 +92,8 @@ def step_bench(args):
                            chunk_tokens=args.kl_chunk_tokens, stage2_steps=args.stage2_steps,
                            activation_checkpointing=args.activation_checkpointing,
                            compile_blocks=args.compile_blocks, bf16_weights=args.bf16_weights,
-                           profile_top=args.profile_top, gemm_ceiling=args.gemm_ceiling)
+                           compile_kl=args.compile_kl, profile_top=args.profile_top,
+                           gemm_ceiling=args.gemm_ceiling)
     if result["rank"] != 0:
         return  # under `accelerate launch --num_processes N`, the first process reports for all
     print(format_table(result))
@@ -159,6 +160,8 @@ def add_steps(steps, add):
     p.add_argument("--bf16-weights", action="store_true",
                    help="bf16 student weights with float32 master copies in AdamW, as distill.bf16_weights "
                         "(project steps only)")
+    p.add_argument("--compile-kl", action="store_true",
+                   help="compile the KL's per-chunk maths, as distill.compile_kl (project steps only)")
     p.add_argument("--gemm-ceiling", action="store_true",
                    help="also time each stage-2 row's weight GEMMs alone at the step's shapes: the MFU the step "
                         "would reach if nothing else took time")

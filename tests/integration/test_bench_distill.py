@@ -37,8 +37,8 @@ def test_bench_records_its_options_and_the_most_expensive_kernels():
 def test_bench_bf16_weights_row_reports_its_gemm_time():
     result = run_benchmark(batch_size=2, seq_len=32, warmup=1, repeats=1, stages=["stage2"], students=["gdn"],
                            chunk_tokens=16, shape=TINY, stage2_steps=["project"], bf16_weights=True,
-                           gemm_ceiling=True)
-    assert result["options"]["bf16_weights"] is True
+                           compile_kl=True, gemm_ceiling=True)
+    assert result["options"]["bf16_weights"] is True and result["options"]["compile_kl"] is True
     [row] = result["rows"]
     assert row["tokens_per_s"] > 0 and row["gemm_ms"] > 0
     assert row["mfu_ceiling"] is None  # no matmul rate is measured on a CPU

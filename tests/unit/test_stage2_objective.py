@@ -12,7 +12,7 @@ from tiny_models import tiny_teacher
 
 def options(compile_blocks=False, checkpointing=False, bf16_weights=False) -> dict:
     return {"temperature": 1.0, "kl_chunk_tokens": 16, "activation_checkpointing": checkpointing,
-            "compile_blocks": compile_blocks, "bf16_weights": bf16_weights}
+            "compile_blocks": compile_blocks, "bf16_weights": bf16_weights, "compile_kl": False}
 
 
 @pytest.mark.parametrize("compile_blocks", [False, True])

@@ -93,6 +93,7 @@ class BenchSettings:
     profile_top: int = 0
     bf16_weights: bool = False
     gemm_ceiling: bool = False
+    compile_kl: bool = False
 
 
 def build_objective(stage, step, teacher, softmax_layers, mixer, settings: BenchSettings, teacher_cache=None):
@@ -105,7 +106,8 @@ def build_objective(stage, step, teacher, softmax_layers, mixer, settings: Bench
     else:  # the workflow's own stage-2 construction, so the bench times what the jobs run
         distill = {"temperature": 1.0, "kl_chunk_tokens": settings.chunk_tokens,
                    "activation_checkpointing": settings.activation_checkpointing,
-                   "compile_blocks": settings.compile_blocks, "bf16_weights": settings.bf16_weights}
+                   "compile_blocks": settings.compile_blocks, "bf16_weights": settings.bf16_weights,
+                   "compile_kl": settings.compile_kl}
         objective = stage2_objective(distill, student, teacher, "all",
                                      teacher_cache if step == "cached" else None)
     return objective
@@ -256,7 +258,7 @@ def _run_rows(settings: BenchSettings, rank, world, device) -> dict:
             "options": {"kl_chunk_tokens": settings.chunk_tokens,
                         "activation_checkpointing": settings.activation_checkpointing,
                         "compile_blocks": settings.compile_blocks, "bf16_weights": settings.bf16_weights,
-                        "torch": torch.__version__},
+                        "compile_kl": settings.compile_kl, "torch": torch.__version__},
             "rows": [row.__dict__ for row in rows]}
 
 

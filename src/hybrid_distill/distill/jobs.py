@@ -65,7 +65,8 @@ def distill_all_linear_stage1(config: dict, teacher_dir: Path, data_dir: Path, m
 def stage2_objective(distill: dict, student, teacher, trainable: str, cache=None) -> LogitDistillation:
     """Stage 2's loss with the `distill` section's speed and memory options applied to the student."""
     objective = LogitDistillation(student, teacher, distill["temperature"], distill["kl_chunk_tokens"], trainable,
-                                  teacher_cache=cache, activation_checkpointing=distill["activation_checkpointing"])
+                                  teacher_cache=cache, activation_checkpointing=distill["activation_checkpointing"],
+                                  compile_kl=distill["compile_kl"])
     if distill["bf16_weights"]:
         cast_weights(student, torch.bfloat16)  # the trainer then keeps float32 master copies (master_weights.py)
     if distill["compile_blocks"]:

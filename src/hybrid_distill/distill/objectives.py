@@ -75,16 +75,18 @@ class LogitDistillation(nn.Module):
     The KL is computed in token chunks from final hidden states, so [tokens x vocab] logits never exist. With a
     `teacher_cache` (distill/teacher_cache.py), batches whose rows it holds take the teacher's final hidden
     states from it instead of running the teacher's body; other batches run the live teacher.
-    `activation_checkpointing` recomputes each student layer in backward (distill/recompute.py).
+    `activation_checkpointing` recomputes each student layer in backward (distill/recompute.py); `compile_kl`
+    compiles the KL's per-chunk maths (fused_kl.py).
     """
 
     reads_sequence_indices = True  # the trainer passes each batch's data rows
 
     def __init__(self, student: nn.Module, teacher: nn.Module, temperature: float, chunk_tokens: int,
-                 trainable: str | None = "all", teacher_cache=None, activation_checkpointing: bool = False):
+                 trainable: str | None = "all", teacher_cache=None, activation_checkpointing: bool = False,
+                 compile_kl: bool = False):
         super().__init__()
         self.student, self.teacher = student, teacher
-        self.temperature, self.chunk_tokens = temperature, chunk_tokens
+        self.temperature, self.chunk_tokens, self.compile_kl = temperature, chunk_tokens, compile_kl
         self.teacher_cache = teacher_cache
         if trainable is not None:  # None: leave the student's flags alone (scoring a model mid-training)
             self.student.requires_grad_(trainable == "all")
@@ -110,7 +112,8 @@ class LogitDistillation(nn.Module):
         loss = chunked_kl_from_hidden(
             student_hidden, self.student.lm_head.weight, teacher_hidden, self.teacher.lm_head.weight,
             temperature=self.temperature, chunk_tokens=self.chunk_tokens,
-            student_head_bias=self.student.lm_head.bias, teacher_head_bias=self.teacher.lm_head.bias)
+            student_head_bias=self.student.lm_head.bias, teacher_head_bias=self.teacher.lm_head.bias,
+            compiled=self.compile_kl)
         return loss, ({} if self.teacher_cache is None else {"teacher_cached": float(cached)})
 
 
