@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from hybrid_distill.config.load import validate_config
 from hybrid_distill.data.packed import PackedTokens, write_packed
 from hybrid_distill.distill.bench_processes import bench_processes, data_parallel, unwrapped
 from hybrid_distill.distill.fused_kl import naive_kl
@@ -104,10 +105,10 @@ def build_objective(stage, step, teacher, softmax_layers, mixer, settings: Bench
     elif step == "naive":
         return NaiveLogitDistillation(student, teacher, 1.0, settings.chunk_tokens)
     else:  # the workflow's own stage-2 construction, so the bench times what the jobs run
-        distill = {"temperature": 1.0, "kl_chunk_tokens": settings.chunk_tokens,
+        distill = {**validate_config({})["distill"], "temperature": 1.0, "kl_chunk_tokens": settings.chunk_tokens,
                    "activation_checkpointing": settings.activation_checkpointing,
                    "compile_blocks": settings.compile_blocks, "bf16_weights": settings.bf16_weights,
-                   "compile_kl": settings.compile_kl}
+                   "compile_kl": settings.compile_kl}  # the schema's defaults for any option the bench does not set
         objective = stage2_objective(distill, student, teacher, "all",
                                      teacher_cache if step == "cached" else None)
     return objective

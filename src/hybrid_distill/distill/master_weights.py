@@ -45,15 +45,17 @@ class MasterWeightAdamW(torch.optim.AdamW):
     def step(self, closure=None):
         if closure is not None:
             raise ValueError("MasterWeightAdamW.step takes no closure")
-        with_grad = [(master, param) for master, param in zip(self.masters, self.model_params)
-                     if param.grad is not None]
+        master_grads, model_grads = [], []
         for master, param in zip(self.masters, self.model_params):
             if param.grad is None:
                 master.grad = None  # AdamW skips it, as it would the model parameter
-            elif master.grad is None:
+                continue
+            if master.grad is None:
                 master.grad = torch.zeros_like(master)
-        if with_grad:
-            torch._foreach_copy_([master.grad for master, _ in with_grad], [param.grad for _, param in with_grad])
+            master_grads.append(master.grad)
+            model_grads.append(param.grad)
+        if master_grads:
+            torch._foreach_copy_(master_grads, model_grads)
         super().step()
         torch._foreach_copy_(self.model_params, self.masters)
 
