@@ -3,22 +3,13 @@
 # autocast against bf16 weights with float32 master copies (distill.bf16_weights), each row with its GEMM
 # ceiling (the MFU if only the step's weight matmuls took time). Parts: `plain` (default; no compile, at 32k
 # tokens per step and at the workflow's scoring shapes), `wide` (Qwen2.5-3B's widths, 8 layers), `compile`.
-# Each bench writes its JSON into $OUT and appends its log to $OUT/bench.log as it goes, so a call stopped at its
-# limit keeps what finished (a device call brings back 8 files: at most 7 benches per call).
+# Each bench writes its JSON into $OUT and its log into $OUT/bench.log (bench_lib.sh).
 # Usage: bash scripts/gpu/bench_weight_precision.sh [plain] [wide] [compile]
 set -uo pipefail
 out=${OUT:-bench-out}
 mkdir -p "$out"
 common=(--stages stage2 --stage2-steps project --warmup 3 --repeats 5 --gemm-ceiling)
-bench() {  # name, seconds allowed, then bench arguments
-  local name=$1 limit=$2; shift 2
-  echo "=== $name: $*"
-  timeout "$limit" hybrid-distill bench "${common[@]}" "$@" --out "$out/$name.json" > "$out/current.log" 2>&1
-  echo "exit $?"
-  grep -E "^(device|options|stage|stage2) " "$out/current.log"
-  { echo "=== $name: $*"; cat "$out/current.log"; } >> "$out/bench.log"  # one log: a call returns 8 files
-  rm -f "$out/current.log"
-}
+source "$(dirname "$0")/bench_lib.sh"
 long=(--batch-size 16 --seq-len 2048 --kl-chunk-tokens 4096 --students softmax gdn)
 workflow=(--batch-size 16 --seq-len 512 --kl-chunk-tokens 2048 --students gdn)
 wide=(--batch-size 8 --seq-len 2048 --kl-chunk-tokens 2048 --students softmax gdn

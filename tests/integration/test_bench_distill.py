@@ -29,9 +29,14 @@ def test_bench_records_its_options_and_the_most_expensive_kernels():
         assert row["tokens_per_s"] > 0 and 1 <= len(row["top_kernels"]) <= 4
         shares = [kernel["share"] for kernel in row["top_kernels"]]
         assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1 + 1e-9
+        groups = {group["group"]: group for group in row["kernel_groups"]}
+        assert abs(sum(group["share"] for group in groups.values()) - 1) < 1e-9
+        assert groups["gemm"]["ms"] > 0  # on CPU the matmul ops are grouped by their ATen names
+        assert groups["gemm"]["ms"] >= max(k["ms"] for k in row["top_kernels"] if k["name"] in ("aten::mm",
+                                                                                               "aten::addmm"))
     table = format_table(result)
     assert "activation_checkpointing True" in table
-    assert table.count("-- top kernels") == 3
+    assert table.count("-- top kernels") == 3 and table.count("-- device time by kind of kernel") == 3
 
 
 def test_bench_bf16_weights_row_reports_its_gemm_time():

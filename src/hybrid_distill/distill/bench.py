@@ -21,6 +21,7 @@ from hybrid_distill.distill.bench_processes import bench_processes, data_paralle
 from hybrid_distill.distill.fused_kl import naive_kl
 from hybrid_distill.distill.gemm_ceiling import linear_gemms, time_gemms
 from hybrid_distill.distill.jobs import stage2_objective
+from hybrid_distill.distill.kernel_groups import group_times
 from hybrid_distill.distill.master_weights import adamw_for
 from hybrid_distill.distill.objectives import HiddenAlignment, LogitDistillation
 from hybrid_distill.distill.precision import training_autocast_dtype
@@ -44,6 +45,7 @@ class BenchRow:
     top_kernels: list | None = None
     gemm_ms: float | None = None  # the step's weight GEMMs alone (gemm_ceiling.py)
     mfu_ceiling: float | None = None  # the MFU if nothing but those GEMMs took time
+    kernel_groups: list | None = None  # the profiled step's device time by kind of kernel (kernel_groups.py)
 
 
 def synchronize():
@@ -148,8 +150,8 @@ def train_step(objective, batch, optimizer, rows, device):
 
 
 def time_steps(objective, batch, warmup, repeats, device, profile_top=0):
-    """Seconds per step after `warmup` steps; with profile_top > 0 also the kernels that took the most device
-    time in one more step (name, ms, share of the step's device time, calls)."""
+    """Seconds per step after `warmup` steps and, with profile_top > 0, (the kernels that took the most device
+    time in one more step: name, ms, share of the step's device time, calls; all its time by kernel group)."""
     params = [p for p in objective.parameters() if p.requires_grad]
     optimizer = adamw_for(params, lr=1e-5, fused=device.type == "cuda")  # the trainer's optimizer
     rows = {"sequence_indices": list(range(len(batch)))} if getattr(unwrapped(objective), "teacher_cache", None) \
@@ -163,7 +165,7 @@ def time_steps(objective, batch, warmup, repeats, device, profile_top=0):
         if i >= warmup:
             times.append(time.perf_counter() - start)
     if not profile_top:
-        return times, None
+        return times, (None, None)
     return times, profile_kernels(lambda: train_step(objective, batch, optimizer, rows, device), device,
                                   profile_top)
 
@@ -182,8 +184,10 @@ def profile_kernels(step, device, top: int) -> list[dict]:
         timed = [event for event in timed if getattr(event, "device_type", None) == torch.autograd.DeviceType.CUDA]
     total = sum(getattr(event, attribute) for event in timed) or 1.0
     timed.sort(key=lambda event: getattr(event, attribute), reverse=True)
-    return [{"name": event.key[:90], "ms": getattr(event, attribute) / 1e3,
-             "share": getattr(event, attribute) / total, "calls": event.count} for event in timed[:top]]
+    kernels = [{"name": event.key[:90], "ms": getattr(event, attribute) / 1e3,
+                "share": getattr(event, attribute) / total, "calls": event.count} for event in timed[:top]]
+    groups = group_times({event.key: getattr(event, attribute) / 1e3 for event in timed})
+    return kernels, groups
 
 
 def _gemm_ceiling(objective, tokens, step, device, peak_rate) -> tuple[float, float | None]:
@@ -233,8 +237,8 @@ def _run_rows(settings: BenchSettings, rank, world, device) -> dict:
                     objective = build_objective(stage, step, teacher, softmax_layers, mixer, settings,
                                                 teacher_cache).to(device)
                     objective = data_parallel(objective, device, world)
-                    times, kernels = time_steps(objective, batch, settings.warmup, settings.repeats, device,
-                                                settings.profile_top)
+                    times, (kernels, groups) = time_steps(objective, batch, settings.warmup, settings.repeats,
+                                                          device, settings.profile_top)
                 except torch.OutOfMemoryError:
                     rows.append(BenchRow(stage, student_kind, step, None, None, None, "out of memory"))
                     continue
@@ -245,7 +249,8 @@ def _run_rows(settings: BenchSettings, rank, world, device) -> dict:
                     if peak_rate else None
                 peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else None
                 row = BenchRow(stage, student_kind, step, tokens_per_s, mfu, peak,
-                               "teacher hidden states read from a cache" if step == "cached" else "", kernels)
+                               "teacher hidden states read from a cache" if step == "cached" else "", kernels,
+                               kernel_groups=groups)
                 if settings.gemm_ceiling and stage == "stage2":
                     row.gemm_ms, row.mfu_ceiling = _gemm_ceiling(unwrapped(objective), batch.numel(), step, device,
                                                                  peak_rate)
@@ -285,6 +290,10 @@ def format_table(result: dict) -> str:
             lines.append(f"-- top kernels, one {row['stage']} step of {row['student']} / {row['step']}:")
             lines += [f"   {kernel['ms']:8.2f} ms {kernel['share'] * 100:5.1f}% x{kernel['calls']:<5} {kernel['name']}"
                       for kernel in row["top_kernels"]]
+        if row.get("kernel_groups"):
+            lines.append("-- device time by kind of kernel, the same step:")
+            lines += [f"   {group['ms']:8.2f} ms {group['share'] * 100:5.1f}% {group['kernels']:5} kernels  "
+                      f"{group['group']}" for group in row["kernel_groups"]]
     return "\n".join(lines)
 
 

@@ -1,0 +1,42 @@
+"""Where a profiled step's device time goes, by kind of kernel: the GEMM ceiling says the weight matmuls are a
+quarter of a compiled stage-2 step, and this says which kernels make up the rest (bench `--profile-top`).
+
+Kernels are grouped by name, first matching rule wins. The rules know CUDA kernel names (cuBLAS/CUTLASS GEMMs,
+flash attention, Inductor's `triton_*` kernels, eager ATen kernels) and, for CPU profiles, ATen op names.
+"""
+from __future__ import annotations
+
+import re
+
+GROUP_RULES = (  # (group, pattern over the kernel's name), in order
+    ("gemm", r"gemm|cutlass|xmma|nvjet|cublas|splitk|^aten::(mm|addmm|bmm|baddbmm|linear|matmul)$"),
+    ("attention", r"flash|fmha|sdpa|scaled_dot_product"),
+    ("compiled (Inductor)", r"^triton_|compiledfunction|torch-compiled"),
+    ("optimizer", r"adam|multi_tensor_apply|_foreach_"),
+    ("casts and copies", r"memcpy|memset|copy|aten::to$|aten::_to_copy"),
+    ("eager ATen", r"at::native|at::cuda|^void |^aten::"),
+)
+OTHER = "fla and other kernels"  # fla's Triton kernels carry their own function names
+GROUPS = tuple(group for group, _ in GROUP_RULES) + (OTHER,)
+_COMPILED_RULES = tuple((group, re.compile(pattern, re.IGNORECASE)) for group, pattern in GROUP_RULES)
+
+
+def kernel_group(name: str) -> str:
+    """The group a kernel (or, on CPU, an op) named `name` belongs to."""
+    for group, pattern in _COMPILED_RULES:
+        if pattern.search(name):
+            return group
+    return OTHER
+
+
+def group_times(kernel_ms: dict[str, float]) -> list[dict]:
+    """{kernel name: ms} -> one entry per group that took time, largest first: group, ms, share of the total,
+    kernels (how many distinct names)."""
+    totals: dict[str, list] = {}
+    for name, ms in kernel_ms.items():
+        entry = totals.setdefault(kernel_group(name), [0.0, 0])
+        entry[0] += ms
+        entry[1] += 1
+    whole = sum(ms for ms, _ in totals.values()) or 1.0
+    return sorted(({"group": group, "ms": ms, "share": ms / whole, "kernels": count}
+                   for group, (ms, count) in totals.items()), key=lambda entry: -entry["ms"])
