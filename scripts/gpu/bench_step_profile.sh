@@ -2,8 +2,8 @@
 # On the lent GPU machine, after `source scripts/gpu/unpack.sh`: where the compiled stage-2 step's time goes
 # (each row profiled: its top kernels and its device time by kind of kernel, beside its GEMM ceiling) and what
 # the KL's compiled chunk maths (distill.compile_kl) and bf16 weights (distill.bf16_weights) change in it.
-# Parts: `kl` (compiled blocks without and with compile_kl, all-softmax and all-GDN), `bf16` (the same with bf16
-# weights: compiled GDN alone, then both students with compile_kl). 32k tokens per step (16 x 2048).
+# Parts: `kl` (compiled blocks without and with compile_kl, all-softmax and all-GDN), `bf16` (both with bf16
+# weights). 32k tokens per step (16 x 2048).
 # Each bench writes its JSON into $OUT and its log into $OUT/bench.log (bench_lib.sh).
 # Usage: bash scripts/gpu/bench_step_profile.sh [kl] [bf16]
 set -uo pipefail
@@ -18,7 +18,6 @@ for part in "${@:-kl}"; do
       bench compile_fp32 220 --students softmax gdn
       bench compile_kl_fp32 220 --students softmax gdn --compile-kl ;;
     bf16)
-      bench compile_bf16_gdn 150 --students gdn --bf16-weights
       bench compile_kl_bf16 220 --students softmax gdn --bf16-weights --compile-kl ;;
     *) echo "usage: $0 [kl] [bf16]" >&2; exit 2 ;;
   esac

@@ -68,3 +68,33 @@ def test_short_conv_decoding_token_by_token_equals_the_whole_sequence(bias):
         steps.append(out)
     torch.testing.assert_close(torch.cat(steps, 1), whole, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(cache, whole_cache)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_short_conv_compiled_as_shifted_sums_equals_the_conv(bias):
+    """Under torch.compile the sequence path is written as shifted multiply-adds: same outputs, cache and
+    gradients (inputs, taps, bias) as ATen's conv, from an empty and from a carried cache."""
+    from hybrid_distill.models.mixers.short_conv import ShortConvolution
+
+    torch.manual_seed(0)
+    conv = ShortConvolution(6, kernel_size=4, bias=bias)
+    with torch.no_grad():
+        conv.weight.normal_()
+        if bias:
+            conv.bias.normal_()
+    compiled = torch.compile(conv.forward, dynamic=False, backend="aot_eager")  # traced: is_compiling() is True
+    inputs, carried = torch.randn(2, 7, 6), torch.randn(2, 6, 3)
+    for cache in (None, carried):
+        results = []
+        for forward in (conv.forward, compiled):
+            conv.zero_grad()
+            x = inputs.clone().requires_grad_()
+            out, new_cache = forward(x, cache)
+            (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+            results.append((out, new_cache, x.grad, [p.grad.clone() for p in conv.parameters()]))
+        (out, new_cache, x_grad, grads), (c_out, c_cache, c_x_grad, c_grads) = results
+        torch.testing.assert_close(c_out, out, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(c_cache, new_cache)
+        torch.testing.assert_close(c_x_grad, x_grad, rtol=1e-5, atol=1e-6)
+        for c_grad, grad in zip(c_grads, grads, strict=True):
+            torch.testing.assert_close(c_grad, grad, rtol=1e-5, atol=1e-5)

@@ -26,6 +26,11 @@ def test_options_apply_to_the_student(compile_blocks, checkpointing):
     assert layer.self_attn._compiled_call_impl is None  # fla's kernel calls stay outside the compiled code
     compiled_maths = hasattr(layer.self_attn._kernel_inputs, "_torchdynamo_orig_callable")
     assert compiled_maths is compile_blocks
+    softmax_layer = decoder_layers(objective.student)[0]
+    assert (softmax_layer.self_attn._compiled_call_impl is not None) is compile_blocks
+    teacher_layers = decoder_layers(objective.teacher)
+    assert all((layer.self_attn._compiled_call_impl is not None) is compile_blocks and
+               (layer.mlp._compiled_call_impl is not None) is compile_blocks for layer in teacher_layers)
     assert is_recomputed(objective.student) is checkpointing
 
 
@@ -45,3 +50,27 @@ def test_bf16_weights_cast_the_student_only_and_keep_the_loss(mixer):
     assert loss.item() == pytest.approx(reference_loss.item(), rel=2e-2)
     assert loss.item() != reference_loss.item()
     assert all(param.grad.dtype == torch.bfloat16 for param in objective.student.parameters())
+
+
+def test_compiled_blocks_keep_the_loss_and_gradients():
+    """distill.compile_blocks (student's and teacher's dense blocks and softmax attention, the student's mixer
+    maths with its short convs as shifted sums) computes the eager objective's loss and gradients."""
+    teacher = tiny_teacher("llama")
+    torch.manual_seed(0)
+    student = build_student(teacher, [0], "gdn")
+    with torch.no_grad():  # a conv that mixes positions: the identity init would hide a wrong tap
+        for name, param in student.named_parameters():
+            if "conv1d" in name or name.endswith(("a_proj.weight", "b_proj.weight")):
+                param.normal_(std=0.3)
+    input_ids = torch.randint(0, teacher.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    results = []
+    for compile_blocks in (False, True):
+        objective = stage2_objective(options(compile_blocks), copy.deepcopy(student), copy.deepcopy(teacher), "all")
+        loss, _ = objective(input_ids)
+        loss.backward()
+        results.append((loss.detach(), {name: param.grad for name, param in objective.student.named_parameters()}))
+    (eager_loss, eager_grads), (compiled_loss, compiled_grads) = results
+    torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-5, atol=1e-6)
+    assert eager_grads.keys() == compiled_grads.keys()
+    for name, grad in eager_grads.items():
+        torch.testing.assert_close(compiled_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)

@@ -6,6 +6,7 @@ utilisation against a measured bf16 matmul rate, and peak memory.
 """
 from __future__ import annotations
 
+import copy
 import json
 import statistics
 import tempfile
@@ -111,7 +112,9 @@ def build_objective(stage, step, teacher, softmax_layers, mixer, settings: Bench
                    "activation_checkpointing": settings.activation_checkpointing,
                    "compile_blocks": settings.compile_blocks, "bf16_weights": settings.bf16_weights,
                    "compile_kl": settings.compile_kl}  # the schema's defaults for any option the bench does not set
-        objective = stage2_objective(distill, student, teacher, "all",
+        # compile_blocks compiles the teacher in place: a copy keeps the rows after this one (naive ones) eager
+        row_teacher = copy.deepcopy(teacher) if settings.compile_blocks else teacher
+        objective = stage2_objective(distill, student, row_teacher, "all",
                                      teacher_cache if step == "cached" else None)
     return objective
 

@@ -1,12 +1,14 @@
-"""torch.compile of the elementwise-heavy parts of a student (MLPs, RMS norms, the mixers' maths around fla's
-kernels), leaving attention and fla's kernels to themselves: at small hidden sizes a training step is bound by
-many small elementwise kernels (norm, SiLU-gate, casts, gates), which the compiler fuses.
+"""torch.compile of the elementwise-heavy parts of a model (MLPs, RMS norms, softmax attention's projections,
+rotary embedding and layout changes around SDPA, the mixers' maths around fla's kernels), leaving fla's kernels
+and the residual stream to themselves: at small hidden sizes a training step is bound by many small elementwise
+kernels (norm, SiLU-gate, casts, rotary, transposes, gates), which the compiler fuses.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from hybrid_distill.models.mixers import LinearMixer
 from hybrid_distill.models.student import decoder_layers, mixers_of
 
 DENSE_BLOCKS = ("mlp", "input_layernorm", "post_attention_layernorm")
@@ -36,6 +38,17 @@ def compile_mixers(model: nn.Module) -> int:
     return len(mixers)
 
 
+def compile_softmax_attention(model: nn.Module) -> int:
+    """Compile every softmax attention module of `model` in place (SDPA itself stays ATen's kernel inside the
+    graph); returns how many. Eager, their rotary embedding, casts and transposes were among the many small
+    kernels left in a compiled-blocks all-softmax step's profile (docs/performance.md)."""
+    modules = [layer.self_attn for layer in decoder_layers(model) if not isinstance(layer.self_attn, LinearMixer)]
+    for module in modules:
+        module.compile(dynamic=False)
+    return len(modules)
+
+
 def compile_student(model: nn.Module) -> int:
-    """`distill.compile_blocks`: dense blocks and mixer maths; returns how many modules were compiled."""
-    return compile_dense_blocks(model) + compile_mixers(model)
+    """`distill.compile_blocks` for a student (and for a teacher, which has no mixers): dense blocks, softmax
+    attention and mixer maths; returns how many modules were compiled."""
+    return compile_dense_blocks(model) + compile_softmax_attention(model) + compile_mixers(model)

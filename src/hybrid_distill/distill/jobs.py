@@ -71,6 +71,7 @@ def stage2_objective(distill: dict, student, teacher, trainable: str, cache=None
         cast_weights(student, torch.bfloat16)  # the trainer then keeps float32 master copies (master_weights.py)
     if distill["compile_blocks"]:
         compile_student(student)
+        compile_student(teacher)  # its forward's norms, MLPs and attention maths: 2N of the step's 8N FLOPs
     return objective
 
 
