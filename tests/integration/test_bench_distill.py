@@ -52,6 +52,22 @@ def test_bench_bf16_weights_row_reports_its_gemm_time():
     assert f"{row['gemm_ms']:8.1f}".strip() in row_line
 
 
+def test_each_compiled_row_starts_from_a_clean_compiler(monkeypatch):
+    """Compiled code of earlier rows must not slow later rows of one process: Dynamo is reset before each
+    compiled row is built, and only then."""
+    from hybrid_distill.distill import bench
+
+    events = []
+    monkeypatch.setattr(torch._dynamo, "reset", lambda: events.append("reset"))
+    real_build = bench.build_objective
+    monkeypatch.setattr(bench, "build_objective", lambda *a, **k: events.append("build") or real_build(*a, **k))
+    for compile_kl, expected in ((True, ["reset", "build"] * 2), (False, ["build"] * 2)):
+        events.clear()
+        run_benchmark(batch_size=1, seq_len=16, warmup=0, repeats=1, stages=["stage2"], students=["softmax", "gdn"],
+                      chunk_tokens=16, shape=TINY, stage2_steps=["project"], compile_kl=compile_kl)
+        assert events == expected
+
+
 def test_compiled_dense_blocks_keep_names_and_outputs(teacher):
     torch.manual_seed(0)
     student = build_student(teacher, [0], "gdn")

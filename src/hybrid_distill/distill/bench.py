@@ -235,6 +235,10 @@ def _run_rows(settings: BenchSettings, rank, world, device) -> dict:
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
                     torch.cuda.reset_peak_memory_stats()
+                if settings.compile_blocks or settings.compile_kl:
+                    # each row compiles from a clean slate, as a job does: on an H200 an all-GDN row timed after an
+                    # all-softmax row in one process ran at 113k tok/s, and alone at 160k (docs/performance.md)
+                    torch._dynamo.reset()
                 try:
                     torch.manual_seed(0)  # fresh mixer parameters equal across processes
                     objective = build_objective(stage, step, teacher, softmax_layers, mixer, settings,
