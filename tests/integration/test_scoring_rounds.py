@@ -94,3 +94,21 @@ def test_heldout_kl_leaves_modes_and_trainable_parameters_as_they_were(tiny_teac
     assert kl > 0
     assert {name: p.requires_grad for name, p in student.named_parameters()} == before
     assert student.training
+
+
+def test_a_job_with_the_paper_configs_speed_options_resumes_exactly(scoring_run, tiny_teacher_dir, tmp_path):
+    """Compiled blocks and KL, bf16 weights with float32 master copies and recomputation (the paper configs'
+    stage-2 options) in a job stopped and resumed: the score equals an uninterrupted job's."""
+    config, data, stage1 = scoring_run
+    config["distill"].update(compile_blocks=True, compile_kl=True, bf16_weights=True, activation_checkpointing=True)
+    resumed, whole = tmp_path / "resumed", tmp_path / "whole"
+    for round_index, stop in enumerate((2, 5)):
+        distill_stage2(config, "scoring.stage2", tiny_teacher_dir, data, stage1, [1], resumed / "stage2",
+                       stop_after_step=stop, score_path=resumed / f"round{round_index}.json", save_model=False)
+    distill_stage2(config, "scoring.stage2", tiny_teacher_dir, data, stage1, [1], whole / "stage2",
+                   stop_after_step=5, score_path=whole / "round.json", save_model=False)
+    first, last = (json.loads((resumed / f"round{r}.json").read_text()) for r in range(2))
+    uninterrupted = json.loads((whole / "round.json").read_text())
+    assert (first["step"], last["step"], uninterrupted["step"]) == (2, 5, 5)
+    assert first["heldout_kl"] != last["heldout_kl"]
+    assert last["heldout_kl"] == uninterrupted["heldout_kl"]
