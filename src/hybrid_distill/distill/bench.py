@@ -173,7 +173,7 @@ def time_steps(objective, batch, warmup, repeats, device, profile_top=0):
                                   profile_top)
 
 
-def profile_kernels(step, device, top: int) -> list[dict]:
+def profile_kernels(step, device, top: int) -> tuple[list[dict], list[dict]]:
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])

@@ -1,5 +1,5 @@
-"""Where a profiled step's device time goes, by kind of kernel: the GEMM ceiling says the weight matmuls are a
-quarter of a compiled stage-2 step, and this says which kernels make up the rest (bench `--profile-top`).
+"""Where a profiled step's device time goes, by kind of kernel (bench `--profile-top`): the GEMM ceiling times the
+step's weight matmuls alone, and this says which kernels take the rest of the step.
 
 Kernels are grouped by name, first matching rule wins. The rules know CUDA kernel names (cuBLAS/CUTLASS GEMMs,
 flash attention, Inductor's `triton_*` kernels, eager ATen kernels) and, for CPU profiles, ATen op names.
