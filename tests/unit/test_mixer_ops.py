@@ -48,9 +48,8 @@ def test_delta_rule_overwrites_a_key_with_beta_one():
     assert torch.allclose(state[0, 0, 0], torch.tensor([5.0, -1.0], dtype=torch.float64))
 
 
-@pytest.mark.parametrize("bias", [False, True])
-def test_short_conv_decoding_token_by_token_equals_the_whole_sequence(bias):
-    """The one-token path (a weighted sum) and the sequence path (conv1d) are the same causal convolution."""
+def random_short_conv(bias: bool):
+    """A 6-channel, 4-tap short conv with random taps (and bias): the identity init would hide a wrong tap."""
     from hybrid_distill.models.mixers.short_conv import ShortConvolution
 
     torch.manual_seed(0)
@@ -59,6 +58,13 @@ def test_short_conv_decoding_token_by_token_equals_the_whole_sequence(bias):
         conv.weight.normal_()
         if bias:
             conv.bias.normal_()
+    return conv
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_short_conv_decoding_token_by_token_equals_the_whole_sequence(bias):
+    """The one-token path (a weighted sum) and the sequence path (conv1d) are the same causal convolution."""
+    conv = random_short_conv(bias)
     inputs = torch.randn(2, 7, 6)
     whole, whole_cache = conv(inputs)
     prefix, cache = conv(inputs[:, :3])
@@ -74,14 +80,7 @@ def test_short_conv_decoding_token_by_token_equals_the_whole_sequence(bias):
 def test_short_conv_compiled_as_shifted_sums_equals_the_conv(bias):
     """Under torch.compile the sequence path is written as shifted multiply-adds: same outputs, cache and
     gradients (inputs, taps, bias) as ATen's conv, from an empty and from a carried cache."""
-    from hybrid_distill.models.mixers.short_conv import ShortConvolution
-
-    torch.manual_seed(0)
-    conv = ShortConvolution(6, kernel_size=4, bias=bias)
-    with torch.no_grad():
-        conv.weight.normal_()
-        if bias:
-            conv.bias.normal_()
+    conv = random_short_conv(bias)
     compiled = torch.compile(conv.forward, dynamic=False, backend="aot_eager")  # traced: is_compiling() is True
     inputs, carried = torch.randn(2, 7, 6), torch.randn(2, 6, 3)
     for cache in (None, carried):
