@@ -3,9 +3,10 @@
 # (each row profiled: its top kernels and its device time by kind of kernel, beside its GEMM ceiling) and what
 # the KL's compiled chunk maths (distill.compile_kl) and bf16 weights (distill.bf16_weights) change in it.
 # Parts: `kl` (compiled blocks without and with compile_kl, all-softmax and all-GDN), `bf16` (both with bf16
-# weights), `gdn` (all-GDN alone in its process with both, float32 and bf16 weights). 32k tokens per step.
+# weights), `gdn` (all-GDN alone in its process with both, float32 and bf16 weights), `softmax` (all-softmax alone
+# with both and bf16 weights). 32k tokens per step.
 # Each bench writes its JSON into $OUT and its log into $OUT/bench.log (bench_lib.sh).
-# Usage: bash scripts/gpu/bench_step_profile.sh [kl] [bf16] [gdn]
+# Usage: bash scripts/gpu/bench_step_profile.sh [kl] [bf16] [gdn] [softmax]
 set -uo pipefail
 out=${OUT:-bench-out}
 mkdir -p "$out"
@@ -22,7 +23,9 @@ for part in "${@:-kl}"; do
     gdn)
       bench gdn_kl_fp32 150 --students gdn --compile-kl
       bench gdn_kl_bf16 150 --students gdn --compile-kl --bf16-weights ;;
-    *) echo "usage: $0 [kl] [bf16] [gdn]" >&2; exit 2 ;;
+    softmax)
+      bench softmax_kl_bf16 150 --students softmax --compile-kl --bf16-weights ;;
+    *) echo "usage: $0 [kl] [bf16] [gdn] [softmax]" >&2; exit 2 ;;
   esac
 done
 true

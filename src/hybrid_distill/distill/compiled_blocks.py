@@ -1,7 +1,10 @@
-"""torch.compile of the elementwise-heavy parts of a model (MLPs, RMS norms, softmax attention's projections,
-rotary embedding and layout changes around SDPA, the mixers' maths around fla's kernels), leaving fla's kernels
-and the residual stream to themselves: at small hidden sizes a training step is bound by many small elementwise
-kernels (norm, SiLU-gate, casts, rotary, transposes, gates), which the compiler fuses.
+"""torch.compile of the elementwise-heavy parts of a model, leaving fla's kernels to themselves: at small hidden
+sizes a training step is bound by many small elementwise kernels (norm, SiLU-gate, casts, rotary, transposes,
+gates, residual adds), which the compiler fuses.
+
+Two granularities: whole decoder layers for training (`compile_training_layers`, what distill.compile_blocks
+runs), and per-block (MLPs, norms, softmax attention, mixer maths: `compile_student`) for decoding, whose cache
+bookkeeping must stay outside the compiled code so that CUDA-graphed steps reuse one graph.
 """
 from __future__ import annotations
 
@@ -52,3 +55,25 @@ def compile_student(model: nn.Module) -> int:
     """`distill.compile_blocks` for a student (and for a teacher, which has no mixers): dense blocks, softmax
     attention and mixer maths; returns how many modules were compiled."""
     return compile_dense_blocks(model) + compile_softmax_attention(model) + compile_mixers(model)
+
+
+def compile_training_layers(model: nn.Module) -> int:
+    """`distill.compile_blocks`: compile (in place) every decoder layer's forward of `model` as a whole, so that
+    the norms, the residual adds and the attention's or mixer's maths around them fuse, and the final norm;
+    returns how many modules. A mixer's fla kernel call is excluded (`torch.compiler.disable`): the layer's
+    graph breaks there into the part before the kernel and the part after it. One compiled code serves all layers
+    of a kind (parameters are graph inputs); the teacher (no grad), softmax and mixer layers are its variants.
+
+    Call it before `recompute_decoder_layers`: the recomputation then wraps the compiled forward and reruns it in
+    backward, where a checkpoint traced inside a compiled layer would break the layer's graph at the checkpoint."""
+    layers = decoder_layers(model)
+    for layer in layers:
+        if isinstance(layer.self_attn, LinearMixer):
+            mixer = layer.self_attn
+            mixer._kernel = torch.compiler.disable(mixer._kernel)
+        layer.forward = torch.compile(layer.forward, dynamic=False)
+    final_norm = getattr(getattr(model, "model", model), "norm", None)
+    if isinstance(final_norm, nn.Module):
+        final_norm.compile(dynamic=False)
+        return len(layers) + 1
+    return len(layers)

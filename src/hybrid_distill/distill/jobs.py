@@ -10,7 +10,7 @@ import torch
 
 from hybrid_distill.data.packed import PackedTokens
 from hybrid_distill.distill.atomic import drop_training_state, write_json
-from hybrid_distill.distill.compiled_blocks import compile_student
+from hybrid_distill.distill.compiled_blocks import compile_training_layers
 from hybrid_distill.distill.master_weights import cast_weights
 from hybrid_distill.distill.objectives import HiddenAlignment, LogitDistillation, heldout_kl, heldout_layer_mse
 from hybrid_distill.distill.precision import train_on_cpu, training_autocast_dtype
@@ -64,14 +64,14 @@ def distill_all_linear_stage1(config: dict, teacher_dir: Path, data_dir: Path, m
 
 def stage2_objective(distill: dict, student, teacher, trainable: str, cache=None) -> LogitDistillation:
     """Stage 2's loss with the `distill` section's speed and memory options applied to the student."""
+    if distill["bf16_weights"]:
+        cast_weights(student, torch.bfloat16)  # the trainer then keeps float32 master copies (master_weights.py)
+    if distill["compile_blocks"]:  # before the objective, whose recomputation (if on) wraps the compiled layers
+        compile_training_layers(student)
+        compile_training_layers(teacher)  # its forward's layers: 2N of the step's 8N FLOPs
     objective = LogitDistillation(student, teacher, distill["temperature"], distill["kl_chunk_tokens"], trainable,
                                   teacher_cache=cache, activation_checkpointing=distill["activation_checkpointing"],
                                   compile_kl=distill["compile_kl"])
-    if distill["bf16_weights"]:
-        cast_weights(student, torch.bfloat16)  # the trainer then keeps float32 master copies (master_weights.py)
-    if distill["compile_blocks"]:
-        compile_student(student)
-        compile_student(teacher)  # its forward's norms, MLPs and attention maths: 2N of the step's 8N FLOPs
     return objective
 
 
