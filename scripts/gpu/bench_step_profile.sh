@@ -4,9 +4,9 @@
 # the KL's compiled chunk maths (distill.compile_kl) and bf16 weights (distill.bf16_weights) change in it.
 # Parts: `kl` (compiled blocks without and with compile_kl, all-softmax and all-GDN), `bf16` (both with bf16
 # weights), `gdn` (all-GDN alone in its process with both, float32 and bf16 weights), `softmax` (all-softmax alone
-# with both and bf16 weights). 32k tokens per step.
+# with both and bf16 weights), `recompute` (all-GDN with the paper configs' options and the recomputation). 32k tokens per step.
 # Each bench writes its JSON into $OUT and its log into $OUT/bench.log (bench_lib.sh).
-# Usage: bash scripts/gpu/bench_step_profile.sh [kl] [bf16] [gdn] [softmax]
+# Usage: bash scripts/gpu/bench_step_profile.sh [kl] [bf16] [gdn] [softmax] [recompute]
 set -uo pipefail
 out=${OUT:-bench-out}
 mkdir -p "$out"
@@ -25,7 +25,9 @@ for part in "${@:-kl}"; do
       bench gdn_kl_bf16 150 --students gdn --compile-kl --bf16-weights ;;
     softmax)
       bench softmax_kl_bf16 150 --students softmax --compile-kl --bf16-weights ;;
-    *) echo "usage: $0 [kl] [bf16] [gdn] [softmax]" >&2; exit 2 ;;
+    recompute)
+      bench gdn_recompute_bf16 150 --students gdn --compile-kl --bf16-weights --activation-checkpointing ;;
+    *) echo "usage: $0 [kl] [bf16] [gdn] [softmax] [recompute]" >&2; exit 2 ;;
   esac
 done
 true
