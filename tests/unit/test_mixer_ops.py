@@ -97,3 +97,22 @@ def test_short_conv_compiled_as_shifted_sums_equals_the_conv(bias):
         torch.testing.assert_close(c_x_grad, x_grad, rtol=1e-5, atol=1e-6)
         for c_grad, grad in zip(c_grads, grads, strict=True):
             torch.testing.assert_close(c_grad, grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("heads", [9, 16])
+def test_gdn_gate_logits_as_one_padded_gemm_equal_the_two_projections(heads):
+    """The a/b projections of a sequence run as one row-padded GEMM (9 heads: unaligned rows) and of one
+    token as a weighted sum; both give each projection's own logits."""
+    from hybrid_distill.models.mixers.gdn import GatedDeltaNetMixer
+    from hybrid_distill.models.mixers.spec import MixerSpec
+
+    torch.manual_seed(0)
+    mixer = GatedDeltaNetMixer(MixerSpec(kind="gdn", hidden_size=32, num_heads=heads, head_dim=8), layer_idx=0)
+    with torch.no_grad():
+        mixer.a_proj.weight.normal_()
+        mixer.b_proj.weight.normal_()
+    for length in (5, 1):
+        hidden = torch.randn(2, length, 32)
+        a_logits, b_logits = mixer._gate_logits(hidden)
+        torch.testing.assert_close(a_logits, mixer.a_proj(hidden), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(b_logits, mixer.b_proj(hidden), rtol=1e-5, atol=1e-5)
