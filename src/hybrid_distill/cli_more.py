@@ -155,8 +155,8 @@ def add_steps(steps, add):
     p.add_argument("--activation-checkpointing", action="store_true",
                    help="the project's stage-2 step recomputes each decoder layer in backward")
     p.add_argument("--compile-blocks", action="store_true",
-                   help="torch.compile the students' MLPs, norms and mixer maths, as distill.compile_blocks "
-                        "(project steps only)")
+                   help="torch.compile the student's and teacher's decoder layers whole (fla's kernel calls left out), "
+                        "as distill.compile_blocks (project steps only)")
     p.add_argument("--bf16-weights", action="store_true",
                    help="bf16 student weights with float32 master copies in AdamW, as distill.bf16_weights "
                         "(project steps only)")

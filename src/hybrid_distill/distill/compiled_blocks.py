@@ -52,8 +52,9 @@ def compile_softmax_attention(model: nn.Module) -> int:
 
 
 def compile_student(model: nn.Module) -> int:
-    """`distill.compile_blocks` for a student (and for a teacher, which has no mixers): dense blocks, softmax
-    attention and mixer maths; returns how many modules were compiled."""
+    """Per-block compile for decoding (bench_inference.py): dense blocks, softmax attention and mixer maths, with
+    the cache bookkeeping left eager; returns how many modules were compiled. Training uses
+    `compile_training_layers`."""
     return compile_dense_blocks(model) + compile_softmax_attention(model) + compile_mixers(model)
 
 
