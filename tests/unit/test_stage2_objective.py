@@ -58,7 +58,7 @@ def test_bf16_weights_cast_the_student_only_and_keep_the_loss(mixer):
 def test_compiled_blocks_keep_the_loss_and_gradients(family, checkpointing):
     """distill.compile_blocks (student's and teacher's whole decoder layers, the mixer's short convs as shifted
     sums, fla's kernel call left out) computes the eager objective's loss and gradients, with the recomputation
-    too; each layer's graph breaks only at the kernel call, and layers of a kind share their compiled code."""
+    too, for Llama and Qwen2 layers; each layer's graph breaks only at the kernel call."""
     teacher = tiny_teacher(family)
     torch.manual_seed(0)
     student = build_student(teacher, [0], "gdn")
