@@ -37,6 +37,10 @@ def test_bench_records_its_options_and_the_most_expensive_kernels():
     table = format_table(result)
     assert "activation_checkpointing True" in table
     assert table.count("-- top kernels") == 3 and table.count("-- device time by kind of kernel") == 3
+    for row in result["rows"]:  # each profile says how much of the step its kernels took
+        kernel_ms = sum(group["ms"] for group in row["kernel_groups"])
+        step_ms = result["tokens_per_step"] / row["tokens_per_s"] * 1e3
+        assert f"{kernel_ms:.1f} ms in kernels against a median step of {step_ms:.1f} ms" in table
 
 
 def test_bench_bf16_weights_row_reports_its_gemm_time():

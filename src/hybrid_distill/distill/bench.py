@@ -297,8 +297,11 @@ def format_table(result: dict) -> str:
             lines.append(f"-- top kernels, one {row['stage']} step of {row['student']} / {row['step']}:")
             lines += [f"   {kernel['ms']:8.2f} ms {kernel['share'] * 100:5.1f}% x{kernel['calls']:<5} {kernel['name']}"
                       for kernel in row["top_kernels"]]
-        if row.get("kernel_groups"):
-            lines.append("-- device time by kind of kernel, the same step:")
+        if row.get("kernel_groups"):  # kernels well short of the step: the device waited on the host
+            kernel_ms = sum(group["ms"] for group in row["kernel_groups"])
+            step_ms = result["tokens_per_step"] / row["tokens_per_s"] * 1e3
+            lines.append(f"-- device time by kind of kernel, the same step: {kernel_ms:.1f} ms in kernels against a "
+                         f"median step of {step_ms:.1f} ms:")
             lines += [f"   {group['ms']:8.2f} ms {group['share'] * 100:5.1f}% {group['kernels']:5} kernels  "
                       f"{group['group']}" for group in row["kernel_groups"]]
     return "\n".join(lines)
