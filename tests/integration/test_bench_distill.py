@@ -32,8 +32,8 @@ def test_bench_records_its_options_and_the_most_expensive_kernels():
         groups = {group["group"]: group for group in row["kernel_groups"]}
         assert abs(sum(group["share"] for group in groups.values()) - 1) < 1e-9
         assert groups["gemm"]["ms"] > 0  # on CPU the matmul ops are grouped by their ATen names
-        assert groups["gemm"]["ms"] >= max(k["ms"] for k in row["top_kernels"] if k["name"] in ("aten::mm",
-                                                                                               "aten::addmm"))
+        top_matmuls = [k["ms"] for k in row["top_kernels"] if k["name"] in ("aten::mm", "aten::addmm")]
+        assert groups["gemm"]["ms"] >= sum(top_matmuls)  # the top 4 of a CPU profile need not hold one
     table = format_table(result)
     assert "activation_checkpointing True" in table
     assert table.count("-- top kernels") == 3 and table.count("-- device time by kind of kernel") == 3
