@@ -287,7 +287,7 @@ def format_table(result: dict) -> str:
         tps = f"{row['tokens_per_s']:10.0f}" if row["tokens_per_s"] else f"{'-':>10}"
         mfu = f"{row['mfu'] * 100:5.1f}%" if row["mfu"] else f"{'-':>6}"
         peak = f"{row['peak_mem_gb']:8.1f}" if row["peak_mem_gb"] else f"{'-':>8}"
-        step_ms = f"{result['tokens_per_step'] / row['tokens_per_s'] * 1e3:8.1f}" if row["tokens_per_s"] else f"{'-':>8}"
+        step_ms = f"{_step_ms(result, row):8.1f}" if row["tokens_per_s"] else f"{'-':>8}"
         gemm_ms = f"{row['gemm_ms']:8.1f}" if row.get("gemm_ms") else f"{'-':>8}"
         ceiling = f"{row['mfu_ceiling'] * 100:6.1f}%" if row.get("mfu_ceiling") else f"{'-':>7}"
         lines.append(f"{row['stage']:7} {row['student']:8} {row['step']:8} {tps} {mfu} {peak} {step_ms} {gemm_ms} "
@@ -299,12 +299,16 @@ def format_table(result: dict) -> str:
                       for kernel in row["top_kernels"]]
         if row.get("kernel_groups"):  # kernels well short of the step: the device waited on the host
             kernel_ms = sum(group["ms"] for group in row["kernel_groups"])
-            step_ms = result["tokens_per_step"] / row["tokens_per_s"] * 1e3
             lines.append(f"-- device time by kind of kernel, the same step: {kernel_ms:.1f} ms in kernels against a "
-                         f"median step of {step_ms:.1f} ms:")
+                         f"median step of {_step_ms(result, row):.1f} ms:")
             lines += [f"   {group['ms']:8.2f} ms {group['share'] * 100:5.1f}% {group['kernels']:5} kernels  "
                       f"{group['group']}" for group in row["kernel_groups"]]
     return "\n".join(lines)
+
+
+def _step_ms(result: dict, row: dict) -> float:
+    """A row's median step in ms, from its tokens/s and the tokens of one step."""
+    return result["tokens_per_step"] / row["tokens_per_s"] * 1e3
 
 
 def write_result(result: dict, path) -> None:

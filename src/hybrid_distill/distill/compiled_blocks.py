@@ -21,10 +21,7 @@ def compile_dense_blocks(model: nn.Module) -> int:
     """Compile (in place, so names and the state dict are unchanged) every layer's MLP and norms and the final
     norm of `model`; returns how many modules. Shapes are static in training, so no dynamic-shape guards."""
     modules = [getattr(layer, name) for layer in decoder_layers(model) for name in DENSE_BLOCKS
-               if isinstance(getattr(layer, name, None), nn.Module)]
-    final_norm = getattr(getattr(model, "model", model), "norm", None)
-    if isinstance(final_norm, nn.Module):
-        modules.append(final_norm)
+               if isinstance(getattr(layer, name, None), nn.Module)] + _final_norm(model)
     for module in modules:
         module.compile(dynamic=False)
     return len(modules)
@@ -70,11 +67,15 @@ def compile_training_layers(model: nn.Module) -> int:
     layers = decoder_layers(model)
     for layer in layers:
         if isinstance(layer.self_attn, LinearMixer):
-            mixer = layer.self_attn
-            mixer._kernel = torch.compiler.disable(mixer._kernel)
+            layer.self_attn._kernel = torch.compiler.disable(layer.self_attn._kernel)
         layer.forward = torch.compile(layer.forward, dynamic=False)
-    final_norm = getattr(getattr(model, "model", model), "norm", None)
-    if isinstance(final_norm, nn.Module):
-        final_norm.compile(dynamic=False)
-        return len(layers) + 1
-    return len(layers)
+    final_norm = _final_norm(model)
+    for norm in final_norm:
+        norm.compile(dynamic=False)
+    return len(layers) + len(final_norm)
+
+
+def _final_norm(model: nn.Module) -> list[nn.Module]:
+    """The model's final norm as a list of at most one module (some bodies have none)."""
+    norm = getattr(getattr(model, "model", model), "norm", None)
+    return [norm] if isinstance(norm, nn.Module) else []
