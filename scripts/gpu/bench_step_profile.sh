@@ -4,9 +4,12 @@
 # the KL's compiled chunk maths (distill.compile_kl) and bf16 weights (distill.bf16_weights) change in it.
 # Parts: `kl` (compiled blocks without and with compile_kl, all-softmax and all-GDN), `bf16` (both with bf16
 # weights), `gdn` (all-GDN alone in its process with both, float32 and bf16 weights), `softmax` (all-softmax alone
-# with both and bf16 weights), `recompute` (all-GDN with the paper configs' options and the recomputation). 32k tokens per step.
+# with both and bf16 weights), `recompute` (all-GDN with the paper configs' options and the recomputation), `graph`
+# (all-GDN eager, then all-GDN and all-softmax replayed as one CUDA graph per step, bf16 weights), `short` and
+# `short_graph` (both students at 64 x 512, the configs' sequence length, eager and graphed), `paper_graph`
+# (all-GDN at 64 x 512 with the paper configs' options, recomputation included, graphed). 32k tokens per step.
 # Each bench writes its JSON into $OUT and its log into $OUT/bench.log (bench_lib.sh).
-# Usage: bash scripts/gpu/bench_step_profile.sh [kl] [bf16] [gdn] [softmax] [recompute]
+# Usage: bash scripts/gpu/bench_step_profile.sh [kl] [bf16] [gdn] [softmax] [recompute] [graph] [short] [short_graph] [paper_graph]
 set -uo pipefail
 out=${OUT:-bench-out}
 mkdir -p "$out"
@@ -27,7 +30,20 @@ for part in "${@:-kl}"; do
       bench softmax_kl_bf16 150 --students softmax --compile-kl --bf16-weights ;;
     recompute)
       bench gdn_recompute_bf16 150 --students gdn --compile-kl --bf16-weights --activation-checkpointing ;;
-    *) echo "usage: $0 [kl] [bf16] [gdn] [softmax] [recompute]" >&2; exit 2 ;;
+    graph)
+      bench gdn_kl_bf16 200 --students gdn --compile-kl --bf16-weights
+      bench gdn_graph_bf16 150 --students gdn --compile-kl --bf16-weights --cuda-graph
+      bench softmax_graph_bf16 120 --students softmax --compile-kl --bf16-weights --cuda-graph ;;
+    short|short_graph)
+      graphed=(); [[ $part == short_graph ]] && graphed=(--cuda-graph)
+      for student in softmax gdn; do
+        bench "${part}_${student}_bf16" 150 --students $student --compile-kl --bf16-weights --batch-size 64 \
+          --seq-len 512 "${graphed[@]}"
+      done ;;
+    paper_graph)
+      bench paper_graph_gdn_bf16 200 --students gdn --compile-kl --bf16-weights --activation-checkpointing \
+        --batch-size 64 --seq-len 512 --cuda-graph ;;
+    *) echo "usage: $0 [kl] [bf16] [gdn] [softmax] [recompute] [graph] [short] [short_graph] [paper_graph]" >&2; exit 2 ;;
   esac
 done
 true

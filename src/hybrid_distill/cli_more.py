@@ -93,7 +93,7 @@ def step_bench(args):
                            activation_checkpointing=args.activation_checkpointing,
                            compile_blocks=args.compile_blocks, bf16_weights=args.bf16_weights,
                            compile_kl=args.compile_kl, profile_top=args.profile_top,
-                           gemm_ceiling=args.gemm_ceiling)
+                           gemm_ceiling=args.gemm_ceiling, cuda_graph=args.cuda_graph)
     if result["rank"] != 0:
         return  # under `accelerate launch --num_processes N`, the first process reports for all
     print(format_table(result))
@@ -167,6 +167,9 @@ def add_steps(steps, add):
                         "would reach if nothing else took time")
     p.add_argument("--profile-top", type=int, default=0, metavar="N",
                    help="also profile one step per row and list its N most expensive kernels")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="capture each project step (forward, backward, AdamW) once as a CUDA graph and time its "
+                        "replays (CUDA, one process, live teacher)")
     p.add_argument("--out", type=Path, default=None)
 
     p = add(steps, "make-report", step_make_report, "tables, figures and report.md", uses_torch=False)

@@ -6,7 +6,9 @@ from accelerate import Accelerator
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from hybrid_distill.distill.objectives import HiddenAlignment, LogitDistillation
-from hybrid_distill.distill.trainer import TrainSettings, _accumulate_gradients, _clip, _clip_param_groups
+from hybrid_distill.distill.precision import to_device
+from hybrid_distill.distill.trainer import (TrainSettings, _accumulate_gradients, _clip, _clip_param_groups,
+                                            _step_batches)
 from hybrid_distill.models.student import build_student
 
 pytestmark = [pytest.mark.gpu,
@@ -37,7 +39,8 @@ def test_a_training_step_does_not_synchronise_the_host(stage):
     settings = TrainSettings(token_budget=10**6, micro_batch_size=4, grad_accum=2, lr=1e-4)
 
     def step(first):
-        _accumulate_gradients(accelerator, model, Tokens(), first, settings, wants_indices=False)
+        micro_batches, rows = _step_batches(Tokens(), first, settings, wants_indices=False)
+        _accumulate_gradients(accelerator, model, to_device(micro_batches, "cuda"), rows, settings.grad_accum)
         _clip(clip_params, settings.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

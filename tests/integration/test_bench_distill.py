@@ -52,8 +52,10 @@ def test_bench_bf16_weights_row_reports_its_gemm_time():
     assert row["tokens_per_s"] > 0 and row["gemm_ms"] > 0
     assert row["mfu_ceiling"] is None  # no matmul rate is measured on a CPU
     header, row_line = format_table(result).splitlines()[2:4]
-    assert "step ms  GEMM ms ceiling" in header
+    assert "step ms issue ms  GEMM ms ceiling" in header
     assert f"{row['gemm_ms']:8.1f}".strip() in row_line
+    step_ms = result["tokens_per_step"] / row["tokens_per_s"] * 1e3  # one timed step: issuing it is part of it
+    assert 0 < row["issue_ms"] <= step_ms and f"{row['issue_ms']:8.1f}".strip() in row_line
 
 
 def test_each_compiled_row_starts_from_a_clean_compiler(monkeypatch):

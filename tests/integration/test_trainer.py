@@ -299,3 +299,13 @@ def test_grad_accum_matches_a_larger_micro_batch(tmp_path):
     for accumulated_line, whole_line in zip(metric_lines(tmp_path / "accumulated"), metric_lines(tmp_path / "whole")):
         assert accumulated_line["loss"] == pytest.approx(whole_line["loss"], abs=1e-6)
         assert accumulated_line["grad_norm"] == pytest.approx(whole_line["grad_norm"], abs=1e-6)  # Adam hides scale
+
+
+def test_cuda_graphs_on_a_cpu_run_train_eagerly_and_identically(reference, tmp_path):
+    """distill.cuda_graphs applies on GPUs only: a CPU job with it on is the same job, bit for bit."""
+    out, weights = reference
+    graphs_on = run(tmp_path / "graphs", cuda_graphs=True)
+    assert_bitwise_equal(trainable_weights(graphs_on.objective), weights)
+    assert metric_lines(tmp_path / "graphs") == [
+        {**line, "tokens_per_s": graphed["tokens_per_s"]}
+        for line, graphed in zip(metric_lines(out), metric_lines(tmp_path / "graphs"), strict=True)]

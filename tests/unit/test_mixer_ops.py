@@ -100,9 +100,9 @@ def test_short_conv_compiled_as_shifted_sums_equals_the_conv(bias):
 
 
 @pytest.mark.parametrize("heads", [9, 16])
-def test_gdn_gate_logits_as_one_padded_gemm_equal_the_two_projections(heads):
-    """The a/b projections of a sequence run as one row-padded GEMM (9 heads: unaligned rows) and of one
-    token as a weighted sum; both give each projection's own logits."""
+def test_gdn_gate_logits_equal_the_two_projections(heads):
+    """The a/b projections of one decode token run as one weighted sum over both weights; it gives each
+    projection's own logits, as a sequence's two GEMMs do."""
     from hybrid_distill.models.mixers.gdn import GatedDeltaNetMixer
     from hybrid_distill.models.mixers.spec import MixerSpec
 

@@ -48,6 +48,8 @@ BAD_CONFIGS = [
     ("stage without tokens", {"distill.stage2": {"lr": 0.1}}, "config: distill.stage2: 'tokens' is a required property"),
     ("early-stop window too small", {"scoring.early_stop.window": 1}, "config: scoring.early_stop.window: 1 is less than the minimum of 2"),
     ("early-stop K too large", {"scoring.early_stop.k": 12}, "scoring.early_stop.k=12 is larger than 4 layers"),
+    ("graphed steps on a teacher cache", {"distill.cuda_graphs": True, "distill.teacher_cache.enabled": True},
+     "config: distill.cuda_graphs: a graphed step cannot read distill.teacher_cache"),
     ("unknown recall task", {"evaluate.recall_tasks": ["trivia"]}, "config: evaluate.recall_tasks.0: 'trivia' is not one of"),
     ("run name with a slash", {"run": "a/b"}, "config: run: 'a/b' does not match"),
     ("missing teacher file", {"teacher.spec": "/nonexistent/teacher.gguf"}, "teacher.spec: teacher file not found: /nonexistent/teacher.gguf"),

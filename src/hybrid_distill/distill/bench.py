@@ -26,6 +26,7 @@ from hybrid_distill.distill.kernel_groups import group_times
 from hybrid_distill.distill.master_weights import adamw_for
 from hybrid_distill.distill.objectives import HiddenAlignment, LogitDistillation
 from hybrid_distill.distill.precision import training_autocast_dtype
+from hybrid_distill.distill.step_graph import GraphedStep
 from hybrid_distill.distill.teacher_cache import TeacherCache, write_teacher_cache
 from hybrid_distill.models.student import build_student
 
@@ -47,6 +48,7 @@ class BenchRow:
     gemm_ms: float | None = None  # the step's weight GEMMs alone (gemm_ceiling.py)
     mfu_ceiling: float | None = None  # the MFU if nothing but those GEMMs took time
     kernel_groups: list | None = None  # the profiled step's device time by kind of kernel (kernel_groups.py)
+    issue_ms: float | None = None  # median ms the host took to issue a step (before waiting for the device)
 
 
 def synchronize():
@@ -98,6 +100,7 @@ class BenchSettings:
     bf16_weights: bool = False
     gemm_ceiling: bool = False
     compile_kl: bool = False
+    cuda_graph: bool = False
 
 
 def build_objective(stage, step, teacher, softmax_layers, mixer, settings: BenchSettings, teacher_cache=None):
@@ -142,35 +145,52 @@ def model_flops_per_token(objective) -> float:
     return 2 * (student_params + teacher_params) + 4 * trainable
 
 
-def train_step(objective, batch, optimizer, rows, device):
-    """One optimizer step in the trainer's numeric context (bf16 autocast on GPUs, none on CPU)."""
+def train_step(objective, batch, optimizer, rows, device, zero_grad=True, autocast_cache=True):
+    """One optimizer step in the trainer's numeric context (bf16 autocast on GPUs, none on CPU); returns the loss."""
     autocast_dtype = training_autocast_dtype(on_cpu=device.type != "cuda")
-    with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+    with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None,
+                        cache_enabled=autocast_cache):
         loss, _ = objective(batch, **rows)
     loss.backward()
     optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    if zero_grad:
+        optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
 
 
-def time_steps(objective, batch, warmup, repeats, device, profile_top=0):
-    """Seconds per step after `warmup` steps and, with profile_top > 0, (the kernels that took the most device
-    time in one more step: name, ms, share of the step's device time, calls; all its time by kernel group)."""
+def time_steps(objective, batch, warmup, repeats, device, profile_top=0, cuda_graph=False):
+    """(seconds per step after `warmup` steps, seconds the host took to issue each of those steps) and, with
+    profile_top > 0, (the kernels that took the most device time in one more step: name, ms, share of the step's
+    device time, calls; all its time by kind of kernel). An issue time close to the step's means the device
+    waited on the host. `cuda_graph` replays the whole step as one CUDA graph (step_graph.py), captured after
+    the warm-up steps (with lr as a tensor, as the trainer's graphed steps have it)."""
     params = [p for p in objective.parameters() if p.requires_grad]
-    optimizer = adamw_for(params, lr=1e-5, fused=device.type == "cuda")  # the trainer's optimizer
+    optimizer = adamw_for(params, lr=torch.tensor(1e-5, device=device) if cuda_graph else 1e-5,  # the trainer's
+                          fused=device.type == "cuda", **({"capturable": True} if cuda_graph else {}))
     rows = {"sequence_indices": list(range(len(batch)))} if getattr(unwrapped(objective), "teacher_cache", None) \
         else {}
-    times = []
+    if cuda_graph:
+        if rows:
+            raise ValueError("a CUDA-graphed step cannot read the teacher cache (host reads): drop the cached rows")
+        graphed = GraphedStep(lambda inputs: train_step(objective, inputs, optimizer, rows, device, zero_grad=False,
+                                                        autocast_cache=False), optimizer, warmup)
+        step = lambda: graphed(batch)  # noqa: E731
+        warmup += 1  # the capture: the call after the warm-up steps records the graph before its first replay
+    else:
+        step = lambda: train_step(objective, batch, optimizer, rows, device)  # noqa: E731
+    times, issue_times = [], []
     for i in range(warmup + repeats):
         synchronize()
         start = time.perf_counter()
-        train_step(objective, batch, optimizer, rows, device)
+        step()
+        issued = time.perf_counter()
         synchronize()
         if i >= warmup:
             times.append(time.perf_counter() - start)
+            issue_times.append(issued - start)
     if not profile_top:
-        return times, (None, None)
-    return times, profile_kernels(lambda: train_step(objective, batch, optimizer, rows, device), device,
-                                  profile_top)
+        return times, issue_times, (None, None)
+    return times, issue_times, profile_kernels(step, device, profile_top)
 
 
 def profile_kernels(step, device, top: int) -> tuple[list[dict], list[dict]]:
@@ -207,6 +227,8 @@ def run_benchmark(**settings) -> dict:
     processes' tokens."""
     settings = BenchSettings(**settings)
     with bench_processes() as (rank, world, device):
+        if settings.cuda_graph and world > 1:
+            raise ValueError("bench --cuda-graph times one process: DDP's gradient hooks are not captured here")
         result = _run_rows(settings, rank, world, device)
     return {**result, "rank": rank}
 
@@ -244,8 +266,9 @@ def _run_rows(settings: BenchSettings, rank, world, device) -> dict:
                     objective = build_objective(stage, step, teacher, softmax_layers, mixer, settings,
                                                 teacher_cache).to(device)
                     objective = data_parallel(objective, device, world)
-                    times, (kernels, groups) = time_steps(objective, batch, settings.warmup, settings.repeats,
-                                                          device, settings.profile_top)
+                    times, issue_times, (kernels, groups) = time_steps(
+                        objective, batch, settings.warmup, settings.repeats, device, settings.profile_top,
+                        settings.cuda_graph and step != "naive")
                 except torch.OutOfMemoryError:
                     rows.append(BenchRow(stage, student_kind, step, None, None, None, "out of memory"))
                     continue
@@ -257,7 +280,7 @@ def _run_rows(settings: BenchSettings, rank, world, device) -> dict:
                 peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else None
                 row = BenchRow(stage, student_kind, step, tokens_per_s, mfu, peak,
                                "teacher hidden states read from a cache" if step == "cached" else "", kernels,
-                               kernel_groups=groups)
+                               kernel_groups=groups, issue_ms=statistics.median(issue_times) * 1e3)
                 if settings.gemm_ceiling and stage == "stage2":
                     row.gemm_ms, row.mfu_ceiling = _gemm_ceiling(unwrapped(objective), batch.numel(), step, device,
                                                                  peak_rate)
@@ -271,7 +294,8 @@ def _run_rows(settings: BenchSettings, rank, world, device) -> dict:
             "options": {"kl_chunk_tokens": settings.chunk_tokens,
                         "activation_checkpointing": settings.activation_checkpointing,
                         "compile_blocks": settings.compile_blocks, "bf16_weights": settings.bf16_weights,
-                        "compile_kl": settings.compile_kl, "torch": torch.__version__},
+                        "compile_kl": settings.compile_kl, "cuda_graph": settings.cuda_graph,
+                        "torch": torch.__version__},
             "rows": [row.__dict__ for row in rows]}
 
 
@@ -282,16 +306,17 @@ def format_table(result: dict) -> str:
              if result["matmul_bf16_flops"] else where,
              "options: " + ", ".join(f"{key} {value}" for key, value in result.get("options", {}).items()),
              f"{'stage':7} {'student':8} {'step':8} {'tok/s':>10} {'MFU':>6} {'peak GB':>8} {'step ms':>8} "
-             f"{'GEMM ms':>8} {'ceiling':>7}  note"]
+             f"{'issue ms':>8} {'GEMM ms':>8} {'ceiling':>7}  note"]
     for row in result["rows"]:
         tps = f"{row['tokens_per_s']:10.0f}" if row["tokens_per_s"] else f"{'-':>10}"
         mfu = f"{row['mfu'] * 100:5.1f}%" if row["mfu"] else f"{'-':>6}"
         peak = f"{row['peak_mem_gb']:8.1f}" if row["peak_mem_gb"] else f"{'-':>8}"
         step_ms = f"{_step_ms(result, row):8.1f}" if row["tokens_per_s"] else f"{'-':>8}"
+        issue_ms = f"{row['issue_ms']:8.1f}" if row.get("issue_ms") is not None else f"{'-':>8}"
         gemm_ms = f"{row['gemm_ms']:8.1f}" if row.get("gemm_ms") else f"{'-':>8}"
         ceiling = f"{row['mfu_ceiling'] * 100:6.1f}%" if row.get("mfu_ceiling") else f"{'-':>7}"
-        lines.append(f"{row['stage']:7} {row['student']:8} {row['step']:8} {tps} {mfu} {peak} {step_ms} {gemm_ms} "
-                     f"{ceiling}  {row['note']}")
+        lines.append(f"{row['stage']:7} {row['student']:8} {row['step']:8} {tps} {mfu} {peak} {step_ms} {issue_ms} "
+                     f"{gemm_ms} {ceiling}  {row['note']}")
     for row in result["rows"]:
         if row.get("top_kernels"):
             lines.append(f"-- top kernels, one {row['stage']} step of {row['student']} / {row['step']}:")

@@ -52,7 +52,8 @@ def distill_all_linear_stage1(config: dict, teacher_dir: Path, data_dir: Path, m
     student = build_student(teacher, [], mixer, **options)
     objective = HiddenAlignment(student, teacher)
     result = train(objective, open_data(data_dir, "train"), train_settings(config["distill"]["stage1"], config["seed"]),
-                   Path(out_dir), clip_groups=objective.clip_groups(), description=f"stage1 all-linear {mixer}")
+                   Path(out_dir), clip_groups=objective.clip_groups(), description=f"stage1 all-linear {mixer}",
+                   cuda_graphs=config["distill"]["cuda_graphs"])
     student = result.objective.student.cpu()
     teacher = result.objective.teacher.cpu()
     layer_mse = heldout_layer_mse(student, teacher, open_data(data_dir, "heldout"),
@@ -130,7 +131,8 @@ def distill_stage2(config: dict, stage_key: str, teacher_dir: Path, data_dir: Pa
         drop_training_state(out_dir)
     result = train(objective, train_data, settings, out_dir, stop_after_step=stop_after_step,
                    description=f"stage2 {out_dir.parent.name}/{out_dir.name}", snapshot_every=every,
-                   on_snapshot=None if rounds_dir is None and live_rounds is None else write_round)
+                   on_snapshot=None if rounds_dir is None and live_rounds is None else write_round,
+                   cuda_graphs=config["distill"]["cuda_graphs"])
     score = live_rounds.job_score(result.step) if live_rounds else score_of(result, with_kl=score_path is not None)
     if score_path is not None:
         write_json(score_path, score)

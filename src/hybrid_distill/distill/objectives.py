@@ -79,8 +79,6 @@ class LogitDistillation(nn.Module):
     compiles the KL's per-chunk maths (fused_kl.py).
     """
 
-    reads_sequence_indices = True  # the trainer passes each batch's data rows
-
     def __init__(self, student: nn.Module, teacher: nn.Module, temperature: float, chunk_tokens: int,
                  trainable: str | None = "all", teacher_cache=None, activation_checkpointing: bool = False,
                  compile_kl: bool = False):
@@ -96,6 +94,11 @@ class LogitDistillation(nn.Module):
         self.teacher.requires_grad_(False).eval()
         if activation_checkpointing:
             recompute_decoder_layers(self.student)
+
+    @property
+    def reads_sequence_indices(self) -> bool:
+        """Whether the trainer passes each batch's data rows: only a teacher cache looks them up."""
+        return self.teacher_cache is not None
 
     def teacher_hidden(self, input_ids: torch.Tensor, sequence_indices=None) -> tuple[torch.Tensor, bool]:
         """(the teacher's final hidden states, whether they came from the cache)."""

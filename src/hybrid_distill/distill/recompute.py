@@ -41,5 +41,7 @@ def _checkpointed_forward(forward, *args, **kwargs):
     if not torch.is_grad_enabled():
         return forward(*args, **kwargs)
     # Non-reentrant: keyword tensors (position embeddings, masks) and frozen inputs are handled, and the
-    # recomputation sees the same RNG state (preserve_rng_state defaults to True).
-    return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+    # recomputation sees the same RNG state. Inside a CUDA graph capture (distill.cuda_graphs) the RNG state
+    # cannot be read, and is not needed: the students have no dropout (their configs' attention_dropout is 0).
+    capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    return checkpoint(forward, *args, use_reentrant=False, preserve_rng_state=not capturing, **kwargs)

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import SAFE_WEIGHTS_NAME, set_seed
+from accelerate.utils import SAFE_WEIGHTS_NAME, AutocastKwargs, set_seed
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
@@ -25,6 +25,7 @@ from hybrid_distill.distill.atomic import publish_dir, write_text_atomic
 from hybrid_distill.distill.master_weights import adamw_for
 from hybrid_distill.distill.precision import mixed_precision, to_device, train_on_cpu
 from hybrid_distill.distill.schedule import lr_multiplier
+from hybrid_distill.distill.step_graph import GraphedStep
 
 log = get_logger(__name__)  # logs on the main process only
 
@@ -33,6 +34,7 @@ STATE_NAME = re.compile(r"^step_(\d{8})$")
 STATES_KEPT = 1  # the newest state is published before the older one is removed
 FAIL_ENV = "HD_FAIL_AT_STEP"
 FAIL_MARKER = ".failed_once"
+GRAPH_WARMUP_STEPS = 2  # eager steps before a graphed job captures its step: compiling and autotuning happen there
 
 
 @dataclass
@@ -76,6 +78,7 @@ def train(
     description: str = "train",
     snapshot_every: int | None = None,
     on_snapshot: Callable[[TrainResult], None] | None = None,
+    cuda_graphs: bool = False,
 ) -> TrainResult:
     """Train `objective` (forward(input_ids) -> (loss, metrics)) on `data` (.batch/.seq_len/.num_sequences).
 
@@ -88,21 +91,36 @@ def train(
     it can look rows up in a per-sequence cache.
     `on_snapshot` is called after every `snapshot_every`-th step and after the last, with what this call would
     have returned had it stopped there (one job can then score every round of a run that resumes nothing).
+    `cuda_graphs` (`distill.cuda_graphs`) replays each step after the first GRAPH_WARMUP_STEPS as one CUDA graph
+    (step_graph.py), computing what the eager steps compute, in one-process CUDA jobs (others train eagerly); an
+    objective that reads per-row data on the host (a teacher cache) is refused.
     Setting HD_FAIL_AT_STEP=k raises RuntimeError right after step k (and its state save) once per
     out_dir, marked by `out_dir/.failed_once`, so that workflow tests can check a retried job.
     """
     out_dir = Path(out_dir)
     state_root = out_dir / "state"
     on_cpu = train_on_cpu()
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    # as evaluate.efficiency_cuda_graphs, where graphs cannot apply the job trains eagerly: on CPUs, and on several
+    # processes (DDP's gradient hooks are not captured), so one config serves 1-GPU scoring and 4-GPU final jobs
+    graphed = cuda_graphs and not on_cpu and launched == 1
+    wants_indices = getattr(objective, "reads_sequence_indices", False)
+    if graphed and wants_indices:
+        raise ValueError(f"distill.cuda_graphs: {description} reads per-row data on the host at every step (a "
+                         "teacher cache), which a replayed graph cannot; turn off distill.teacher_cache or this")
     accelerator = Accelerator(
         cpu=on_cpu,  # also makes a multi-process launch on a CPU-only node use gloo
         mixed_precision=mixed_precision(on_cpu),
         step_scheduler_with_optimizer=False,  # else Accelerate steps the schedule once per process
+        # a graph must not reuse bf16 weight copies cast before its capture (torch.cuda.graph's autocast note)
+        kwargs_handlers=[AutocastKwargs(cache_enabled=False)] if graphed else None,
     )
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
     if accelerator.num_processes != launched:
         raise RuntimeError(f"{description}: launched as {launched} processes (WORLD_SIZE) but Accelerate runs "
                            f"{accelerator.num_processes}; each would train alone")
+    if cuda_graphs and not on_cpu and launched > 1:
+        log.warning("%s: distill.cuda_graphs applies to one-process jobs; these %d processes train eagerly",
+                    description, launched)
     set_seed(settings.seed)
     sequences_per_step = settings.micro_batch_size * settings.grad_accum * accelerator.num_processes
     tokens_per_step = sequences_per_step * data.seq_len
@@ -123,9 +141,12 @@ def train(
         [param for _, param in trainable], lr=settings.lr, betas=tuple(settings.betas), eps=settings.eps,
         weight_decay=settings.weight_decay, fused=True if accelerator.device.type == "cuda" else None,
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(
-        step, total_steps, settings.warmup_steps, settings.schedule, settings.min_lr_ratio))
-    wants_indices = getattr(objective, "reads_sequence_indices", False)
+    _set_graph_options(optimizer, settings.lr, accelerator.device if graphed else None)
+
+    def schedule(step):
+        return lr_multiplier(step, total_steps, settings.warmup_steps, settings.schedule, settings.min_lr_ratio)
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     model, optimizer, scheduler = accelerator.prepare(objective, optimizer, scheduler)
     _save_only_trainable(accelerator, trainable)
 
@@ -140,6 +161,7 @@ def train(
             log.info("%s: resumed from step %d (%s)", description, step, source)
         else:
             log.info("%s: continuing from step %d of %s", description, step, source)
+    _set_graph_options(optimizer, settings.lr, accelerator.device if graphed else None)
     if first_sequence + total_steps * sequences_per_step > data.num_sequences:
         log.warning("%s: the token budget needs %d sequences but the data holds %d; batches wrap around",
                     description, total_steps * sequences_per_step, data.num_sequences)
@@ -158,14 +180,25 @@ def train(
             disable=None if accelerator.is_main_process else True))
         tokens_since_report, report_start = 0, time.perf_counter()
         first_rank_sequence = accelerator.process_index * settings.micro_batch_size * settings.grad_accum
-        while step < end_step:
-            lr = optimizer.param_groups[0]["lr"]
-            loss_sum, metric_sums = _accumulate_gradients(
-                accelerator, model, data, next_sequence + first_rank_sequence, settings, wants_indices)
+
+        def optimizer_step(micro_batches, rows=None):
+            loss_sum, metric_sums = _accumulate_gradients(accelerator, model, micro_batches, rows,
+                                                          settings.grad_accum)
             grad_norm = _clip(clip_params, settings.max_grad_norm)
             optimizer.step()
+            return loss_sum, metric_sums, grad_norm
+
+        graphed_step = GraphedStep(optimizer_step, optimizer, GRAPH_WARMUP_STEPS) if graphed else None
+        while step < end_step:
+            lr = settings.lr * schedule(step)
+            micro_batches, rows = _step_batches(data, next_sequence + first_rank_sequence, settings, wants_indices)
+            micro_batches = to_device(micro_batches, accelerator.device)
+            if graphed_step is not None:
+                loss_sum, metric_sums, grad_norm = graphed_step(micro_batches)
+            else:
+                loss_sum, metric_sums, grad_norm = optimizer_step(micro_batches, rows)
+                optimizer.zero_grad(set_to_none=True)
             scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
             step += 1
             tokens += tokens_per_step
             next_sequence += sequences_per_step
@@ -265,20 +298,38 @@ def _clip(clip_params: list[list[torch.nn.Parameter]], max_grad_norm: float | No
     return torch.linalg.vector_norm(torch.stack(group_norms))
 
 
-def _accumulate_gradients(accelerator: Accelerator, model, data, first_sequence: int, settings: TrainSettings,
-                          wants_indices: bool):
-    """Backpropagate this process's share of one step, micro-batch by micro-batch; DDP syncs on the last."""
+def _set_graph_options(optimizer, base_lr: float, device: torch.device | None) -> None:
+    """Each group's learning rate as a tensor on `device` (a graphed step reads it there) and capturable, or with
+    no device a float and not capturable; whatever a loaded state held. A state saved by a job of the other kind
+    holds the other options, and a graph captured with a float rate would keep it for the rest of the job."""
+    for group in optimizer.param_groups:
+        rate = float(group["lr"])
+        group["lr"] = rate if device is None else torch.tensor(rate, device=device)
+        group["initial_lr"] = base_lr
+        group["capturable"] = device is not None
+
+
+def _step_batches(data, first_sequence: int, settings: TrainSettings, wants_indices: bool):
+    """This process's micro-batches of one step as one [grad_accum, micro_batch_size, seq_len] tensor, and their
+    data rows per micro-batch when the objective reads them (else None)."""
+    firsts = [first_sequence + micro_step * settings.micro_batch_size for micro_step in range(settings.grad_accum)]
+    micro_batches = torch.stack([data.batch(first, settings.micro_batch_size) for first in firsts])
+    rows = [batch_rows(first, settings.micro_batch_size, data.num_sequences) for first in firsts] \
+        if wants_indices else None
+    return micro_batches, rows
+
+
+def _accumulate_gradients(accelerator: Accelerator, model, micro_batches: torch.Tensor, rows, grad_accum: int):
+    """Backpropagate this process's share of one step, micro-batch by micro-batch; DDP syncs on the last.
+    `rows` (a list per micro-batch, or None) goes to objectives that read their data rows."""
     loss_sum = torch.zeros((), device=accelerator.device)
     metric_sums: dict[str, torch.Tensor | float] = {}
-    for micro_step in range(settings.grad_accum):
-        first_row = first_sequence + micro_step * settings.micro_batch_size
-        input_ids = data.batch(first_row, settings.micro_batch_size)
-        extra = {"sequence_indices": batch_rows(first_row, settings.micro_batch_size, data.num_sequences)} \
-            if wants_indices else {}
-        last = micro_step == settings.grad_accum - 1
+    for micro_step in range(grad_accum):
+        extra = {"sequence_indices": rows[micro_step]} if rows is not None else {}
+        last = micro_step == grad_accum - 1
         with nullcontext() if last else accelerator.no_sync(model):
-            loss, metrics = model(to_device(input_ids, accelerator.device), **extra)
-            accelerator.backward(loss / settings.grad_accum)
+            loss, metrics = model(micro_batches[micro_step], **extra)
+            accelerator.backward(loss / grad_accum)
         loss_sum += loss.detach().float()
         for key, value in metrics.items():  # device tensors stay there: no host sync per step
             metric_sums[key] = metric_sums.get(key, 0.0) + (

@@ -11,8 +11,6 @@ from .base import LinearMixer, RMSNorm
 from .kernels import gated_delta_rule
 from .spec import MixerSpec
 
-GEMM_ROWS_MULTIPLE = 8  # bf16 rows of 16 bytes: cuBLAS's aligned tensor-core kernels
-
 
 class GatedDeltaNetMixer(LinearMixer):
     """o_t = S_t^T q_t with S_t = a_t (I - b_t k_t k_t^T) S_{t-1} + b_t k_t v_t^T; a_t, b_t data-dependent."""
@@ -63,19 +61,14 @@ class GatedDeltaNetMixer(LinearMixer):
         return (q, k, v, decay_log, beta.to(v.dtype)), conv_caches
 
     def _gate_logits(self, hidden_states):
-        """The a and b projections, as one GEMM whose output rows are padded to a multiple of 8: with 9 heads
-        (SmolLM2) two [tokens x 9] GEMMs have unaligned rows, and cuBLAS ran them (and their gradients) on
-        slow align-1 kernels, 8 ms of a 180 ms all-GDN step on an H200 (docs/performance.md, session 12). A
-        decode step (one token) computes both as one weighted sum, which the compiler fuses with the gate maths:
-        as two GEMVs with 9 outputs they took 12% of a graphed decode step at SmolLM2 shapes on an H100."""
-        heads = self.spec.num_heads
-        weight = torch.cat([self.a_proj.weight, self.b_proj.weight])
+        """The a and b projections. A decode step (one token) computes both as one weighted sum, which the
+        compiler fuses with the gate maths: as two GEMVs with 9 outputs they took 12% of a graphed decode step at
+        SmolLM2 shapes on an H100. A sequence keeps two GEMMs: one GEMM with its rows padded to 8 was 7% slower
+        on an H200 (docs/performance.md, session 13)."""
         if hidden_states.shape[1] != 1:
-            padding = -(2 * heads) % GEMM_ROWS_MULTIPLE
-            logits = F.linear(hidden_states, F.pad(weight, (0, 0, 0, padding)))
-            return logits[..., :heads], logits[..., heads:2 * heads]
-        both = (hidden_states.unsqueeze(-2) * weight).sum(-1)
-        return both.split(heads, dim=-1)
+            return self.a_proj(hidden_states), self.b_proj(hidden_states)
+        both = (hidden_states.unsqueeze(-2) * torch.cat([self.a_proj.weight, self.b_proj.weight])).sum(-1)
+        return both.split(self.spec.num_heads, dim=-1)
 
     def _kernel(self, kernel_inputs, recurrent_state, output_final_state: bool):
         q, k, v, decay_log, beta = kernel_inputs
