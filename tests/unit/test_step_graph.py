@@ -29,3 +29,17 @@ def test_refuses_inputs_off_the_gpu_before_running_the_step():
     with pytest.raises(ValueError, match="CUDA tensors; the step's input is on cpu"):
         step(torch.zeros(2))
     assert not step.captured
+
+
+def test_the_trainer_sets_the_rate_type_and_capture_flag_for_the_job_it_runs():
+    """A state saved by an eager job (float rate, not capturable) resumed by a graphed one, and the reverse: the
+    trainer rewrites both after any load, since a graph captured with a float rate would keep it to the end."""
+    from hybrid_distill.distill.trainer import _set_graph_options
+
+    optimizer = _optimizer(lr=0.25)
+    _set_graph_options(optimizer, 0.5, torch.device("cpu"))  # a graphed job (on CUDA it passes its GPU)
+    [group] = optimizer.param_groups
+    assert torch.is_tensor(group["lr"]) and group["lr"].item() == 0.25 and group["capturable"]
+    assert group["initial_lr"] == 0.5  # a float base: the schedule fills the tensor without reading it back
+    _set_graph_options(optimizer, 0.5, None)  # an eager job resuming the graphed job's state
+    assert group["lr"] == 0.25 and type(group["lr"]) is float and not group["capturable"]
