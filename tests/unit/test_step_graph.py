@@ -3,7 +3,7 @@ tests/gpu/test_step_graph_cuda.py)."""
 import pytest
 import torch
 
-from hybrid_distill.distill.step_graph import GraphedStep
+from hybrid_distill.distill.step_graph import GraphedStep, set_graph_options
 
 
 def _step(inputs):
@@ -34,12 +34,10 @@ def test_refuses_inputs_off_the_gpu_before_running_the_step():
 def test_the_trainer_sets_the_rate_type_and_capture_flag_for_the_job_it_runs():
     """A state saved by an eager job (float rate, not capturable) resumed by a graphed one, and the reverse: the
     trainer rewrites both after any load, since a graph captured with a float rate would keep it to the end."""
-    from hybrid_distill.distill.trainer import _set_graph_options
-
     optimizer = _optimizer(lr=0.25)
-    _set_graph_options(optimizer, 0.5, torch.device("cpu"))  # a graphed job (on CUDA it passes its GPU)
+    set_graph_options(optimizer, 0.5, torch.device("cpu"))  # a graphed job (on CUDA it passes its GPU)
     [group] = optimizer.param_groups
     assert torch.is_tensor(group["lr"]) and group["lr"].item() == 0.25 and group["capturable"]
     assert group["initial_lr"] == 0.5  # a float base: the schedule fills the tensor without reading it back
-    _set_graph_options(optimizer, 0.5, None)  # an eager job resuming the graphed job's state
+    set_graph_options(optimizer, 0.5, None)  # an eager job resuming the graphed job's state
     assert group["lr"] == 0.25 and type(group["lr"]) is float and not group["capturable"]

@@ -26,7 +26,7 @@ from hybrid_distill.distill.kernel_groups import group_times
 from hybrid_distill.distill.master_weights import adamw_for
 from hybrid_distill.distill.objectives import HiddenAlignment, LogitDistillation
 from hybrid_distill.distill.precision import training_autocast_dtype
-from hybrid_distill.distill.step_graph import GraphedStep
+from hybrid_distill.distill.step_graph import GraphedStep, set_graph_options
 from hybrid_distill.distill.teacher_cache import TeacherCache, write_teacher_cache
 from hybrid_distill.models.student import build_student
 
@@ -165,8 +165,8 @@ def time_steps(objective, batch, warmup, repeats, device, profile_top=0, cuda_gr
     waited on the host. `cuda_graph` replays the whole step as one CUDA graph (step_graph.py), captured after
     the warm-up steps (with lr as a tensor, as the trainer's graphed steps have it)."""
     params = [p for p in objective.parameters() if p.requires_grad]
-    optimizer = adamw_for(params, lr=torch.tensor(1e-5, device=device) if cuda_graph else 1e-5,  # the trainer's
-                          fused=device.type == "cuda", **({"capturable": True} if cuda_graph else {}))
+    optimizer = adamw_for(params, lr=1e-5, fused=device.type == "cuda")  # the trainer's optimizer
+    set_graph_options(optimizer, 1e-5, device if cuda_graph else None)
     rows = {"sequence_indices": list(range(len(batch)))} if getattr(unwrapped(objective), "teacher_cache", None) \
         else {}
     if cuda_graph:

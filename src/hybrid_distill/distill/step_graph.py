@@ -64,3 +64,14 @@ class GraphedStep:
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.outputs = self.step(self.inputs)
+
+
+def set_graph_options(optimizer, base_lr: float, device: torch.device | None) -> None:
+    """Each group's learning rate as a tensor on `device` (a graphed step reads it there) and capturable, or with
+    no device a float and not capturable; whatever a loaded state held. A state saved by a job of the other kind
+    holds the other options, and a graph captured with a float rate would keep it for the rest of the job."""
+    for group in optimizer.param_groups:
+        rate = float(group["lr"])
+        group["lr"] = rate if device is None else torch.tensor(rate, device=device)
+        group["initial_lr"] = base_lr
+        group["capturable"] = device is not None

@@ -25,7 +25,7 @@ from hybrid_distill.distill.atomic import publish_dir, write_text_atomic
 from hybrid_distill.distill.master_weights import adamw_for
 from hybrid_distill.distill.precision import mixed_precision, to_device, train_on_cpu
 from hybrid_distill.distill.schedule import lr_multiplier
-from hybrid_distill.distill.step_graph import GraphedStep
+from hybrid_distill.distill.step_graph import GraphedStep, set_graph_options
 
 log = get_logger(__name__)  # logs on the main process only
 
@@ -141,7 +141,6 @@ def train(
         [param for _, param in trainable], lr=settings.lr, betas=tuple(settings.betas), eps=settings.eps,
         weight_decay=settings.weight_decay, fused=True if accelerator.device.type == "cuda" else None,
     )
-    _set_graph_options(optimizer, settings.lr, accelerator.device if graphed else None)
 
     def schedule(step):
         return lr_multiplier(step, total_steps, settings.warmup_steps, settings.schedule, settings.min_lr_ratio)
@@ -161,7 +160,7 @@ def train(
             log.info("%s: resumed from step %d (%s)", description, step, source)
         else:
             log.info("%s: continuing from step %d of %s", description, step, source)
-    _set_graph_options(optimizer, settings.lr, accelerator.device if graphed else None)
+    set_graph_options(optimizer, settings.lr, accelerator.device if graphed else None)  # after any load
     if first_sequence + total_steps * sequences_per_step > data.num_sequences:
         log.warning("%s: the token budget needs %d sequences but the data holds %d; batches wrap around",
                     description, total_steps * sequences_per_step, data.num_sequences)
@@ -296,17 +295,6 @@ def _clip(clip_params: list[list[torch.nn.Parameter]], max_grad_norm: float | No
     max_norm = math.inf if max_grad_norm is None else max_grad_norm
     group_norms = [torch.nn.utils.clip_grad_norm_(params, max_norm) for params in clip_params]
     return torch.linalg.vector_norm(torch.stack(group_norms))
-
-
-def _set_graph_options(optimizer, base_lr: float, device: torch.device | None) -> None:
-    """Each group's learning rate as a tensor on `device` (a graphed step reads it there) and capturable, or with
-    no device a float and not capturable; whatever a loaded state held. A state saved by a job of the other kind
-    holds the other options, and a graph captured with a float rate would keep it for the rest of the job."""
-    for group in optimizer.param_groups:
-        rate = float(group["lr"])
-        group["lr"] = rate if device is None else torch.tensor(rate, device=device)
-        group["initial_lr"] = base_lr
-        group["capturable"] = device is not None
 
 
 def _step_batches(data, first_sequence: int, settings: TrainSettings, wants_indices: bool):
