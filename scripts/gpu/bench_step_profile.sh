@@ -7,9 +7,12 @@
 # with both and bf16 weights), `recompute` (all-GDN with the paper configs' options and the recomputation), `graph`
 # (all-GDN eager, then all-GDN and all-softmax replayed as one CUDA graph per step, bf16 weights), `short` and
 # `short_graph` (both students at 64 x 512, the configs' sequence length, eager and graphed), `paper_graph`
-# (all-GDN at 64 x 512 with the paper configs' options, recomputation included, graphed). 32k tokens per step.
+# (all-GDN at 64 x 512 with the paper configs' options, recomputation included, graphed), `micro_softmax` and
+# `micro_gdn` (64 x 512 graphed as 2 or 4 micro-batches whose gradients accumulate: one part's activations at a
+# time, within the one graph). 32k tokens per step.
 # Each bench writes its JSON into $OUT and its log into $OUT/bench.log (bench_lib.sh).
-# Usage: bash scripts/gpu/bench_step_profile.sh [kl] [bf16] [gdn] [softmax] [recompute] [graph] [short] [short_graph] [paper_graph]
+# Usage: bash scripts/gpu/bench_step_profile.sh [kl] [bf16] [gdn] [softmax] [recompute] [graph] [short] [short_graph]
+#        [paper_graph] [micro_softmax] [micro_gdn]
 set -uo pipefail
 out=${OUT:-bench-out}
 mkdir -p "$out"
@@ -43,7 +46,16 @@ for part in "${@:-kl}"; do
     paper_graph)
       bench paper_graph_gdn_bf16 200 --students gdn --compile-kl --bf16-weights --activation-checkpointing \
         --batch-size 64 --seq-len 512 --cuda-graph ;;
-    *) echo "usage: $0 [kl] [bf16] [gdn] [softmax] [recompute] [graph] [short] [short_graph] [paper_graph]" >&2; exit 2 ;;
+    micro_softmax)
+      for parts in 2 4; do
+        bench "micro${parts}_graph_softmax_bf16" 200 --students softmax --compile-kl --bf16-weights --batch-size 64 \
+          --seq-len 512 --cuda-graph --micro-batches $parts
+      done ;;
+    micro_gdn)
+      bench micro2_graph_gdn_bf16 300 --students gdn --compile-kl --bf16-weights --batch-size 64 --seq-len 512 \
+        --cuda-graph --micro-batches 2 ;;
+    *) echo "usage: $0 [kl] [bf16] [gdn] [softmax] [recompute] [graph] [short] [short_graph] [paper_graph]" \
+         "[micro_softmax] [micro_gdn]" >&2; exit 2 ;;
   esac
 done
 true

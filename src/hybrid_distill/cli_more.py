@@ -93,7 +93,8 @@ def step_bench(args):
                            activation_checkpointing=args.activation_checkpointing,
                            compile_blocks=args.compile_blocks, bf16_weights=args.bf16_weights,
                            compile_kl=args.compile_kl, profile_top=args.profile_top,
-                           gemm_ceiling=args.gemm_ceiling, cuda_graph=args.cuda_graph)
+                           gemm_ceiling=args.gemm_ceiling, cuda_graph=args.cuda_graph,
+                           micro_batches=args.micro_batches)
     if result["rank"] != 0:
         return  # under `accelerate launch --num_processes N`, the first process reports for all
     print(format_table(result))
@@ -170,6 +171,9 @@ def add_steps(steps, add):
     p.add_argument("--cuda-graph", action="store_true",
                    help="capture each project step (forward, backward, AdamW) once as a CUDA graph and time its "
                         "replays (CUDA, one process, live teacher)")
+    p.add_argument("--micro-batches", type=int, default=1, metavar="N",
+                   help="split each step's batch into N micro-batches whose gradients accumulate before one optimizer "
+                        "step, as distill grad_accum does (N must divide --batch-size)")
     p.add_argument("--out", type=Path, default=None)
 
     p = add(steps, "make-report", step_make_report, "tables, figures and report.md", uses_torch=False)

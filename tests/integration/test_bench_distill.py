@@ -128,3 +128,42 @@ def test_bench_shape_names_a_bad_key_in_one_line(capsys):
     with pytest.raises(SystemExit):
         cli.build_parser().parse_args(["bench", "--shape", "hidden=64"])
     assert "'hidden=64': expected KEY=INTEGER" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("step", ["project", "cached"])
+def test_a_step_of_micro_batches_updates_the_weights_as_the_whole_batch_does(step, tmp_path):
+    """--micro-batches must time the same optimizer step: the token-mean loss of equal parts, averaged, is the
+    whole batch's, and a cached teacher's rows follow their part of the batch."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from hybrid_distill.distill.bench import BenchSettings, build_objective, cache_batch, train_step
+    from hybrid_distill.distill.master_weights import adamw_for
+
+    torch.manual_seed(0)
+    teacher = LlamaForCausalLM(LlamaConfig(**TINY)).eval().requires_grad_(False)
+    batch = torch.randint(0, TINY["vocab_size"], (4, 16), generator=torch.Generator().manual_seed(1))
+    cache = cache_batch(teacher, batch, tmp_path)
+    rows = {"sequence_indices": list(range(len(batch)))} if step == "cached" else {}
+    weights, losses = [], []
+    for micro_batches in (1, 2):
+        torch.manual_seed(0)
+        objective = build_objective("stage2", step, teacher, [], "gdn", BenchSettings(chunk_tokens=16), cache)
+        params = [p for p in objective.parameters() if p.requires_grad]
+        optimizer = adamw_for(params, lr=1e-2)
+        seen = []
+        objective.register_forward_pre_hook(lambda module, args, kwargs: seen.append(
+            (len(args[0]), kwargs.get("sequence_indices"))), with_kwargs=True)
+        losses.append(train_step(objective, batch, optimizer, rows, torch.device("cpu"),
+                                 micro_batches=micro_batches).item())
+        weights.append({name: p.detach().clone() for name, p in objective.student.named_parameters()})
+        halves = [[0, 1], [2, 3]] if micro_batches == 2 else [[0, 1, 2, 3]]
+        assert seen == [(len(rows), rows if step == "cached" else None) for rows in halves]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    assert weights[0].keys() == weights[1].keys()
+    for name, weight in weights[0].items():
+        torch.testing.assert_close(weights[1][name], weight, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_bench_refuses_micro_batches_that_do_not_divide_the_batch():
+    with pytest.raises(ValueError, match="micro_batches=2 must be at least 1 and divide batch_size=3"):
+        run_benchmark(batch_size=3, seq_len=16, stages=["stage2"], students=["gdn"], shape=TINY, micro_batches=2)

@@ -101,6 +101,7 @@ class BenchSettings:
     gemm_ceiling: bool = False
     compile_kl: bool = False
     cuda_graph: bool = False
+    micro_batches: int = 1
 
 
 def build_objective(stage, step, teacher, softmax_layers, mixer, settings: BenchSettings, teacher_cache=None):
@@ -145,25 +146,34 @@ def model_flops_per_token(objective) -> float:
     return 2 * (student_params + teacher_params) + 4 * trainable
 
 
-def train_step(objective, batch, optimizer, rows, device, zero_grad=True, autocast_cache=True):
-    """One optimizer step in the trainer's numeric context (bf16 autocast on GPUs, none on CPU); returns the loss."""
+def train_step(objective, batch, optimizer, rows, device, zero_grad=True, autocast_cache=True, micro_batches=1):
+    """One optimizer step in the trainer's numeric context (bf16 autocast on GPUs, none on CPU); returns the loss.
+    `micro_batches` > 1 splits the batch into that many equal parts and accumulates their gradients before the one
+    optimizer step (the trainer's grad_accum): activations of one part at a time, the same step."""
     autocast_dtype = training_autocast_dtype(on_cpu=device.type != "cuda")
-    with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None,
-                        cache_enabled=autocast_cache):
-        loss, _ = objective(batch, **rows)
-    loss.backward()
+    indices = rows.get("sequence_indices")
+    total = torch.zeros((), device=batch.device)
+    for part, chunk in enumerate(batch.chunk(micro_batches)):
+        size = len(chunk)
+        extra = {"sequence_indices": indices[part * size:(part + 1) * size]} if indices is not None else {}
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None,
+                            cache_enabled=autocast_cache):
+            loss, _ = objective(chunk, **extra)
+        (loss / micro_batches).backward()
+        total += loss.detach().float()
     optimizer.step()
     if zero_grad:
         optimizer.zero_grad(set_to_none=True)
-    return loss.detach()
+    return total / micro_batches
 
 
-def time_steps(objective, batch, warmup, repeats, device, profile_top=0, cuda_graph=False):
+def time_steps(objective, batch, warmup, repeats, device, profile_top=0, cuda_graph=False, micro_batches=1):
     """(seconds per step after `warmup` steps, seconds the host took to issue each of those steps) and, with
     profile_top > 0, (the kernels that took the most device time in one more step: name, ms, share of the step's
     device time, calls; all its time by kind of kernel). An issue time close to the step's means the device
     waited on the host. `cuda_graph` replays the whole step as one CUDA graph (step_graph.py), captured after
-    the warm-up steps (with lr as a tensor, as the trainer's graphed steps have it)."""
+    the warm-up steps (with lr as a tensor, as the trainer's graphed steps have it), all its micro-batches in the
+    one graph."""
     params = [p for p in objective.parameters() if p.requires_grad]
     optimizer = adamw_for(params, lr=1e-5, fused=device.type == "cuda")  # the trainer's optimizer
     set_graph_options(optimizer, 1e-5, device if cuda_graph else None)
@@ -173,11 +183,13 @@ def time_steps(objective, batch, warmup, repeats, device, profile_top=0, cuda_gr
         if rows:
             raise ValueError("a CUDA-graphed step cannot read the teacher cache (host reads): drop the cached rows")
         graphed = GraphedStep(lambda inputs: train_step(objective, inputs, optimizer, rows, device, zero_grad=False,
-                                                        autocast_cache=False), optimizer, warmup)
+                                                        autocast_cache=False, micro_batches=micro_batches),
+                              optimizer, warmup)
         step = lambda: graphed(batch)  # noqa: E731
         warmup += 1  # the capture: the call after the warm-up steps records the graph before its first replay
     else:
-        step = lambda: train_step(objective, batch, optimizer, rows, device)  # noqa: E731
+        step = lambda: train_step(objective, batch, optimizer, rows, device,  # noqa: E731
+                                  micro_batches=micro_batches)
     times, issue_times = [], []
     for i in range(warmup + repeats):
         synchronize()
@@ -226,6 +238,9 @@ def run_benchmark(**settings) -> dict:
     (rank 0 is the one to print). Each process steps on batch_size x seq_len tokens, so tokens/s counts all
     processes' tokens."""
     settings = BenchSettings(**settings)
+    if settings.micro_batches < 1 or settings.batch_size % settings.micro_batches:
+        raise ValueError(f"micro_batches={settings.micro_batches} must be at least 1 and divide "
+                         f"batch_size={settings.batch_size}")
     with bench_processes() as (rank, world, device):
         if settings.cuda_graph and world > 1:
             raise ValueError("bench --cuda-graph times one process: DDP's gradient hooks are not captured here")
@@ -268,7 +283,7 @@ def _run_rows(settings: BenchSettings, rank, world, device) -> dict:
                     objective = data_parallel(objective, device, world)
                     times, issue_times, (kernels, groups) = time_steps(
                         objective, batch, settings.warmup, settings.repeats, device, settings.profile_top,
-                        settings.cuda_graph and step != "naive")
+                        settings.cuda_graph and step != "naive", settings.micro_batches)
                 except torch.OutOfMemoryError:
                     rows.append(BenchRow(stage, student_kind, step, None, None, None, "out of memory"))
                     continue
@@ -295,6 +310,7 @@ def _run_rows(settings: BenchSettings, rank, world, device) -> dict:
                         "activation_checkpointing": settings.activation_checkpointing,
                         "compile_blocks": settings.compile_blocks, "bf16_weights": settings.bf16_weights,
                         "compile_kl": settings.compile_kl, "cuda_graph": settings.cuda_graph,
+                        "micro_batches": settings.micro_batches,
                         "torch": torch.__version__},
             "rows": [row.__dict__ for row in rows]}
 
