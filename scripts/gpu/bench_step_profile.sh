@@ -9,10 +9,13 @@
 # `short_graph` (both students at 64 x 512, the configs' sequence length, eager and graphed), `paper_graph`
 # (all-GDN at 64 x 512 with the paper configs' options, recomputation included, graphed), `micro_softmax` and
 # `micro_gdn` (64 x 512 graphed as 2 or 4 micro-batches whose gradients accumulate: one part's activations at a
-# time, within the one graph). 32k tokens per step.
+# time, within the one graph), `kl_chunks` (all-softmax at 64 x 512 graphed with KL chunks of 2,048 and 1,024
+# tokens: the KL's working set sits on top of every layer's stored activations at the peak), `budget_softmax` and
+# `budget_gdn` (64 x 512 graphed with distill.activation_memory_budget below 1: the compiled code recomputes its
+# cheapest activations in backward). 32k tokens per step.
 # Each bench writes its JSON into $OUT and its log into $OUT/bench.log (bench_lib.sh).
 # Usage: bash scripts/gpu/bench_step_profile.sh [kl] [bf16] [gdn] [softmax] [recompute] [graph] [short] [short_graph]
-#        [paper_graph] [micro_softmax] [micro_gdn]
+#        [paper_graph] [micro_softmax] [micro_gdn] [kl_chunks] [budget_softmax] [budget_gdn]
 set -uo pipefail
 out=${OUT:-bench-out}
 mkdir -p "$out"
@@ -54,8 +57,19 @@ for part in "${@:-kl}"; do
     micro_gdn)
       bench micro2_graph_gdn_bf16 300 --students gdn --compile-kl --bf16-weights --batch-size 64 --seq-len 512 \
         --cuda-graph --micro-batches 2 ;;
+    kl_chunks)
+      for chunk in 2048 1024; do
+        bench "kl${chunk}_graph_softmax_bf16" 200 --students softmax --compile-kl --bf16-weights --batch-size 64 \
+          --seq-len 512 --cuda-graph --kl-chunk-tokens $chunk
+      done ;;
+    budget_softmax|budget_gdn)
+      student=${part#budget_}
+      for budget in ${BUDGETS:-0.5 0.3}; do
+        bench "budget${budget}_graph_${student}_bf16" 200 --students $student --compile-kl --bf16-weights \
+          --batch-size 64 --seq-len 512 --cuda-graph --activation-memory-budget $budget
+      done ;;
     *) echo "usage: $0 [kl] [bf16] [gdn] [softmax] [recompute] [graph] [short] [short_graph] [paper_graph]" \
-         "[micro_softmax] [micro_gdn]" >&2; exit 2 ;;
+         "[micro_softmax] [micro_gdn] [kl_chunks] [budget_softmax] [budget_gdn]" >&2; exit 2 ;;
   esac
 done
 true

@@ -94,7 +94,7 @@ def step_bench(args):
                            compile_blocks=args.compile_blocks, bf16_weights=args.bf16_weights,
                            compile_kl=args.compile_kl, profile_top=args.profile_top,
                            gemm_ceiling=args.gemm_ceiling, cuda_graph=args.cuda_graph,
-                           micro_batches=args.micro_batches)
+                           micro_batches=args.micro_batches, activation_memory_budget=args.activation_memory_budget)
     if result["rank"] != 0:
         return  # under `accelerate launch --num_processes N`, the first process reports for all
     print(format_table(result))
@@ -171,6 +171,9 @@ def add_steps(steps, add):
     p.add_argument("--cuda-graph", action="store_true",
                    help="capture each project step (forward, backward, AdamW) once as a CUDA graph and time its "
                         "replays (CUDA, one process, live teacher)")
+    p.add_argument("--activation-memory-budget", type=float, default=1.0, metavar="F",
+                   help="share of the compiled code's activations kept for backward; the cheapest of the rest are "
+                        "recomputed, as distill.activation_memory_budget (project steps only)")
     p.add_argument("--micro-batches", type=int, default=1, metavar="N",
                    help="split each step's batch into N micro-batches whose gradients accumulate before one optimizer "
                         "step, as distill grad_accum does (N must divide --batch-size)")

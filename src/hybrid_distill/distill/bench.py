@@ -102,6 +102,7 @@ class BenchSettings:
     compile_kl: bool = False
     cuda_graph: bool = False
     micro_batches: int = 1
+    activation_memory_budget: float = 1.0
 
 
 def build_objective(stage, step, teacher, softmax_layers, mixer, settings: BenchSettings, teacher_cache=None):
@@ -115,7 +116,8 @@ def build_objective(stage, step, teacher, softmax_layers, mixer, settings: Bench
         distill = {**validate_config({})["distill"], "temperature": 1.0, "kl_chunk_tokens": settings.chunk_tokens,
                    "activation_checkpointing": settings.activation_checkpointing,
                    "compile_blocks": settings.compile_blocks, "bf16_weights": settings.bf16_weights,
-                   "compile_kl": settings.compile_kl}  # the schema's defaults for any option the bench does not set
+                   "compile_kl": settings.compile_kl,  # the schema's defaults for any option the bench does not set
+                   "activation_memory_budget": settings.activation_memory_budget}
         # compile_blocks compiles the teacher in place: a copy keeps the rows after this one (naive ones) eager
         row_teacher = copy.deepcopy(teacher) if settings.compile_blocks else teacher
         objective = stage2_objective(distill, student, row_teacher, "all",
@@ -311,6 +313,7 @@ def _run_rows(settings: BenchSettings, rank, world, device) -> dict:
                         "compile_blocks": settings.compile_blocks, "bf16_weights": settings.bf16_weights,
                         "compile_kl": settings.compile_kl, "cuda_graph": settings.cuda_graph,
                         "micro_batches": settings.micro_batches,
+                        "activation_memory_budget": settings.activation_memory_budget,
                         "torch": torch.__version__},
             "rows": [row.__dict__ for row in rows]}
 

@@ -75,6 +75,16 @@ def compile_training_layers(model: nn.Module) -> int:
     return len(layers) + len(final_norm)
 
 
+def set_activation_memory_budget(fraction: float) -> None:
+    """What share of a compiled graph's activations its backward may keep (distill.activation_memory_budget): below
+    1, the compiler's partitioner recomputes the cheapest saved values in backward (pointwise maths first, fused into
+    the backward's kernels) until the rest fit, a finer trade than recomputing whole layers. Process-wide (a job is
+    one process) and read when a graph compiles, so set it before the first step."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"activation_memory_budget must be in (0, 1], got {fraction}")
+    torch._functorch.config.activation_memory_budget = float(fraction)
+
+
 def _final_norm(model: nn.Module) -> list[nn.Module]:
     """The model's final norm as a list of at most one module (some bodies have none)."""
     norm = getattr(getattr(model, "model", model), "norm", None)

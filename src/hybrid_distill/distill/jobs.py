@@ -10,7 +10,7 @@ import torch
 
 from hybrid_distill.data.packed import PackedTokens
 from hybrid_distill.distill.atomic import drop_training_state, write_json
-from hybrid_distill.distill.compiled_blocks import compile_training_layers
+from hybrid_distill.distill.compiled_blocks import compile_training_layers, set_activation_memory_budget
 from hybrid_distill.distill.master_weights import cast_weights
 from hybrid_distill.distill.objectives import HiddenAlignment, LogitDistillation, heldout_kl, heldout_layer_mse
 from hybrid_distill.distill.precision import train_on_cpu, training_autocast_dtype
@@ -67,6 +67,7 @@ def stage2_objective(distill: dict, student, teacher, trainable: str, cache=None
     """Stage 2's loss with the `distill` section's speed and memory options applied to the student."""
     if distill["bf16_weights"]:
         cast_weights(student, torch.bfloat16)  # the trainer then keeps float32 master copies (master_weights.py)
+    set_activation_memory_budget(distill["activation_memory_budget"])  # read by the compiled code's partitioner
     if distill["compile_blocks"]:  # before the objective, whose recomputation (if on) wraps the compiled layers
         compile_training_layers(student)
         compile_training_layers(teacher)  # its forward's layers: 2N of the step's 8N FLOPs
