@@ -12,10 +12,11 @@
 # time, within the one graph), `kl_chunks` (all-softmax at 64 x 512 graphed with KL chunks of 2,048 and 1,024
 # tokens: the KL's working set sits on top of every layer's stored activations at the peak), `budget_softmax` and
 # `budget_gdn` (64 x 512 graphed with distill.activation_memory_budget below 1: the compiled code recomputes its
-# cheapest activations in backward). 32k tokens per step.
+# cheapest activations in backward; BUDGETS="..." picks the budgets), `scoring_shape` (both students at 16 x 512,
+# the SmolLM2 configs' scoring step of 8k tokens, graphed then eager). 32k tokens per step unless said.
 # Each bench writes its JSON into $OUT and its log into $OUT/bench.log (bench_lib.sh).
 # Usage: bash scripts/gpu/bench_step_profile.sh [kl] [bf16] [gdn] [softmax] [recompute] [graph] [short] [short_graph]
-#        [paper_graph] [micro_softmax] [micro_gdn] [kl_chunks] [budget_softmax] [budget_gdn]
+#        [paper_graph] [micro_softmax] [micro_gdn] [kl_chunks] [budget_softmax] [budget_gdn] [scoring_shape]
 set -uo pipefail
 out=${OUT:-bench-out}
 mkdir -p "$out"
@@ -68,8 +69,15 @@ for part in "${@:-kl}"; do
         bench "budget${budget}_graph_${student}_bf16" 200 --students $student --compile-kl --bf16-weights \
           --batch-size 64 --seq-len 512 --cuda-graph --activation-memory-budget $budget
       done ;;
+    scoring_shape)
+      for student in gdn softmax; do
+        for graphed in --cuda-graph ""; do
+          bench "scoring_${student}${graphed:+_graph}_bf16" 150 --students $student --compile-kl --bf16-weights \
+            --batch-size 16 --seq-len 512 $graphed
+        done
+      done ;;
     *) echo "usage: $0 [kl] [bf16] [gdn] [softmax] [recompute] [graph] [short] [short_graph] [paper_graph]" \
-         "[micro_softmax] [micro_gdn] [kl_chunks] [budget_softmax] [budget_gdn]" >&2; exit 2 ;;
+         "[micro_softmax] [micro_gdn] [kl_chunks] [budget_softmax] [budget_gdn] [scoring_shape]" >&2; exit 2 ;;
   esac
 done
 true

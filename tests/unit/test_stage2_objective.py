@@ -11,9 +11,10 @@ from hybrid_distill.models.student import build_student, decoder_layers
 from tiny_models import tiny_teacher
 
 
-def options(compile_blocks=False, checkpointing=False, bf16_weights=False) -> dict:
+def options(compile_blocks=False, checkpointing=False, bf16_weights=False, memory_budget=1.0) -> dict:
     return {"temperature": 1.0, "kl_chunk_tokens": 16, "activation_checkpointing": checkpointing,
-            "compile_blocks": compile_blocks, "bf16_weights": bf16_weights, "compile_kl": False}
+            "compile_blocks": compile_blocks, "bf16_weights": bf16_weights, "compile_kl": False,
+            "activation_memory_budget": memory_budget}
 
 
 def compiled(function) -> bool:
@@ -103,3 +104,13 @@ def test_compiled_layers_share_their_code_across_depth():
             loss.backward()
         graphs.append(counters["stats"]["unique_graphs"])
     assert graphs[0] == graphs[1] > 0
+
+
+def test_the_activation_memory_budget_reaches_the_compilers_partitioner(monkeypatch):
+    """Process-wide torch setting, read when the compiled code's backward is partitioned: each job sets its own
+    (the GPU test shows a smaller budget saves fewer bytes for the same gradients)."""
+    monkeypatch.setattr(torch._functorch.config, "activation_memory_budget", 1.0)
+    teacher = tiny_teacher("llama")
+    for budget in (0.6, 1.0):
+        stage2_objective(options(memory_budget=budget), build_student(teacher, [0], "gdn"), teacher, "all")
+        assert torch._functorch.config.activation_memory_budget == budget
