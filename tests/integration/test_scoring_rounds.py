@@ -96,13 +96,15 @@ def test_heldout_kl_leaves_modes_and_trainable_parameters_as_they_were(tiny_teac
     assert student.training
 
 
-def test_a_job_with_the_paper_configs_speed_options_resumes_exactly(scoring_run, tiny_teacher_dir, tmp_path):
+@pytest.mark.parametrize("memory_budget", [1.0, 0.5])
+def test_a_job_with_the_paper_configs_speed_options_resumes_exactly(scoring_run, tiny_teacher_dir, tmp_path,
+                                                                     memory_budget):
     """Compiled blocks and KL, bf16 weights with float32 master copies, recomputation and CUDA graphs (the paper
-    configs' stage-2 options; on a CPU the graphs' option trains eagerly) in a job stopped and resumed: the score
-    equals an uninterrupted job's."""
+    configs' stage-2 options; on a CPU the graphs' option trains eagerly), also with a partial activation memory
+    budget, in a job stopped and resumed: the score equals an uninterrupted job's."""
     config, data, stage1 = scoring_run
     config["distill"].update(compile_blocks=True, compile_kl=True, bf16_weights=True, activation_checkpointing=True,
-                             cuda_graphs=True)
+                             cuda_graphs=True, activation_memory_budget=memory_budget)
     resumed, whole = tmp_path / "resumed", tmp_path / "whole"
     for round_index, stop in enumerate((2, 5)):
         distill_stage2(config, "scoring.stage2", tiny_teacher_dir, data, stage1, [1], resumed / "stage2",
