@@ -169,8 +169,8 @@ def add_steps(steps, add):
     p.add_argument("--profile-top", type=int, default=0, metavar="N",
                    help="also profile one step per row and list its N most expensive kernels")
     p.add_argument("--cuda-graph", action="store_true",
-                   help="capture each project step (forward, backward, AdamW) once as a CUDA graph and time its "
-                        "replays (CUDA, one process, live teacher)")
+                   help="capture each project or cached step (forward, backward, AdamW) once as a CUDA graph and "
+                        "time its replays (CUDA, one process)")
     p.add_argument("--activation-memory-budget", type=float, default=1.0, metavar="F",
                    help="share of the compiled code's activations kept for backward; the cheapest of the rest are "
                         "recomputed, as distill.activation_memory_budget (project steps only)")

@@ -84,3 +84,41 @@ def test_a_graphed_job_trains_as_the_eager_job_and_resumes_an_eager_state(stage,
     assert resumed.resumed and resumed.step == STEPS
     assert len(replays) == STEPS - 2 - GRAPH_WARMUP_STEPS
     assert_same_job(tmp_path / "resumed", resumed, tmp_path / "eager", eager)
+
+
+def test_a_graphed_job_on_a_partial_teacher_cache_trains_as_the_eager_job(tmp_path, monkeypatch):
+    """Steps whose rows the cache holds and steps that run the live teacher are two graphs; each replay copies its
+    step's cached rows in. 8 steps of 8 rows over 64 rows, the cache holding the first 40: steps 1-5 cached, 6-8
+    live, so each kind warms up (2 steps), is captured, and replays its later steps."""
+    from hybrid_distill.data.packed import PackedTokens, write_packed
+    from hybrid_distill.distill.teacher_cache import TeacherCache, write_teacher_cache
+
+    torch.manual_seed(0)
+    teacher = LlamaForCausalLM(LlamaConfig(**SHAPE)).cuda().eval().requires_grad_(False)
+    write_packed(tmp_path / "train.bin", Tokens().rows.numpy(), {"vocab_size": SHAPE["vocab_size"]})
+    data = PackedTokens(tmp_path / "train.bin")
+    identity = {"teacher_fingerprint": "test", "data_sha256": data.meta["sha256"], "seq_len": data.seq_len,
+                "hidden_size": SHAPE["hidden_size"]}
+    write_teacher_cache(teacher, data, 40, 8, tmp_path / "hidden.bin", autocast_dtype=torch.bfloat16,
+                        identity=identity)
+    replays = []
+    replay = torch.cuda.CUDAGraph.replay
+    monkeypatch.setattr(torch.cuda.CUDAGraph, "replay", lambda graph: replays.append(1) or replay(graph))
+    results, logged = {}, {}
+    for name, cuda_graphs in (("eager", False), ("graphed", True)):
+        torch.manual_seed(0)
+        cache = TeacherCache(tmp_path / "hidden.bin", identity)
+        objective = LogitDistillation(build_student(teacher, [1], "gdn"), teacher, 1.0, 512, teacher_cache=cache)
+        settings = TrainSettings(token_budget=8 * 8 * data.seq_len, micro_batch_size=8, lr=1e-3,
+                                 schedule="constant", save_every=8)
+        results[name] = train(objective, data, settings, tmp_path / name, description=name, cuda_graphs=cuda_graphs)
+        logged[name] = lines(tmp_path / name)
+        # replayed: cached steps 3-5 and live step 8 (a capture's own step replays too)
+        assert len(replays) == (0 if name == "eager" else 3 + 1)
+    assert [line["teacher_cached"] for line in logged["graphed"]] == [1.0] * 5 + [0.0] * 3
+    for key in ("loss", "grad_norm"):
+        torch.testing.assert_close([line[key] for line in logged["graphed"]], [line[key] for line in logged["eager"]],
+                                   rtol=2e-3, atol=0, msg=key)
+    for (name, weight), (_, reference) in zip(results["graphed"].objective.student.named_parameters(),
+                                              results["eager"].objective.student.named_parameters()):
+        torch.testing.assert_close(weight, reference, rtol=2e-2, atol=2e-3, msg=name)

@@ -136,14 +136,13 @@ def test_a_step_of_micro_batches_updates_the_weights_as_the_whole_batch_does(ste
     whole batch's, and a cached teacher's rows follow their part of the batch."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from hybrid_distill.distill.bench import BenchSettings, build_objective, cache_batch, train_step
+    from hybrid_distill.distill.bench import BenchSettings, build_objective, cache_batch, read_cached, train_step
     from hybrid_distill.distill.master_weights import adamw_for
 
     torch.manual_seed(0)
     teacher = LlamaForCausalLM(LlamaConfig(**TINY)).eval().requires_grad_(False)
     batch = torch.randint(0, TINY["vocab_size"], (4, 16), generator=torch.Generator().manual_seed(1))
     cache = cache_batch(teacher, batch, tmp_path)
-    rows = {"sequence_indices": list(range(len(batch)))} if step == "cached" else {}
     weights, losses = [], []
     for micro_batches in (1, 2):
         torch.manual_seed(0)
@@ -152,12 +151,16 @@ def test_a_step_of_micro_batches_updates_the_weights_as_the_whole_batch_does(ste
         optimizer = adamw_for(params, lr=1e-2)
         seen = []
         objective.register_forward_pre_hook(lambda module, args, kwargs: seen.append(
-            (len(args[0]), kwargs.get("sequence_indices"))), with_kwargs=True)
-        losses.append(train_step(objective, batch, optimizer, rows, torch.device("cpu"),
+            (len(args[0]), kwargs.get("teacher_hidden"))), with_kwargs=True)
+        cached = read_cached(objective, len(batch), micro_batches, torch.device("cpu"))
+        assert len(cached) == (micro_batches if step == "cached" else 0)
+        losses.append(train_step(objective, batch, optimizer, cached, torch.device("cpu"),
                                  micro_batches=micro_batches).item())
         weights.append({name: p.detach().clone() for name, p in objective.student.named_parameters()})
-        halves = [[0, 1], [2, 3]] if micro_batches == 2 else [[0, 1, 2, 3]]
-        assert seen == [(len(rows), rows if step == "cached" else None) for rows in halves]
+        parts = [[0, 1], [2, 3]] if micro_batches == 2 else [[0, 1, 2, 3]]
+        assert [size for size, _ in seen] == [len(rows) for rows in parts]
+        for (_, hidden), rows in zip(seen, parts):  # each part got its own rows of the cache, or none
+            assert (hidden is None) if step == "project" else torch.equal(hidden, cache.rows(rows, "cpu"))
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
     assert weights[0].keys() == weights[1].keys()
     for name, weight in weights[0].items():

@@ -41,3 +41,13 @@ def test_the_trainer_sets_the_rate_type_and_capture_flag_for_the_job_it_runs():
     assert group["initial_lr"] == 0.5  # a float base: the schedule fills the tensor without reading it back
     set_graph_options(optimizer, 0.5, None)  # an eager job resuming the graphed job's state
     assert group["lr"] == 0.25 and type(group["lr"]) is float and not group["capturable"]
+
+
+def test_refuses_nested_inputs_with_a_tensor_off_the_gpu():
+    """The trainer's inputs are (micro-batches, one dict of cached tensors per micro-batch): each tensor counts."""
+    step = GraphedStep(_step, _optimizer(capturable=True))
+    with pytest.raises(ValueError, match="the step's input is on cpu"):
+        step(([], [{"teacher_hidden": torch.zeros(2)}]), key=(("teacher_hidden",),))
+    with pytest.raises(TypeError, match="tensors, tuples, lists or dicts, not int"):
+        step(([], [{"rows": 3}]))
+    assert not step.captured and step.calls == {}

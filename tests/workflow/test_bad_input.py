@@ -48,8 +48,6 @@ BAD_CONFIGS = [
     ("stage without tokens", {"distill.stage2": {"lr": 0.1}}, "config: distill.stage2: 'tokens' is a required property"),
     ("early-stop window too small", {"scoring.early_stop.window": 1}, "config: scoring.early_stop.window: 1 is less than the minimum of 2"),
     ("early-stop K too large", {"scoring.early_stop.k": 12}, "scoring.early_stop.k=12 is larger than 4 layers"),
-    ("graphed steps on a teacher cache", {"distill.cuda_graphs": True, "distill.teacher_cache.enabled": True},
-     "config: distill.cuda_graphs: a graphed step cannot read distill.teacher_cache"),
     ("activation memory budget above 1", {"distill.activation_memory_budget": 1.5},
      "config: distill.activation_memory_budget: 1.5 is greater than the maximum of 1"),
     ("unknown recall task", {"evaluate.recall_tasks": ["trivia"]}, "config: evaluate.recall_tasks.0: 'trivia' is not one of"),

@@ -50,10 +50,6 @@ def validate_config(config: dict | None) -> dict:
     errors = sorted(validator.iter_errors(filled), key=lambda e: list(e.absolute_path))
     if errors:
         raise ConfigError(describe_error(errors[0]))
-    distill = filled["distill"]
-    if distill["cuda_graphs"] and distill["teacher_cache"]["enabled"]:
-        raise ConfigError("config: distill.cuda_graphs: a graphed step cannot read distill.teacher_cache (a step "
-                          "reads its rows on the host); turn one of them off")
     return filled
 
 

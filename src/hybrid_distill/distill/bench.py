@@ -148,19 +148,17 @@ def model_flops_per_token(objective) -> float:
     return 2 * (student_params + teacher_params) + 4 * trainable
 
 
-def train_step(objective, batch, optimizer, rows, device, zero_grad=True, autocast_cache=True, micro_batches=1):
+def train_step(objective, batch, optimizer, cached, device, zero_grad=True, autocast_cache=True, micro_batches=1):
     """One optimizer step in the trainer's numeric context (bf16 autocast on GPUs, none on CPU); returns the loss.
     `micro_batches` > 1 splits the batch into that many equal parts and accumulates their gradients before the one
-    optimizer step (the trainer's grad_accum): activations of one part at a time, the same step."""
+    optimizer step (the trainer's grad_accum): activations of one part at a time, the same step. `cached` holds
+    each part's keyword tensors from the objective's teacher cache (`cached_inputs`), or is empty."""
     autocast_dtype = training_autocast_dtype(on_cpu=device.type != "cuda")
-    indices = rows.get("sequence_indices")
     total = torch.zeros((), device=batch.device)
     for part, chunk in enumerate(batch.chunk(micro_batches)):
-        size = len(chunk)
-        extra = {"sequence_indices": indices[part * size:(part + 1) * size]} if indices is not None else {}
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None,
                             cache_enabled=autocast_cache):
-            loss, _ = objective(chunk, **extra)
+            loss, _ = objective(chunk, **(cached[part] if cached else {}))
         (loss / micro_batches).backward()
         total += loss.detach().float()
     optimizer.step()
@@ -169,28 +167,38 @@ def train_step(objective, batch, optimizer, rows, device, zero_grad=True, autoca
     return total / micro_batches
 
 
+def read_cached(objective, batch_size: int, micro_batches: int, device) -> list[dict]:
+    """Each part's cached teacher rows (the bench's batch is the cache's rows 0..batch_size-1), read on the host
+    before the steps as the trainer reads them; empty without a cache."""
+    objective = unwrapped(objective)
+    if getattr(objective, "teacher_cache", None) is None:
+        return []
+    size = batch_size // micro_batches
+    autocast_dtype = training_autocast_dtype(on_cpu=device.type != "cuda")
+    with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        return [objective.cached_inputs(list(range(part * size, (part + 1) * size)), device)
+                for part in range(micro_batches)]
+
+
 def time_steps(objective, batch, warmup, repeats, device, profile_top=0, cuda_graph=False, micro_batches=1):
     """(seconds per step after `warmup` steps, seconds the host took to issue each of those steps) and, with
     profile_top > 0, (the kernels that took the most device time in one more step: name, ms, share of the step's
     device time, calls; all its time by kind of kernel). An issue time close to the step's means the device
     waited on the host. `cuda_graph` replays the whole step as one CUDA graph (step_graph.py), captured after
-    the warm-up steps (with lr as a tensor, as the trainer's graphed steps have it), all its micro-batches in the
-    one graph."""
+    the warm-up steps (with lr as a tensor, as the trainer's graphed steps have it), all its micro-batches and any
+    cached teacher rows in the one graph."""
     params = [p for p in objective.parameters() if p.requires_grad]
     optimizer = adamw_for(params, lr=1e-5, fused=device.type == "cuda")  # the trainer's optimizer
     set_graph_options(optimizer, 1e-5, device if cuda_graph else None)
-    rows = {"sequence_indices": list(range(len(batch)))} if getattr(unwrapped(objective), "teacher_cache", None) \
-        else {}
+    cached = read_cached(objective, len(batch), micro_batches, device)
     if cuda_graph:
-        if rows:
-            raise ValueError("a CUDA-graphed step cannot read the teacher cache (host reads): drop the cached rows")
-        graphed = GraphedStep(lambda inputs: train_step(objective, inputs, optimizer, rows, device, zero_grad=False,
-                                                        autocast_cache=False, micro_batches=micro_batches),
-                              optimizer, warmup)
-        step = lambda: graphed(batch)  # noqa: E731
+        graphed = GraphedStep(lambda inputs: train_step(objective, inputs[0], optimizer, inputs[1], device,
+                                                        zero_grad=False, autocast_cache=False,
+                                                        micro_batches=micro_batches), optimizer, warmup)
+        step = lambda: graphed((batch, cached))  # noqa: E731
         warmup += 1  # the capture: the call after the warm-up steps records the graph before its first replay
     else:
-        step = lambda: train_step(objective, batch, optimizer, rows, device,  # noqa: E731
+        step = lambda: train_step(objective, batch, optimizer, cached, device,  # noqa: E731
                                   micro_batches=micro_batches)
     times, issue_times = [], []
     for i in range(warmup + repeats):

@@ -100,16 +100,30 @@ class LogitDistillation(nn.Module):
         """Whether the trainer passes each batch's data rows: only a teacher cache looks them up."""
         return self.teacher_cache is not None
 
+    def cached_inputs(self, sequence_indices, device: torch.device) -> dict:
+        """{"teacher_hidden": the cached teacher rows on `device`} when the cache holds every row of the batch,
+        else {} (the step runs the live teacher). Read on the host before a step, so that a graphed step takes
+        the rows as an input it copies in; call it in the step's autocast context, which the cache checks."""
+        cache = self.teacher_cache
+        if cache is None or not cache.covers(sequence_indices):
+            return {}
+        return {"teacher_hidden": to_device(cache.rows(sequence_indices, device.type), device)}
+
     def teacher_hidden(self, input_ids: torch.Tensor, sequence_indices=None) -> tuple[torch.Tensor, bool]:
         """(the teacher's final hidden states, whether they came from the cache)."""
-        cache = self.teacher_cache
-        if cache is not None and sequence_indices is not None and cache.covers(sequence_indices):
-            return to_device(cache.rows(sequence_indices, input_ids.device.type), input_ids.device), True
+        cached = self.cached_inputs(sequence_indices, input_ids.device) if sequence_indices is not None else {}
+        if cached:
+            return cached["teacher_hidden"], True
         with torch.no_grad(), maskless_causal_attention(self.teacher):
             return self.teacher.model(input_ids=input_ids, use_cache=False).last_hidden_state, False
 
-    def forward(self, input_ids: torch.Tensor, sequence_indices=None):
-        teacher_hidden, cached = self.teacher_hidden(input_ids, sequence_indices)
+    def forward(self, input_ids: torch.Tensor, sequence_indices=None, teacher_hidden=None):
+        """`teacher_hidden` (from `cached_inputs`) skips the teacher's body; else `sequence_indices` look the
+        batch up in the cache, and the live teacher runs where it holds no rows."""
+        if teacher_hidden is not None:
+            cached = True
+        else:
+            teacher_hidden, cached = self.teacher_hidden(input_ids, sequence_indices)
         with maskless_causal_attention(self.student):  # training rows: unpadded, from position 0
             student_hidden = self.student.model(input_ids=input_ids, use_cache=False).last_hidden_state
         loss = chunked_kl_from_hidden(

@@ -6,25 +6,31 @@ took 238 ms eager (the host busy issuing it all the while) against 168 ms of ker
 session 13). A replayed graph issues the whole step in one call.
 
 What capture needs from the step: fixed shapes, no host synchronisation (no `.item()`, no branching on tensor
-values), inputs that are tensors (not host-side row lists), an optimizer built with `capturable=True` whose
+values), inputs that are tensors (host-side data, such as a teacher cache's rows, is read before the step and
+passed in as a tensor), an optimizer built with `capturable=True` whose
 learning rate is a tensor (a float would be frozen into the graph), and autocast without its weight-cast cache.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable, Hashable
 
 import torch
 
 
 class GraphedStep:
     """Calls `step(inputs) -> outputs` (a step that computes gradients from none and updates the weights) eagerly
-    for the first `warmup` calls, each on a side stream and followed by clearing the gradients, as the eager
-    loop does; the next call captures the step as a CUDA graph, and it and every later call copy their inputs
-    into the captured ones and replay. The returned outputs are the captured tensors, overwritten by the next call.
+    for the first `warmup` calls of each `key`, each on a side stream between two clearings of the gradients, as
+    the eager loop does; the next call of that key captures the step as a CUDA graph, and it and every later call
+    of the key copy their inputs (a tensor, or tuples, lists and dicts of them) into the captured ones and replay.
+    The returned outputs are the captured tensors, overwritten by the next call of the key.
+
+    A key names a variant of the step that runs other code on inputs of other shapes: a step whose micro-batches
+    take the teacher's outputs from a cache, against one that runs the teacher. Each variant has its own graph and
+    memory pool, so two variants hold two steps' activations.
 
     The warm-up calls are real steps: the compiler and the kernels' autotuning must run before the capture. The
-    gradients the capture allocates stay the model's: nothing may set them to None between replays, and each
-    replay's first backward writes them afresh (they were None when captured), so no zeroing is needed."""
+    gradients a capture allocates stay in its graph: each replay's first backward writes them afresh (they were
+    None when captured), so no zeroing is needed, and the graph's clipping and optimizer read them there."""
 
     def __init__(self, step: Callable, optimizer: torch.optim.Optimizer, warmup: int = 2):
         if not all(group.get("capturable", False) for group in optimizer.param_groups):
@@ -32,38 +38,61 @@ class GraphedStep:
         if warmup < 1:
             raise ValueError(f"a graphed step needs at least one warm-up step before its capture, got {warmup}")
         self.step, self.optimizer, self.warmup = step, optimizer, warmup
-        self.calls = 0
-        self.graph: torch.cuda.CUDAGraph | None = None
+        self.calls: dict[Hashable, int] = {}
+        self.captures: dict[Hashable, tuple[torch.cuda.CUDAGraph, Any, Any]] = {}  # key -> graph, inputs, outputs
 
-    def __call__(self, inputs: torch.Tensor):
-        if inputs.device.type != "cuda":
-            raise ValueError(f"a CUDA graph needs CUDA tensors; the step's input is on {inputs.device}")
-        self.calls += 1
-        if self.calls <= self.warmup:
+    def __call__(self, inputs, key: Hashable = None):
+        _map(_check_on_gpu, inputs)
+        self.calls[key] = self.calls.get(key, 0) + 1
+        if self.calls[key] <= self.warmup:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):  # as torch.cuda.graph requires: warm-up off the capturing stream
+                self.optimizer.zero_grad(set_to_none=True)  # after another key's capture they hold its gradients
                 outputs = self.step(inputs)
                 self.optimizer.zero_grad(set_to_none=True)
             torch.cuda.current_stream().wait_stream(side)
             return outputs
-        if self.graph is None:
-            self._capture(inputs)
-        self.inputs.copy_(inputs, non_blocking=True)
-        self.graph.replay()
-        return self.outputs
+        if key not in self.captures:
+            self.captures[key] = self._capture(inputs)
+        graph, static_inputs, outputs = self.captures[key]
+        _map(lambda static, new: static.copy_(new, non_blocking=True), static_inputs, inputs)
+        graph.replay()
+        return outputs
 
     @property
     def captured(self) -> bool:
-        return self.graph is not None
+        return bool(self.captures)
 
-    def _capture(self, example: torch.Tensor) -> None:
+    def _capture(self, example) -> tuple[torch.cuda.CUDAGraph, Any, Any]:
         """Records the step without running it (the caller then replays it on this call's inputs)."""
-        self.inputs = example.clone()
+        static_inputs = _map(torch.Tensor.clone, example)
         self.optimizer.zero_grad(set_to_none=True)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.outputs = self.step(self.inputs)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outputs = self.step(static_inputs)
+        return graph, static_inputs, outputs
+
+
+def _check_on_gpu(tensor: torch.Tensor) -> None:
+    if tensor.device.type != "cuda":
+        raise ValueError(f"a CUDA graph needs CUDA tensors; the step's input is on {tensor.device}")
+
+
+def _map(function: Callable, *trees):
+    """`function` applied to the tensors of equally shaped tensors / tuples / lists / dicts, in their shape."""
+    first = trees[0]
+    if isinstance(first, torch.Tensor):
+        return function(*trees)
+    if isinstance(first, dict):
+        if any(tree.keys() != first.keys() for tree in trees):
+            raise ValueError("a graphed step's inputs changed their keys since its capture")
+        return {key: _map(function, *(tree[key] for tree in trees)) for key in first}
+    if isinstance(first, (tuple, list)):
+        if any(len(tree) != len(first) for tree in trees):
+            raise ValueError("a graphed step's inputs changed their length since its capture")
+        return type(first)(_map(function, *items) for items in zip(*trees))
+    raise TypeError(f"a graphed step's inputs are tensors, tuples, lists or dicts, not {type(first).__name__}")
 
 
 def set_graph_options(optimizer, base_lr: float, device: torch.device | None) -> None:

@@ -87,13 +87,14 @@ def train(
     `first_sequence` only places a fresh start. The schedule spans the whole token budget even when
     `stop_after_step` ends this call early. `clip_groups` lists parameter names clipped independently.
     Module modes (train/eval) stay as the caller set them, so a frozen teacher can stay in eval mode.
-    An objective with `reads_sequence_indices = True` also gets `sequence_indices=` (the batch's data rows), so
-    it can look rows up in a per-sequence cache.
+    An objective with `reads_sequence_indices = True` has `cached_inputs(rows, device)` read what a per-sequence
+    cache holds for each micro-batch's data rows before the step (on the host, in the step's autocast context);
+    the step passes it to the objective's forward as keyword tensors.
     `on_snapshot` is called after every `snapshot_every`-th step and after the last, with what this call would
     have returned had it stopped there (one job can then score every round of a run that resumes nothing).
     `cuda_graphs` (`distill.cuda_graphs`) replays each step after the first GRAPH_WARMUP_STEPS as one CUDA graph
-    (step_graph.py), computing what the eager steps compute, in one-process CUDA jobs (others train eagerly); an
-    objective that reads per-row data on the host (a teacher cache) is refused.
+    (step_graph.py), computing what the eager steps compute, in one-process CUDA jobs (others train eagerly); a
+    step whose micro-batches read a cache and one whose micro-batches run the live teacher are two graphs.
     Setting HD_FAIL_AT_STEP=k raises RuntimeError right after step k (and its state save) once per
     out_dir, marked by `out_dir/.failed_once`, so that workflow tests can check a retried job.
     """
@@ -105,9 +106,6 @@ def train(
     # processes (DDP's gradient hooks are not captured), so one config serves 1-GPU scoring and 4-GPU final jobs
     graphed = cuda_graphs and not on_cpu and launched == 1
     wants_indices = getattr(objective, "reads_sequence_indices", False)
-    if graphed and wants_indices:
-        raise ValueError(f"distill.cuda_graphs: {description} reads per-row data on the host at every step (a "
-                         "teacher cache), which a replayed graph cannot; turn off distill.teacher_cache or this")
     accelerator = Accelerator(
         cpu=on_cpu,  # also makes a multi-process launch on a CPU-only node use gloo
         mixed_precision=mixed_precision(on_cpu),
@@ -180,8 +178,9 @@ def train(
         tokens_since_report, report_start = 0, time.perf_counter()
         first_rank_sequence = accelerator.process_index * settings.micro_batch_size * settings.grad_accum
 
-        def optimizer_step(micro_batches, rows=None):
-            loss_sum, metric_sums = _accumulate_gradients(accelerator, model, micro_batches, rows,
+        def optimizer_step(inputs):
+            micro_batches, cached = inputs
+            loss_sum, metric_sums = _accumulate_gradients(accelerator, model, micro_batches, cached,
                                                           settings.grad_accum)
             grad_norm = _clip(clip_params, settings.max_grad_norm)
             optimizer.step()
@@ -192,10 +191,12 @@ def train(
             lr = settings.lr * schedule(step)
             micro_batches, rows = _step_batches(data, next_sequence + first_rank_sequence, settings, wants_indices)
             micro_batches = to_device(micro_batches, accelerator.device)
-            if graphed_step is not None:
-                loss_sum, metric_sums, grad_norm = graphed_step(micro_batches)
+            cached = _cached_inputs(objective, rows, accelerator, settings.grad_accum)
+            if graphed_step is not None:  # one graph per pattern of cached and live micro-batches
+                key = tuple(tuple(sorted(inputs)) for inputs in cached)
+                loss_sum, metric_sums, grad_norm = graphed_step((micro_batches, cached), key=key)
             else:
-                loss_sum, metric_sums, grad_norm = optimizer_step(micro_batches, rows)
+                loss_sum, metric_sums, grad_norm = optimizer_step((micro_batches, cached))
                 optimizer.zero_grad(set_to_none=True)
             scheduler.step()
             step += 1
@@ -307,16 +308,25 @@ def _step_batches(data, first_sequence: int, settings: TrainSettings, wants_indi
     return micro_batches, rows
 
 
-def _accumulate_gradients(accelerator: Accelerator, model, micro_batches: torch.Tensor, rows, grad_accum: int):
+def _cached_inputs(objective, rows, accelerator: Accelerator, grad_accum: int) -> list[dict]:
+    """Per micro-batch, the keyword tensors the objective's cache holds for its data rows (empty where it holds
+    none, or the objective reads no rows), read here on the host in the step's autocast context."""
+    if rows is None:
+        return [{} for _ in range(grad_accum)]
+    with accelerator.autocast():
+        return [objective.cached_inputs(micro_rows, accelerator.device) for micro_rows in rows]
+
+
+def _accumulate_gradients(accelerator: Accelerator, model, micro_batches: torch.Tensor, cached: list[dict],
+                          grad_accum: int):
     """Backpropagate this process's share of one step, micro-batch by micro-batch; DDP syncs on the last.
-    `rows` (a list per micro-batch, or None) goes to objectives that read their data rows."""
+    `cached` holds each micro-batch's keyword tensors from the objective's cache (see `_cached_inputs`)."""
     loss_sum = torch.zeros((), device=accelerator.device)
     metric_sums: dict[str, torch.Tensor | float] = {}
     for micro_step in range(grad_accum):
-        extra = {"sequence_indices": rows[micro_step]} if rows is not None else {}
         last = micro_step == grad_accum - 1
         with nullcontext() if last else accelerator.no_sync(model):
-            loss, metrics = model(micro_batches[micro_step], **extra)
+            loss, metrics = model(micro_batches[micro_step], **cached[micro_step])
             accelerator.backward(loss / grad_accum)
         loss_sum += loss.detach().float()
         for key, value in metrics.items():  # device tensors stay there: no host sync per step
