@@ -48,8 +48,13 @@ def stage2(teacher, cache=None, seed=0):
     return LogitDistillation(build_student(teacher, [1], "gla"), teacher, 1.0, 7, teacher_cache=cache)
 
 
+def with_rows(objective, input_ids, indices):
+    """A step on the batch of data rows `indices`, reading what the cache holds for them as the trainer does."""
+    return objective(input_ids, **objective.cached_inputs(indices, input_ids.device))
+
+
 def loss_and_grads(objective, input_ids, indices):
-    loss, metrics = objective(input_ids, sequence_indices=indices)
+    loss, metrics = with_rows(objective, input_ids, indices)
     loss.backward()
     grads = {name: p.grad.clone() for name, p in objective.named_parameters() if p.requires_grad}
     return loss.detach(), grads, metrics
@@ -107,12 +112,12 @@ def test_bf16_autocast_cache_is_stored_in_bf16_and_exact_under_the_same_autocast
     cache = open_teacher_cache(path, tmp_path / "teacher", teacher, data)
     # Loss only: CPU autocast leaves log_softmax in bf16, which the KL's gradient path does not take (CUDA's does).
     with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
-        live_loss, _ = stage2(teacher)(data.batch(0, 2), sequence_indices=[0, 1])
-        loss, metrics = stage2(teacher, cache)(data.batch(0, 2), sequence_indices=[0, 1])
-        shifted_loss, _ = stage2(teacher, cache)(data.batch(0, 2), sequence_indices=[1, 0])
+        live_loss, _ = with_rows(stage2(teacher), data.batch(0, 2), [0, 1])
+        loss, metrics = with_rows(stage2(teacher, cache), data.batch(0, 2), [0, 1])
+        shifted_loss, _ = with_rows(stage2(teacher, cache), data.batch(0, 2), [1, 0])
     assert metrics == {"teacher_cached": 1.0} and torch.equal(loss, live_loss) and shifted_loss != live_loss
     with pytest.raises(TeacherCacheError, match="autocast bfloat16, read on cpu with autocast None"):
-        stage2(teacher, cache)(data.batch(0, 2), sequence_indices=[0, 1])
+        with_rows(stage2(teacher, cache), data.batch(0, 2), [0, 1])
 
 
 def assert_one_line_naming(error, path):

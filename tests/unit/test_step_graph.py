@@ -47,7 +47,7 @@ def test_refuses_nested_inputs_with_a_tensor_off_the_gpu():
     """The trainer's inputs are (micro-batches, one dict of cached tensors per micro-batch): each tensor counts."""
     step = GraphedStep(_step, _optimizer(capturable=True))
     with pytest.raises(ValueError, match="the step's input is on cpu"):
-        step(([], [{"teacher_hidden": torch.zeros(2)}]), key=(("teacher_hidden",),))
+        step(([], [{"teacher_hidden": torch.zeros(2)}]))
     with pytest.raises(TypeError, match="tensors, tuples, lists or dicts, not int"):
         step(([], [{"rows": 3}]))
     assert not step.captured and step.calls == {}

@@ -97,7 +97,7 @@ class LogitDistillation(nn.Module):
 
     @property
     def reads_sequence_indices(self) -> bool:
-        """Whether the trainer passes each batch's data rows: only a teacher cache looks them up."""
+        """Whether the trainer looks each batch's data rows up in `cached_inputs`: only with a teacher cache."""
         return self.teacher_cache is not None
 
     def cached_inputs(self, sequence_indices, device: torch.device) -> dict:
@@ -109,21 +109,13 @@ class LogitDistillation(nn.Module):
             return {}
         return {"teacher_hidden": to_device(cache.rows(sequence_indices, device.type), device)}
 
-    def teacher_hidden(self, input_ids: torch.Tensor, sequence_indices=None) -> tuple[torch.Tensor, bool]:
-        """(the teacher's final hidden states, whether they came from the cache)."""
-        cached = self.cached_inputs(sequence_indices, input_ids.device) if sequence_indices is not None else {}
-        if cached:
-            return cached["teacher_hidden"], True
-        with torch.no_grad(), maskless_causal_attention(self.teacher):
-            return self.teacher.model(input_ids=input_ids, use_cache=False).last_hidden_state, False
-
-    def forward(self, input_ids: torch.Tensor, sequence_indices=None, teacher_hidden=None):
-        """`teacher_hidden` (from `cached_inputs`) skips the teacher's body; else `sequence_indices` look the
-        batch up in the cache, and the live teacher runs where it holds no rows."""
-        if teacher_hidden is not None:
-            cached = True
-        else:
-            teacher_hidden, cached = self.teacher_hidden(input_ids, sequence_indices)
+    def forward(self, input_ids: torch.Tensor, teacher_hidden=None):
+        """`teacher_hidden` (the cached rows `cached_inputs` read) skips the teacher's body; without it the live
+        teacher runs."""
+        cached = teacher_hidden is not None
+        if not cached:
+            with torch.no_grad(), maskless_causal_attention(self.teacher):
+                teacher_hidden = self.teacher.model(input_ids=input_ids, use_cache=False).last_hidden_state
         with maskless_causal_attention(self.student):  # training rows: unpadded, from position 0
             student_hidden = self.student.model(input_ids=input_ids, use_cache=False).last_hidden_state
         loss = chunked_kl_from_hidden(

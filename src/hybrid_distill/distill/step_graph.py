@@ -19,14 +19,15 @@ import torch
 
 class GraphedStep:
     """Calls `step(inputs) -> outputs` (a step that computes gradients from none and updates the weights) eagerly
-    for the first `warmup` calls of each `key`, each on a side stream between two clearings of the gradients, as
-    the eager loop does; the next call of that key captures the step as a CUDA graph, and it and every later call
-    of the key copy their inputs (a tensor, or tuples, lists and dicts of them) into the captured ones and replay.
-    The returned outputs are the captured tensors, overwritten by the next call of the key.
+    for the first `warmup` calls of each form of its inputs (a tensor, or tuples, lists and dicts of them: their
+    nesting, keys, shapes and dtypes), each on a side stream between two clearings of the gradients, as the eager
+    loop does; the next call of that form captures the step as a CUDA graph, and it and every later call of the
+    form copy their inputs into the captured ones and replay. The returned outputs are the captured tensors,
+    overwritten by the next call of the form.
 
-    A key names a variant of the step that runs other code on inputs of other shapes: a step whose micro-batches
-    take the teacher's outputs from a cache, against one that runs the teacher. Each variant has its own graph and
-    memory pool, so two variants hold two steps' activations.
+    Each form is a variant of the step with its own code: micro-batches that bring the teacher's cached outputs
+    (a dict with them) against micro-batches that run the teacher (an empty dict). Each variant has its own graph
+    and memory pool, so two variants hold two steps' activations.
 
     The warm-up calls are real steps: the compiler and the kernels' autotuning must run before the capture. The
     gradients a capture allocates stay in its graph: each replay's first backward writes them afresh (they were
@@ -38,17 +39,18 @@ class GraphedStep:
         if warmup < 1:
             raise ValueError(f"a graphed step needs at least one warm-up step before its capture, got {warmup}")
         self.step, self.optimizer, self.warmup = step, optimizer, warmup
-        self.calls: dict[Hashable, int] = {}
-        self.captures: dict[Hashable, tuple[torch.cuda.CUDAGraph, Any, Any]] = {}  # key -> graph, inputs, outputs
+        self.calls: dict[Hashable, int] = {}  # by form of the inputs
+        self.captures: dict[Hashable, tuple[torch.cuda.CUDAGraph, Any, Any]] = {}  # form -> graph, inputs, outputs
 
-    def __call__(self, inputs, key: Hashable = None):
+    def __call__(self, inputs):
         _map(_check_on_gpu, inputs)
+        key = _form(inputs)
         self.calls[key] = self.calls.get(key, 0) + 1
         if self.calls[key] <= self.warmup:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):  # as torch.cuda.graph requires: warm-up off the capturing stream
-                self.optimizer.zero_grad(set_to_none=True)  # after another key's capture they hold its gradients
+                self.optimizer.zero_grad(set_to_none=True)  # after another form's capture they hold its gradients
                 outputs = self.step(inputs)
                 self.optimizer.zero_grad(set_to_none=True)
             torch.cuda.current_stream().wait_stream(side)
@@ -79,18 +81,25 @@ def _check_on_gpu(tensor: torch.Tensor) -> None:
         raise ValueError(f"a CUDA graph needs CUDA tensors; the step's input is on {tensor.device}")
 
 
+def _form(tree) -> Hashable:
+    """What must match for a captured graph to take `tree`: its nesting, dict keys, tensor shapes and dtypes."""
+    if isinstance(tree, torch.Tensor):
+        return tuple(tree.shape), tree.dtype
+    if isinstance(tree, dict):
+        return tuple((key, _form(value)) for key, value in sorted(tree.items()))
+    if isinstance(tree, (tuple, list)):
+        return tuple(_form(item) for item in tree)
+    raise TypeError(f"a graphed step's inputs are tensors, tuples, lists or dicts, not {type(tree).__name__}")
+
+
 def _map(function: Callable, *trees):
-    """`function` applied to the tensors of equally shaped tensors / tuples / lists / dicts, in their shape."""
+    """`function` applied to the tensors of trees of one form (`_form`), in that form."""
     first = trees[0]
     if isinstance(first, torch.Tensor):
         return function(*trees)
     if isinstance(first, dict):
-        if any(tree.keys() != first.keys() for tree in trees):
-            raise ValueError("a graphed step's inputs changed their keys since its capture")
         return {key: _map(function, *(tree[key] for tree in trees)) for key in first}
     if isinstance(first, (tuple, list)):
-        if any(len(tree) != len(first) for tree in trees):
-            raise ValueError("a graphed step's inputs changed their length since its capture")
         return type(first)(_map(function, *items) for items in zip(*trees))
     raise TypeError(f"a graphed step's inputs are tensors, tuples, lists or dicts, not {type(first).__name__}")
 

@@ -193,8 +193,7 @@ def train(
             micro_batches = to_device(micro_batches, accelerator.device)
             cached = _cached_inputs(objective, rows, accelerator, settings.grad_accum)
             if graphed_step is not None:  # one graph per pattern of cached and live micro-batches
-                key = tuple(tuple(sorted(inputs)) for inputs in cached)
-                loss_sum, metric_sums, grad_norm = graphed_step((micro_batches, cached), key=key)
+                loss_sum, metric_sums, grad_norm = graphed_step((micro_batches, cached))
             else:
                 loss_sum, metric_sums, grad_norm = optimizer_step((micro_batches, cached))
                 optimizer.zero_grad(set_to_none=True)
