@@ -13,10 +13,14 @@
 # tokens: the KL's working set sits on top of every layer's stored activations at the peak), `budget_softmax` and
 # `budget_gdn` (64 x 512 graphed with distill.activation_memory_budget below 1: the compiled code recomputes its
 # cheapest activations in backward; BUDGETS="..." picks the budgets), `scoring_shape` (both students at 16 x 512,
-# the SmolLM2 configs' scoring step of 8k tokens, graphed then eager). 32k tokens per step unless said.
+# the SmolLM2 configs' scoring step of 8k tokens, graphed then eager), `profile_gdn` (all-GDN at 64 x 512 graphed,
+# every kernel of the profiled step listed), `cached_graph` (all-GDN graphed, live and cached teacher, at 64 x 512
+# and 16 x 512), `plain_scoring` (all-GDN at 16 x 512 with configs/smollm2-gpu.yaml's options: eager, no compile,
+# float32 weights; live and cached teacher). 32k tokens per step unless said.
 # Each bench writes its JSON into $OUT and its log into $OUT/bench.log (bench_lib.sh).
 # Usage: bash scripts/gpu/bench_step_profile.sh [kl] [bf16] [gdn] [softmax] [recompute] [graph] [short] [short_graph]
 #        [paper_graph] [micro_softmax] [micro_gdn] [kl_chunks] [budget_softmax] [budget_gdn] [scoring_shape]
+#        [profile_gdn] [cached_graph] [plain_scoring]
 set -uo pipefail
 out=${OUT:-bench-out}
 mkdir -p "$out"
@@ -76,8 +80,23 @@ for part in "${@:-kl}"; do
             --batch-size 16 --seq-len 512 $graphed
         done
       done ;;
+    profile_gdn)
+      bench profile_graph_gdn_bf16 200 --students gdn --compile-kl --bf16-weights --batch-size 64 --seq-len 512 \
+        --cuda-graph --profile-top 120 ;;
+    cached_graph)
+      for shape in "64 512" "16 512"; do
+        set -- $shape
+        bench "cached_graph_gdn_${1}x${2}" 200 --students gdn --compile-kl --bf16-weights --batch-size $1 \
+          --seq-len $2 --cuda-graph --stage2-steps project cached
+      done ;;
+    plain_scoring)  # configs/smollm2-gpu.yaml's scoring step: no compile, float32 weights, eager (the host's time)
+      plain=(--stages stage2 --warmup 3 --repeats 5 --kl-chunk-tokens 2048 --batch-size 16 --seq-len 512)
+      common_before=("${common[@]}"); common=("${plain[@]}")
+      bench plain_scoring_gdn 200 --students gdn --stage2-steps project cached
+      common=("${common_before[@]}") ;;
     *) echo "usage: $0 [kl] [bf16] [gdn] [softmax] [recompute] [graph] [short] [short_graph] [paper_graph]" \
-         "[micro_softmax] [micro_gdn] [kl_chunks] [budget_softmax] [budget_gdn] [scoring_shape]" >&2; exit 2 ;;
+         "[micro_softmax] [micro_gdn] [kl_chunks] [budget_softmax] [budget_gdn] [scoring_shape] [profile_gdn]" \
+         "[cached_graph] [plain_scoring]" >&2; exit 2 ;;
   esac
 done
 true

@@ -99,20 +99,36 @@ def test_short_conv_compiled_as_shifted_sums_equals_the_conv(bias):
             torch.testing.assert_close(c_grad, grad, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("heads", [9, 16])
-def test_gdn_gate_logits_equal_the_two_projections(heads):
-    """The a/b projections of one decode token run as one weighted sum over both weights; it gives each
-    projection's own logits, as a sequence's two GEMMs do."""
-    from hybrid_distill.models.mixers.gdn import GatedDeltaNetMixer
+@pytest.mark.parametrize("kind,heads,qkv_bias", [("gdn", 9, False), ("gdn", 16, True), ("gla", 3, True)])
+def test_input_projections_equal_one_linear_per_weight(kind, heads, qkv_bias):
+    """A sequence runs q, k, v and the gate projections as one GEMM over their concatenated (padded) weights, a
+    decode token as one product per weight (GDN's two gates as one weighted sum): both give each projection's own
+    outputs, and the sequence's GEMM gives each weight (and bias, and the input) its own gradient."""
+    from hybrid_distill.models.mixers import make_mixer
     from hybrid_distill.models.mixers.spec import MixerSpec
 
     torch.manual_seed(0)
-    mixer = GatedDeltaNetMixer(MixerSpec(kind="gdn", hidden_size=32, num_heads=heads, head_dim=8), layer_idx=0)
+    mixer = make_mixer(MixerSpec(kind=kind, hidden_size=32, num_heads=heads, head_dim=8, qkv_bias=qkv_bias), 0)
+    linears = [mixer.q_proj, mixer.k_proj, mixer.v_proj, *mixer._gate_linears()]
+    assert len(linears) == (5 if kind == "gdn" else 4)
     with torch.no_grad():
-        mixer.a_proj.weight.normal_()
-        mixer.b_proj.weight.normal_()
+        for linear in linears:
+            linear.weight.normal_()
+            if linear.bias is not None:
+                linear.bias.normal_()
     for length in (5, 1):
-        hidden = torch.randn(2, length, 32)
-        a_logits, b_logits = mixer._gate_logits(hidden)
-        torch.testing.assert_close(a_logits, mixer.a_proj(hidden), rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(b_logits, mixer.b_proj(hidden), rtol=1e-5, atol=1e-5)
+        hidden = torch.randn(2, length, 32, requires_grad=True)
+        qkv, gates = mixer._project_inputs(hidden)
+        outputs = qkv + gates
+        expected = [linear(hidden) for linear in linears]
+        assert len(outputs) == len(expected)
+        for out, ref in zip(outputs, expected):
+            torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        if length == 1:
+            continue
+        weights = [out.square().sum() * (index + 1) for index, out in enumerate(outputs)]
+        grads = torch.autograd.grad(sum(weights), [hidden] + [p for linear in linears for p in linear.parameters()])
+        ref_weights = [out.square().sum() * (index + 1) for index, out in enumerate(expected)]
+        ref_grads = torch.autograd.grad(sum(ref_weights), [hidden] + [p for linear in linears for p in linear.parameters()])
+        for grad, ref in zip(grads, ref_grads, strict=True):
+            torch.testing.assert_close(grad, ref, rtol=1e-5, atol=1e-4)

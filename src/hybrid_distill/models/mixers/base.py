@@ -74,9 +74,41 @@ class LinearMixer(nn.Module):
             return None
         return mask[:, -hidden_states.shape[1]:].to(hidden_states.dtype)
 
-    def _project_qkv(self, hidden_states, keep, conv_caches):
-        """q, k, v as [B, T, H, D] after the optional short convolutions; padded positions zeroed."""
-        projected = [self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)]
+    def _gate_linears(self) -> tuple[nn.Linear, ...]:
+        """The subclass's projections of the layer input besides q, k and v (GDN's a and b, GLA's low-rank gate
+        factor), which a sequence computes in the same GEMM as q, k and v."""
+        return ()
+
+    def _decode_gates(self, hidden_states) -> list[torch.Tensor]:
+        """The gate projections of one decode token (a subclass may fuse them with its gate maths)."""
+        return [linear(hidden_states) for linear in self._gate_linears()]
+
+    def _project_inputs(self, hidden_states) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """([q, k, v] projections, [gate projections]) of the layer input. A sequence runs them all as one GEMM over
+        the concatenated weights, rows padded to a multiple of 8 so that the output rows stay 16-byte aligned: one
+        GEMM, and one for each gradient in backward, in place of five of each (three with N = 9 or 16, far below
+        what a GEMM needs to run well) plus the four adds that summed the input's gradient. A decode token keeps
+        one GEMV per weight: concatenating would copy every weight once more per token, and a decode step is
+        bound by reading the weights."""
+        gates = self._gate_linears()
+        qkv = (self.q_proj, self.k_proj, self.v_proj)
+        if hidden_states.shape[1] == 1:
+            return [linear(hidden_states) for linear in qkv], self._decode_gates(hidden_states)
+        linears = qkv + gates
+        widths = [linear.out_features for linear in linears]
+        pad = -sum(widths) % 8
+        weights = [linear.weight for linear in linears] + ([linears[0].weight.new_zeros(pad, linears[0].in_features)]
+                                                           if pad else [])
+        bias = None
+        if any(linear.bias is not None for linear in linears):
+            bias = torch.cat([linear.bias if linear.bias is not None else linear.weight.new_zeros(width)
+                              for linear, width in zip(linears, widths)] + [linears[0].weight.new_zeros(pad)])
+        outputs = F.linear(hidden_states, torch.cat(weights), bias).split(widths + ([pad] if pad else []), dim=-1)
+        return list(outputs[:3]), list(outputs[3:len(linears)])
+
+    def _project_qkv(self, projected, keep, conv_caches):
+        """q, k, v as [B, T, H, D] from their projections, after the optional short convolutions; padded positions
+        zeroed."""
         if keep is not None:
             projected = [x * keep[..., None] for x in projected]
         new_caches = None
@@ -88,7 +120,7 @@ class LinearMixer(nn.Module):
             new_caches = tuple(cache for _, cache in results)
             if keep is not None:
                 projected = [x * keep[..., None] for x in projected]
-        shape = (*hidden_states.shape[:2], self.spec.num_heads, self.spec.head_dim)
+        shape = (*projected[0].shape[:2], self.spec.num_heads, self.spec.head_dim)
         q, k, v = (x.reshape(shape) for x in projected)
         return q, k, v, new_caches
 

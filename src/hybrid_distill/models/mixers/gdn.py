@@ -49,9 +49,9 @@ class GatedDeltaNetMixer(LinearMixer):
             self.o_norm.weight.fill_(1.0)
 
     def _kernel_inputs(self, hidden_states, keep, conv_caches):
-        q, k, v, conv_caches = self._project_qkv(hidden_states, keep, conv_caches)
+        qkv, (a_logits, b_logits) = self._project_inputs(hidden_states)
+        q, k, v, conv_caches = self._project_qkv(qkv, keep, conv_caches)
         q, k = F.normalize(q.float(), dim=-1, eps=1e-6).to(v.dtype), F.normalize(k.float(), dim=-1, eps=1e-6).to(v.dtype)
-        a_logits, b_logits = self._gate_logits(hidden_states)
         decay_log = -self.A_log.float().exp() * F.softplus(a_logits.float() + self.dt_bias.float())
         beta = torch.sigmoid(b_logits.float())
         if self.spec.allow_neg_eigval:
@@ -60,15 +60,15 @@ class GatedDeltaNetMixer(LinearMixer):
             decay_log, beta = decay_log * keep[..., None], beta * keep[..., None]
         return (q, k, v, decay_log, beta.to(v.dtype)), conv_caches
 
-    def _gate_logits(self, hidden_states):
-        """The a and b projections. A decode step (one token) computes both as one weighted sum, which the
-        compiler fuses with the gate maths: as two GEMVs with 9 outputs they took 12% of a graphed decode step at
-        SmolLM2 shapes on an H100. A sequence keeps two GEMMs: one GEMM with its rows padded to 8 was 7% slower
-        on an H200 (docs/performance.md, session 13)."""
-        if hidden_states.shape[1] != 1:
-            return self.a_proj(hidden_states), self.b_proj(hidden_states)
+    def _gate_linears(self):
+        return self.a_proj, self.b_proj
+
+    def _decode_gates(self, hidden_states):
+        """The a and b projections of one decode token as one weighted sum over both weights, which the compiler
+        fuses with the gate maths: as two GEMVs with 9 outputs they took 12% of a graphed decode step at SmolLM2
+        shapes on an H100 (docs/performance.md)."""
         both = (hidden_states.unsqueeze(-2) * torch.cat([self.a_proj.weight, self.b_proj.weight])).sum(-1)
-        return both.split(self.spec.num_heads, dim=-1)
+        return list(both.split(self.spec.num_heads, dim=-1))
 
     def _kernel(self, kernel_inputs, recurrent_state, output_final_state: bool):
         q, k, v, decay_log, beta = kernel_inputs

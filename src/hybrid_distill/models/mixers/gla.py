@@ -41,13 +41,17 @@ class GatedLinearAttentionMixer(LinearMixer):
             self.g_norm.weight.fill_(1.0)
 
     def _kernel_inputs(self, hidden_states, keep, conv_caches):
-        q, k, v, conv_caches = self._project_qkv(hidden_states, keep, conv_caches)
-        gate_logits = self.gk_proj(hidden_states).float()
+        qkv, (gate_low_rank,) = self._project_inputs(hidden_states)
+        q, k, v, conv_caches = self._project_qkv(qkv, keep, conv_caches)
+        gate_logits = self.gk_proj[1](gate_low_rank).float()
         decay_log = F.logsigmoid(gate_logits) / self.spec.gate_logit_normalizer
         decay_log = decay_log.reshape(*hidden_states.shape[:2], self.spec.num_heads, self.spec.head_dim)
         if keep is not None:  # padded positions neither decay nor write the state
             decay_log = decay_log * keep[..., None, None]
         return (q, k, v, decay_log), conv_caches
+
+    def _gate_linears(self):
+        return (self.gk_proj[0],)
 
     def _kernel(self, kernel_inputs, recurrent_state, output_final_state: bool):
         q, k, v, decay_log = kernel_inputs

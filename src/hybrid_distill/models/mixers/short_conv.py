@@ -47,10 +47,11 @@ class ShortConvolution(nn.Conv1d):
         all-GDN stage-2 step on an H200 (docs/performance.md). Sums in float32, rounded once, as the conv's
         accumulator does."""
         history = self.kernel_size[0] - 1
-        batch, length, channels = x.shape
-        if cache is None:
-            cache = x.new_zeros(batch, channels, history)
-        padded = torch.cat([cache.transpose(1, 2).to(x.dtype), x], dim=1)  # [B, history + T, D]
+        length = x.shape[1]
+        if cache is None:  # a pad, not a cat with zeros: Inductor folds a pad into its readers as masked loads,
+            padded = F.pad(x, (0, 0, history, 0))  # where the cat was copied out (and kept for backward) per conv
+        else:
+            padded = torch.cat([cache.transpose(1, 2).to(x.dtype), x], dim=1)  # [B, history + T, D]
         taps = self.weight[:, 0].float()  # [D, kernel_size]; tap kernel_size - 1 is the current token
         out = sum(padded[:, tap:tap + length].float() * taps[:, tap] for tap in range(history + 1))
         if self.bias is not None:
