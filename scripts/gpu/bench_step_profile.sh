@@ -16,11 +16,12 @@
 # the SmolLM2 configs' scoring step of 8k tokens, graphed then eager), `profile_gdn` (all-GDN at 64 x 512 graphed,
 # every kernel of the profiled step listed), `cached_graph` (all-GDN graphed, live and cached teacher, at 64 x 512
 # and 16 x 512), `plain_scoring` (all-GDN at 16 x 512 with configs/smollm2-gpu.yaml's options: eager, no compile,
-# float32 weights; live and cached teacher). 32k tokens per step unless said.
+# float32 weights; live and cached teacher), `fla_conv` (all-GDN at 64 x 512, graphed then eager, with the short
+# convolutions as fla's Triton conv: HD_SHORT_CONV=fla). 32k tokens per step unless said.
 # Each bench writes its JSON into $OUT and its log into $OUT/bench.log (bench_lib.sh).
 # Usage: bash scripts/gpu/bench_step_profile.sh [kl] [bf16] [gdn] [softmax] [recompute] [graph] [short] [short_graph]
 #        [paper_graph] [micro_softmax] [micro_gdn] [kl_chunks] [budget_softmax] [budget_gdn] [scoring_shape]
-#        [profile_gdn] [cached_graph] [plain_scoring]
+#        [profile_gdn] [cached_graph] [plain_scoring] [fla_conv]
 set -uo pipefail
 out=${OUT:-bench-out}
 mkdir -p "$out"
@@ -89,6 +90,11 @@ for part in "${@:-kl}"; do
         bench "cached_graph_gdn_${1}x${2}" 200 --students gdn --compile-kl --bf16-weights --batch-size $1 \
           --seq-len $2 --cuda-graph --stage2-steps project cached
       done ;;
+    fla_conv)  # HD_SHORT_CONV=fla: fla's Triton short conv in place of the compiled shifted sums
+      for graphed in --cuda-graph ""; do
+        HD_SHORT_CONV=fla bench "fla_conv_gdn${graphed:+_graph}_bf16" 200 --students gdn --compile-kl --bf16-weights \
+          --batch-size 64 --seq-len 512 --profile-top 120 $graphed
+      done ;;
     plain_scoring)  # configs/smollm2-gpu.yaml's scoring step: no compile, float32 weights, eager (the host's time)
       plain=(--stages stage2 --warmup 3 --repeats 5 --kl-chunk-tokens 2048 --batch-size 16 --seq-len 512)
       common_before=("${common[@]}"); common=("${plain[@]}")
@@ -96,7 +102,7 @@ for part in "${@:-kl}"; do
       common=("${common_before[@]}") ;;
     *) echo "usage: $0 [kl] [bf16] [gdn] [softmax] [recompute] [graph] [short] [short_graph] [paper_graph]" \
          "[micro_softmax] [micro_gdn] [kl_chunks] [budget_softmax] [budget_gdn] [scoring_shape] [profile_gdn]" \
-         "[cached_graph] [plain_scoring]" >&2; exit 2 ;;
+         "[cached_graph] [plain_scoring] [fla_conv]" >&2; exit 2 ;;
   esac
 done
 true

@@ -41,17 +41,20 @@ def run(mixer, hidden, backend, monkeypatch):
     return output.detach(), hidden.grad.detach(), grads
 
 
-@pytest.mark.parametrize("kind", ["gdn", "gla"])
+@pytest.mark.parametrize("kind,short_conv", [("gdn", "torch"), ("gla", "torch"), ("gdn", "fla")])
 @pytest.mark.parametrize("length", [64, 1000])
-def test_fla_and_torch_paths_agree_on_outputs_and_gradients(kind, length, monkeypatch, record_property):
+def test_fla_and_torch_paths_agree_on_outputs_and_gradients(kind, short_conv, length, monkeypatch, record_property):
+    """short_conv fla: the fla path runs its short convolutions as fla's Triton conv too (HD_SHORT_CONV)."""
     mixer = random_mixer(kind)
     hidden = torch.randn(2, length, 256, device="cuda")
+    monkeypatch.setenv("HD_SHORT_CONV", short_conv)
     fla_out, fla_dx, fla_grads = run(mixer, hidden, "fla", monkeypatch)
+    monkeypatch.setenv("HD_SHORT_CONV", "torch")
     ref_out, ref_dx, ref_grads = run(mixer, hidden, "torch", monkeypatch)
     errors = {"output": relative_error(fla_out, ref_out), "grad_input": relative_error(fla_dx, ref_dx)}
     errors.update({f"grad_{n}": relative_error(fla_grads[n], ref_grads[n]) for n in ref_grads})
     worst = max(errors, key=errors.get)
-    print(f"{kind} T={length}: output {errors['output']:.2e}, grad_input {errors['grad_input']:.2e}, "
+    print(f"{kind} conv {short_conv} T={length}: output {errors['output']:.2e}, grad_input {errors['grad_input']:.2e}, "
           f"worst {worst} {errors[worst]:.2e}")
     record_property("errors", errors)
     assert errors["output"] <= TOLERANCE, f"output relative error {errors['output']:.2e}"
@@ -117,3 +120,29 @@ def test_student_on_cuda_generates_with_cache_and_matches_torch_logits(kind, mon
         monkeypatch.setenv("HD_MIXER_BACKEND", "torch")
         torch_logits = student(tokens).logits
     assert relative_error(fla_logits, torch_logits) <= TOLERANCE
+
+
+@pytest.mark.parametrize("length", [3, 64, 1000])
+@pytest.mark.parametrize("bias", [False, True])
+def test_fla_short_conv_equals_the_torch_conv(length, bias, monkeypatch):
+    """HD_SHORT_CONV=fla: fla's Triton conv gives the PyTorch conv's outputs, decoding cache and gradients (input,
+    taps, bias), fp32."""
+    from hybrid_distill.models.mixers.short_conv import ShortConvolution
+
+    torch.manual_seed(0)
+    conv = ShortConvolution(256, kernel_size=4, bias=bias).cuda()
+    with torch.no_grad():
+        conv.weight.normal_()
+        if bias:
+            conv.bias.normal_()
+    x = torch.randn(2, length, 256, device="cuda")
+    results = {}
+    for choice in ("fla", "torch"):
+        monkeypatch.setenv("HD_SHORT_CONV", choice)
+        conv.zero_grad()
+        inputs = x.clone().requires_grad_()
+        out, cache = conv(inputs)
+        (out * torch.linspace(-1, 1, out.numel(), device="cuda").view_as(out)).sum().backward()
+        results[choice] = [out, cache, inputs.grad] + [p.grad for p in conv.parameters()]
+    for candidate, reference in zip(results["fla"], results["torch"], strict=True):
+        assert relative_error(candidate, reference) <= 1e-5

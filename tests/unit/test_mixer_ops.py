@@ -99,6 +99,27 @@ def test_short_conv_compiled_as_shifted_sums_equals_the_conv(bias):
             torch.testing.assert_close(c_grad, grad, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("length", [1, 2, 7])
+def test_short_conv_cache_after_a_sequence_is_its_last_inputs(length):
+    """The cache fla's conv path returns (the last kernel_size - 1 inputs, zeros before the start) is the conv's."""
+    conv = random_short_conv(bias=False)
+    x = torch.randn(2, length, 6)
+    _, cache = conv(x)
+    torch.testing.assert_close(conv._last_inputs(x), cache, rtol=0, atol=0)
+
+
+def test_short_conv_backend_switch_is_checked_and_stays_off_the_cpu(monkeypatch):
+    """HD_SHORT_CONV=fla leaves CPU tensors on the PyTorch conv; a value other than torch or fla is refused by name."""
+    conv = random_short_conv(bias=True)
+    x = torch.randn(2, 7, 6)
+    expected, _ = conv(x)
+    monkeypatch.setenv("HD_SHORT_CONV", "fla")
+    torch.testing.assert_close(conv(x)[0], expected, rtol=0, atol=0)
+    monkeypatch.setenv("HD_SHORT_CONV", "triton")
+    with pytest.raises(ValueError, match="HD_SHORT_CONV must be torch or fla, not 'triton'"):
+        conv(x)
+
+
 @pytest.mark.parametrize("kind,heads,qkv_bias", [("gdn", 9, False), ("gdn", 16, True), ("gla", 3, True)])
 def test_input_projections_equal_one_linear_per_weight(kind, heads, qkv_bias):
     """A sequence runs q, k, v and the gate projections as one GEMM over their concatenated (padded) weights, a

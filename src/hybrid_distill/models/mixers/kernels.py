@@ -1,6 +1,8 @@
 """One entry point per mixer op: fla's Triton kernels on CUDA, the plain-PyTorch twins everywhere else.
 
 `HD_MIXER_BACKEND=torch` forces the PyTorch path on CUDA too (the GPU equality test compares the two).
+`HD_SHORT_CONV=fla` (an experiment, off until a benchmark shows it pays) runs a sequence's short convolutions as
+fla's Triton causal_conv1d on CUDA, in place of the compiled shifted sums (docs/performance.md, session 15).
 fla is imported lazily: importing it costs seconds and it is useless on CPU.
 """
 from __future__ import annotations
@@ -32,6 +34,23 @@ def _fla_ops():
     from fla.ops.gla import chunk_gla, fused_recurrent_gla
 
     return chunk_gated_delta_rule, fused_recurrent_gated_delta_rule, chunk_gla, fused_recurrent_gla
+
+
+def use_fla_short_conv(x: torch.Tensor) -> bool:
+    """Whether the short convolution over the sequence `x` runs fla's kernel (HD_SHORT_CONV=fla, CUDA)."""
+    choice = os.environ.get("HD_SHORT_CONV", "torch")
+    if choice not in ("torch", "fla"):
+        raise ValueError(f"HD_SHORT_CONV must be torch or fla, not {choice!r}")
+    return choice == "fla" and use_fla(x)
+
+
+@torch.compiler.disable  # a compiled layer breaks its graph here, as at the mixer's kernel
+def short_conv_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """silu(causal depthwise conv(x)) over [B, T, D] from zero history, weight [D, taps] (last tap = the current
+    token), with fla's Triton kernels: one pass forward, the conv recomputed in backward (only x is kept)."""
+    from fla.modules.causal_conv1d import causal_conv1d
+
+    return causal_conv1d(x=x, weight=weight, bias=bias, activation="silu")[0]
 
 
 def _decoding(q: torch.Tensor) -> bool:

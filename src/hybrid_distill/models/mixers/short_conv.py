@@ -5,6 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels
+
 
 class ShortConvolution(nn.Conv1d):
     """Depthwise causal conv + SiLU over [B, T, D]; keeps the last `kernel_size - 1` inputs as its cache."""
@@ -24,6 +26,8 @@ class ShortConvolution(nn.Conv1d):
     def forward(self, x: torch.Tensor, cache: torch.Tensor | None = None):
         """Returns (silu(conv(x)), new cache [B, D, kernel_size-1])."""
         length = x.shape[1]
+        if cache is None and length > 1 and kernels.use_fla_short_conv(x):
+            return kernels.short_conv_silu(x, self.weight[:, 0], self.bias), self._last_inputs(x)
         if torch.compiler.is_compiling() and length > 1:
             return self._shifted_sums(x, cache)
         inputs = x.transpose(1, 2)
@@ -40,6 +44,11 @@ class ShortConvolution(nn.Conv1d):
         new_cache = (padded[..., -history:] if history else padded[..., :0]).contiguous()
         return F.silu(out[..., -length:]).transpose(1, 2), new_cache
 
+    def _last_inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """The decoding cache after a sequence read from zero history: its last kernel_size - 1 inputs, [B, D, k-1]."""
+        history = self.kernel_size[0] - 1
+        return F.pad(x, (0, 0, history, 0))[:, x.shape[1]:].transpose(1, 2).contiguous()
+
     def _shifted_sums(self, x: torch.Tensor, cache: torch.Tensor | None):
         """The same conv as kernel_size shifted multiply-adds over [B, T, D], for compiled code: Inductor fuses
         them with the SiLU (and their backward with the weight's gradient sums) in the tokens' own layout, where
@@ -47,11 +56,10 @@ class ShortConvolution(nn.Conv1d):
         all-GDN stage-2 step on an H200 (docs/performance.md). Sums in float32, rounded once, as the conv's
         accumulator does."""
         history = self.kernel_size[0] - 1
-        length = x.shape[1]
-        if cache is None:  # a pad, not a cat with zeros: Inductor folds a pad into its readers as masked loads,
-            padded = F.pad(x, (0, 0, history, 0))  # where the cat was copied out (and kept for backward) per conv
-        else:
-            padded = torch.cat([cache.transpose(1, 2).to(x.dtype), x], dim=1)  # [B, history + T, D]
+        batch, length, channels = x.shape
+        if cache is None:
+            cache = x.new_zeros(batch, channels, history)
+        padded = torch.cat([cache.transpose(1, 2).to(x.dtype), x], dim=1)  # [B, history + T, D]
         taps = self.weight[:, 0].float()  # [D, kernel_size]; tap kernel_size - 1 is the current token
         out = sum(padded[:, tap:tap + length].float() * taps[:, tap] for tap in range(history + 1))
         if self.bias is not None:
