@@ -16,17 +16,19 @@
 # the SmolLM2 configs' scoring step of 8k tokens, graphed then eager), `profile_gdn` (all-GDN at 64 x 512 graphed,
 # every kernel of the profiled step listed), `cached_graph` (all-GDN graphed, live and cached teacher, at 64 x 512
 # and 16 x 512), `plain_scoring` (all-GDN at 16 x 512 with configs/smollm2-gpu.yaml's options: eager, no compile,
-# float32 weights; live and cached teacher), `fla_conv` (all-GDN at 64 x 512, graphed then eager, with the short
-# convolutions as fla's Triton conv: HD_SHORT_CONV=fla). 32k tokens per step unless said.
+# float32 weights; live and cached teacher), `fla_conv`, `fla_l2norm` and `fla_both` (all-GDN at 64 x 512 graphed,
+# every kernel listed, with the short convs as fla's Triton conv: HD_SHORT_CONV=fla, with fla's kernel normalising q
+# and k: HD_QK_L2NORM=fla, or both). 32k tokens per step unless said.
 # Each bench writes its JSON into $OUT and its log into $OUT/bench.log (bench_lib.sh).
 # Usage: bash scripts/gpu/bench_step_profile.sh [kl] [bf16] [gdn] [softmax] [recompute] [graph] [short] [short_graph]
 #        [paper_graph] [micro_softmax] [micro_gdn] [kl_chunks] [budget_softmax] [budget_gdn] [scoring_shape]
-#        [profile_gdn] [cached_graph] [plain_scoring] [fla_conv]
+#        [profile_gdn] [cached_graph] [plain_scoring] [fla_conv] [fla_l2norm] [fla_both]
 set -uo pipefail
 out=${OUT:-bench-out}
 mkdir -p "$out"
 common=(--stages stage2 --stage2-steps project --warmup 3 --repeats 5 --gemm-ceiling --profile-top 10
         --batch-size 16 --seq-len 2048 --kl-chunk-tokens 4096 --compile-blocks)
+graphed_gdn=(--students gdn --compile-kl --bf16-weights --batch-size 64 --seq-len 512 --cuda-graph --profile-top 120)
 source "$(dirname "$0")/bench_lib.sh"
 for part in "${@:-kl}"; do
   case $part in
@@ -82,19 +84,19 @@ for part in "${@:-kl}"; do
         done
       done ;;
     profile_gdn)
-      bench profile_graph_gdn_bf16 200 --students gdn --compile-kl --bf16-weights --batch-size 64 --seq-len 512 \
-        --cuda-graph --profile-top 120 ;;
+      bench profile_graph_gdn_bf16 200 "${graphed_gdn[@]}" ;;
     cached_graph)
       for shape in "64 512" "16 512"; do
         set -- $shape
         bench "cached_graph_gdn_${1}x${2}" 200 --students gdn --compile-kl --bf16-weights --batch-size $1 \
           --seq-len $2 --cuda-graph --stage2-steps project cached
       done ;;
-    fla_conv)  # HD_SHORT_CONV=fla: fla's Triton short conv in place of the compiled shifted sums
-      for graphed in --cuda-graph ""; do
-        HD_SHORT_CONV=fla bench "fla_conv_gdn${graphed:+_graph}_bf16" 200 --students gdn --compile-kl --bf16-weights \
-          --batch-size 64 --seq-len 512 --profile-top 120 $graphed
-      done ;;
+    fla_conv)  # the GDN mixer's short convs as fla's Triton conv (models/mixers/kernels.py's switches)
+      HD_SHORT_CONV=fla bench fla_conv_graph_gdn_bf16 200 "${graphed_gdn[@]}" ;;
+    fla_l2norm)  # fla's GDN kernel normalises q and k itself
+      HD_QK_L2NORM=fla bench fla_l2norm_graph_gdn_bf16 200 "${graphed_gdn[@]}" ;;
+    fla_both)
+      HD_SHORT_CONV=fla HD_QK_L2NORM=fla bench fla_both_graph_gdn_bf16 200 "${graphed_gdn[@]}" ;;
     plain_scoring)  # configs/smollm2-gpu.yaml's scoring step: no compile, float32 weights, eager (the host's time)
       plain=(--stages stage2 --warmup 3 --repeats 5 --kl-chunk-tokens 2048 --batch-size 16 --seq-len 512)
       common_before=("${common[@]}"); common=("${plain[@]}")
@@ -102,7 +104,7 @@ for part in "${@:-kl}"; do
       common=("${common_before[@]}") ;;
     *) echo "usage: $0 [kl] [bf16] [gdn] [softmax] [recompute] [graph] [short] [short_graph] [paper_graph]" \
          "[micro_softmax] [micro_gdn] [kl_chunks] [budget_softmax] [budget_gdn] [scoring_shape] [profile_gdn]" \
-         "[cached_graph] [plain_scoring] [fla_conv]" >&2; exit 2 ;;
+         "[cached_graph] [plain_scoring] [fla_conv] [fla_l2norm] [fla_both]" >&2; exit 2 ;;
   esac
 done
 true

@@ -41,20 +41,25 @@ def run(mixer, hidden, backend, monkeypatch):
     return output.detach(), hidden.grad.detach(), grads
 
 
-@pytest.mark.parametrize("kind,short_conv", [("gdn", "torch"), ("gla", "torch"), ("gdn", "fla")])
+FLA_OPS = ("HD_SHORT_CONV", "HD_QK_L2NORM")  # the switches that move more of a GDN mixer into fla's kernels
+
+
+@pytest.mark.parametrize("kind,fla_ops", [("gdn", ()), ("gla", ()), ("gdn", FLA_OPS)])
 @pytest.mark.parametrize("length", [64, 1000])
-def test_fla_and_torch_paths_agree_on_outputs_and_gradients(kind, short_conv, length, monkeypatch, record_property):
-    """short_conv fla: the fla path runs its short convolutions as fla's Triton conv too (HD_SHORT_CONV)."""
+def test_fla_and_torch_paths_agree_on_outputs_and_gradients(kind, fla_ops, length, monkeypatch, record_property):
+    """fla_ops: the fla path also runs its short convolutions and its q/k L2 norms in fla's kernels."""
     mixer = random_mixer(kind)
     hidden = torch.randn(2, length, 256, device="cuda")
-    monkeypatch.setenv("HD_SHORT_CONV", short_conv)
+    for switch in fla_ops:
+        monkeypatch.setenv(switch, "fla")
     fla_out, fla_dx, fla_grads = run(mixer, hidden, "fla", monkeypatch)
-    monkeypatch.setenv("HD_SHORT_CONV", "torch")
+    for switch in fla_ops:
+        monkeypatch.setenv(switch, "torch")
     ref_out, ref_dx, ref_grads = run(mixer, hidden, "torch", monkeypatch)
     errors = {"output": relative_error(fla_out, ref_out), "grad_input": relative_error(fla_dx, ref_dx)}
     errors.update({f"grad_{n}": relative_error(fla_grads[n], ref_grads[n]) for n in ref_grads})
     worst = max(errors, key=errors.get)
-    print(f"{kind} conv {short_conv} T={length}: output {errors['output']:.2e}, grad_input {errors['grad_input']:.2e}, "
+    print(f"{kind} {'+'.join(fla_ops) or 'fla kernel'} T={length}: output {errors['output']:.2e}, grad_input {errors['grad_input']:.2e}, "
           f"worst {worst} {errors[worst]:.2e}")
     record_property("errors", errors)
     assert errors["output"] <= TOLERANCE, f"output relative error {errors['output']:.2e}"

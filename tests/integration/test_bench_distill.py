@@ -18,11 +18,14 @@ TINY = dict(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_lay
             num_key_value_heads=1, head_dim=16, max_position_embeddings=128)
 
 
-def test_bench_records_its_options_and_the_most_expensive_kernels():
+def test_bench_records_its_options_and_the_most_expensive_kernels(monkeypatch):
+    monkeypatch.setenv("HD_SHORT_CONV", "fla")  # a mixer op switch (CPU tensors stay on PyTorch's ops)
+    monkeypatch.delenv("HD_QK_L2NORM", raising=False)
     result = run_benchmark(batch_size=2, seq_len=32, warmup=1, repeats=1, stages=["stage2"], students=["gdn"],
                            chunk_tokens=16, shape=TINY, stage2_steps=["naive", "project", "cached"],
                            activation_checkpointing=True, profile_top=4)
     assert result["options"]["activation_checkpointing"] is True and result["options"]["kl_chunk_tokens"] == 16
+    assert result["options"]["hd_short_conv"] == "fla" and "hd_qk_l2norm" not in result["options"]
     assert [(row["step"], row["note"] != "") for row in result["rows"]] == [
         ("naive", False), ("project", False), ("cached", True)]
     for row in result["rows"]:

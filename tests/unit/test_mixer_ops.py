@@ -120,6 +120,44 @@ def test_short_conv_backend_switch_is_checked_and_stays_off_the_cpu(monkeypatch)
         conv(x)
 
 
+def test_l2_normalize_is_fla_formula():
+    """q and k are normalised as fla's l2norm does, x / sqrt(sum x^2 + 1e-6): unit length for ordinary vectors,
+    and a near-zero vector stays near zero instead of being blown up to unit length."""
+    x = torch.tensor([[3.0, 4.0], [3e-4, 4e-4]])
+    out = torch_ops.l2_normalize(x)
+    torch.testing.assert_close(out[0], torch.tensor([0.6, 0.8]), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out[1], x[1] / (25e-8 + 1e-6) ** 0.5)
+    assert out.dtype == x.dtype and torch_ops.l2_normalize(x.bfloat16()).dtype == torch.bfloat16
+
+
+def test_gdn_kernel_normalising_qk_itself_is_the_same_mixer(monkeypatch):
+    """gated_delta_rule(normalize_qk=True) on raw q, k equals it on normalised ones; HD_QK_L2NORM=fla (which moves
+    the norm into fla's kernel on CUDA) leaves a CPU mixer's output as it was; a bad value is refused by name."""
+    from hybrid_distill.models.mixers import MixerSpec, kernels, make_mixer
+
+    q, k, v, state, g = inputs(13)
+    q, k = q * 3.0, k * 0.5
+    decay = -torch.rand(2, 13, 3, generator=g, dtype=torch.float64)
+    beta = torch.rand(2, 13, 3, generator=g, dtype=torch.float64)
+    raw = kernels.gated_delta_rule(q, k, v, decay, beta, 0.35, state, True, normalize_qk=True)
+    normalised = kernels.gated_delta_rule(torch_ops.l2_normalize(q), torch_ops.l2_normalize(k), v, decay, beta, 0.35,
+                                          state, True)
+    for a, b in zip(raw, normalised, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    unnormalised = kernels.gated_delta_rule(q, k, v, decay, beta, 0.35, state, True)
+    assert (unnormalised[0] - raw[0]).abs().max() > 1e-3  # the switch does something
+
+    torch.manual_seed(0)
+    mixer = make_mixer(MixerSpec(kind="gdn", hidden_size=32, num_heads=2, head_dim=16), 0)
+    hidden = torch.randn(2, 9, 32)
+    expected, _ = mixer(hidden)
+    monkeypatch.setenv("HD_QK_L2NORM", "fla")
+    torch.testing.assert_close(mixer(hidden)[0], expected, rtol=0, atol=0)
+    monkeypatch.setenv("HD_QK_L2NORM", "kernel")
+    with pytest.raises(ValueError, match="HD_QK_L2NORM must be torch or fla, not 'kernel'"):
+        mixer(hidden)
+
+
 @pytest.mark.parametrize("kind,heads,qkv_bias", [("gdn", 9, False), ("gdn", 16, True), ("gla", 3, True)])
 def test_input_projections_equal_one_linear_per_weight(kind, heads, qkv_bias):
     """A sequence runs q, k, v and the gate projections as one GEMM over their concatenated (padded) weights, a

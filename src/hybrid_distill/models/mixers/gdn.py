@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels, torch_ops
 from .base import LinearMixer, RMSNorm
-from .kernels import gated_delta_rule
 from .spec import MixerSpec
 
 
@@ -51,7 +51,8 @@ class GatedDeltaNetMixer(LinearMixer):
     def _kernel_inputs(self, hidden_states, keep, conv_caches):
         qkv, (a_logits, b_logits) = self._project_inputs(hidden_states)
         q, k, v, conv_caches = self._project_qkv(qkv, keep, conv_caches)
-        q, k = F.normalize(q.float(), dim=-1, eps=1e-6).to(v.dtype), F.normalize(k.float(), dim=-1, eps=1e-6).to(v.dtype)
+        if not kernels.use_fla_qk_l2norm(q):  # else fla's kernel normalises them (HD_QK_L2NORM=fla)
+            q, k = torch_ops.l2_normalize(q), torch_ops.l2_normalize(k)
         decay_log = -self.A_log.float().exp() * F.softplus(a_logits.float() + self.dt_bias.float())
         beta = torch.sigmoid(b_logits.float())
         if self.spec.allow_neg_eigval:
@@ -72,5 +73,6 @@ class GatedDeltaNetMixer(LinearMixer):
 
     def _kernel(self, kernel_inputs, recurrent_state, output_final_state: bool):
         q, k, v, decay_log, beta = kernel_inputs
-        return gated_delta_rule(q, k, v, decay_log, beta, scale=self.spec.head_dim ** -0.5,
-                                initial_state=recurrent_state, output_final_state=output_final_state)
+        return kernels.gated_delta_rule(q, k, v, decay_log, beta, scale=self.spec.head_dim ** -0.5,
+                                        initial_state=recurrent_state, output_final_state=output_final_state,
+                                        normalize_qk=kernels.use_fla_qk_l2norm(q))

@@ -2,7 +2,9 @@
 
 `HD_MIXER_BACKEND=torch` forces the PyTorch path on CUDA too (the GPU equality test compares the two).
 `HD_SHORT_CONV=fla` (an experiment, off until a benchmark shows it pays) runs a sequence's short convolutions as
-fla's Triton causal_conv1d on CUDA, in place of the compiled shifted sums (docs/performance.md, session 15).
+fla's Triton causal_conv1d on CUDA, in place of the compiled shifted sums, and `HD_QK_L2NORM=fla` (the same) has
+fla's GDN kernel normalise q and k itself (`use_qk_l2norm_in_kernel`) instead of the compiled code before it
+(docs/performance.md, session 15). Both are read from the environment: set them before the process starts.
 fla is imported lazily: importing it costs seconds and it is useless on CPU.
 """
 from __future__ import annotations
@@ -14,6 +16,7 @@ import torch
 
 from . import torch_ops
 
+MIXER_OP_SWITCHES = ("HD_MIXER_BACKEND", "HD_SHORT_CONV", "HD_QK_L2NORM")  # what a benchmark records beside its numbers
 DECODE_MAX_TOKENS = 64  # below this and without grad, fla's fused recurrent kernel beats the chunked one
 
 
@@ -36,12 +39,22 @@ def _fla_ops():
     return chunk_gated_delta_rule, fused_recurrent_gated_delta_rule, chunk_gla, fused_recurrent_gla
 
 
+def _fla_op_chosen(variable: str, x: torch.Tensor) -> bool:
+    """Whether the environment switch `variable` (torch or fla, default torch) picks fla's op for CUDA tensor x."""
+    choice = os.environ.get(variable, "torch")
+    if choice not in ("torch", "fla"):
+        raise ValueError(f"{variable} must be torch or fla, not {choice!r}")
+    return choice == "fla" and use_fla(x)
+
+
 def use_fla_short_conv(x: torch.Tensor) -> bool:
     """Whether the short convolution over the sequence `x` runs fla's kernel (HD_SHORT_CONV=fla, CUDA)."""
-    choice = os.environ.get("HD_SHORT_CONV", "torch")
-    if choice not in ("torch", "fla"):
-        raise ValueError(f"HD_SHORT_CONV must be torch or fla, not {choice!r}")
-    return choice == "fla" and use_fla(x)
+    return _fla_op_chosen("HD_SHORT_CONV", x)
+
+
+def use_fla_qk_l2norm(x: torch.Tensor) -> bool:
+    """Whether fla's GDN kernel normalises q and k itself (HD_QK_L2NORM=fla, CUDA)."""
+    return _fla_op_chosen("HD_QK_L2NORM", x)
 
 
 @torch.compiler.disable  # a compiled layer breaks its graph here, as at the mixer's kernel
@@ -57,14 +70,17 @@ def _decoding(q: torch.Tensor) -> bool:
     return not torch.is_grad_enabled() and q.shape[1] <= DECODE_MAX_TOKENS
 
 
-def gated_delta_rule(q, k, v, g, beta, scale, initial_state=None, output_final_state=False):
-    """Gated delta rule with L2-normalised q/k given; returns (output [B,T,H,V], final state [B,H,K,V] or None)."""
+def gated_delta_rule(q, k, v, g, beta, scale, initial_state=None, output_final_state=False, normalize_qk=False):
+    """Gated delta rule; q and k arrive L2-normalised, or raw with normalize_qk (then normalised here, inside fla's
+    kernel on CUDA). Returns (output [B,T,H,V], final state [B,H,K,V] or None)."""
     if not use_fla(q):
+        if normalize_qk:
+            q, k = torch_ops.l2_normalize(q), torch_ops.l2_normalize(k)
         return torch_ops.gated_delta_rule_chunked(q, k, v, g, beta, scale, initial_state, output_final_state)
     chunk_op, recurrent_op, _, _ = _fla_ops()
     op = recurrent_op if _decoding(q) else chunk_op
     return op(q=q, k=k, v=v, g=g, beta=beta, scale=scale, initial_state=initial_state,
-              output_final_state=output_final_state)
+              output_final_state=output_final_state, use_qk_l2norm_in_kernel=normalize_qk)
 
 
 def gated_linear_attention(q, k, v, gk, scale, initial_state=None, output_final_state=False):

@@ -10,6 +10,13 @@ import torch
 import torch.nn.functional as F
 
 
+def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """x / sqrt(sum(x^2) + eps) over the last dim, in float32, rounded once to x's dtype: fla's l2norm formula (its
+    GatedDeltaNet layers normalise q and k with it), so its kernels and this twin compute the same function."""
+    x32 = x.float()
+    return (x32 * torch.rsqrt(x32.square().sum(-1, keepdim=True) + eps)).to(x.dtype)
+
+
 def _pad_time(tensor: torch.Tensor, multiple: int) -> torch.Tensor:
     """Zero-pad dim 1 to a multiple; zero keys, values, gates and betas leave the state untouched."""
     pad = (-tensor.shape[1]) % multiple
