@@ -86,10 +86,11 @@ class LinearMixer(nn.Module):
     def _project_inputs(self, hidden_states) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """([q, k, v] projections, [gate projections]) of the layer input. A sequence runs them all as one GEMM over
         the concatenated weights, rows padded to a multiple of 8 so that the output rows stay 16-byte aligned: one
-        GEMM, and one for each gradient in backward, in place of five of each (three with N = 9 or 16, far below
-        what a GEMM needs to run well) plus the four adds that summed the input's gradient. A decode token keeps
-        one GEMV per weight: concatenating would copy every weight once more per token, and a decode step is
-        bound by reading the weights."""
+        GEMM, and one for each gradient in backward, in place of one per projection (the gates' with 9 or 16
+        outputs, far below what a GEMM needs to run well) plus the adds that summed the input's gradient. On an
+        H200 this took 4-5 ms of GEMMs off an all-GDN step of 165 ms (docs/performance.md, session 15). A decode
+        token keeps one GEMV per weight: concatenating would copy every weight once more per token, and a decode
+        step is bound by reading the weights."""
         gates = self._gate_linears()
         qkv = (self.q_proj, self.k_proj, self.v_proj)
         if hidden_states.shape[1] == 1:
