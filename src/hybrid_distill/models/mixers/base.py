@@ -88,7 +88,7 @@ class LinearMixer(nn.Module):
         the concatenated weights, rows padded to a multiple of 8 so that the output rows stay 16-byte aligned: one
         GEMM, and one for each gradient in backward, in place of one per projection (the gates' with 9 or 16
         outputs, far below what a GEMM needs to run well) plus the adds that summed the input's gradient. On an
-        H200 this took 4-5 ms of GEMMs off an all-GDN step of 165 ms (docs/performance.md, session 15). A decode
+        H200 the all-GDN step's GEMMs took 4-5 ms less, its compiled code 2-3 ms more, of 165 ms (session 15). A decode
         token keeps one GEMV per weight: concatenating would copy every weight once more per token, and a decode
         step is bound by reading the weights."""
         gates = self._gate_linears()
