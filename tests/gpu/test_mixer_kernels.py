@@ -59,7 +59,8 @@ def test_fla_and_torch_paths_agree_on_outputs_and_gradients(kind, fla_ops, lengt
     errors = {"output": relative_error(fla_out, ref_out), "grad_input": relative_error(fla_dx, ref_dx)}
     errors.update({f"grad_{n}": relative_error(fla_grads[n], ref_grads[n]) for n in ref_grads})
     worst = max(errors, key=errors.get)
-    print(f"{kind} {'+'.join(fla_ops) or 'fla kernel'} T={length}: output {errors['output']:.2e}, grad_input {errors['grad_input']:.2e}, "
+    print(f"{kind} {'+'.join(fla_ops) or 'fla kernel'} T={length}: output {errors['output']:.2e}, "
+          f"grad_input {errors['grad_input']:.2e}, "
           f"worst {worst} {errors[worst]:.2e}")
     record_property("errors", errors)
     assert errors["output"] <= TOLERANCE, f"output relative error {errors['output']:.2e}"

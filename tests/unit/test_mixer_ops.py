@@ -185,9 +185,8 @@ def test_input_projections_equal_one_linear_per_weight(kind, heads, qkv_bias):
             torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
         if length == 1:
             continue
-        weights = [out.square().sum() * (index + 1) for index, out in enumerate(outputs)]
-        grads = torch.autograd.grad(sum(weights), [hidden] + [p for linear in linears for p in linear.parameters()])
-        ref_weights = [out.square().sum() * (index + 1) for index, out in enumerate(expected)]
-        ref_grads = torch.autograd.grad(sum(ref_weights), [hidden] + [p for linear in linears for p in linear.parameters()])
+        wrt = [hidden] + [p for linear in linears for p in linear.parameters()]
+        grads = torch.autograd.grad(sum(out.square().sum() * (i + 1) for i, out in enumerate(outputs)), wrt)
+        ref_grads = torch.autograd.grad(sum(out.square().sum() * (i + 1) for i, out in enumerate(expected)), wrt)
         for grad, ref in zip(grads, ref_grads, strict=True):
             torch.testing.assert_close(grad, ref, rtol=1e-5, atol=1e-4)
