@@ -108,16 +108,24 @@ def test_short_conv_cache_after_a_sequence_is_its_last_inputs(length):
     torch.testing.assert_close(conv._last_inputs(x), cache, rtol=0, atol=0)
 
 
-def test_short_conv_backend_switch_is_checked_and_stays_off_the_cpu(monkeypatch):
-    """HD_SHORT_CONV=fla leaves CPU tensors on the PyTorch conv; a value other than torch or fla is refused by name."""
-    conv = random_short_conv(bias=True)
-    x = torch.randn(2, 7, 6)
-    expected, _ = conv(x)
-    monkeypatch.setenv("HD_SHORT_CONV", "fla")
-    torch.testing.assert_close(conv(x)[0], expected, rtol=0, atol=0)
-    monkeypatch.setenv("HD_SHORT_CONV", "triton")
-    with pytest.raises(ValueError, match="HD_SHORT_CONV must be torch or fla, not 'triton'"):
-        conv(x)
+@pytest.mark.parametrize("switch", ["HD_SHORT_CONV", "HD_QK_L2NORM"])
+def test_fla_op_switches_are_checked_and_stay_off_the_cpu(switch, monkeypatch):
+    """A switch that moves a GDN op into fla's kernels (short convs, q/k L2 norms) leaves a CPU mixer's output as
+    it was; a value other than torch or fla is refused by name."""
+    from hybrid_distill.models.mixers import MixerSpec, make_mixer
+
+    torch.manual_seed(0)
+    mixer = make_mixer(MixerSpec(kind="gdn", hidden_size=32, num_heads=2, head_dim=16), 0)
+    with torch.no_grad():
+        for conv in (mixer.q_conv1d, mixer.k_conv1d, mixer.v_conv1d):
+            conv.weight.normal_()  # not the identity init, which would hide the conv
+    hidden = torch.randn(2, 9, 32)
+    expected, _ = mixer(hidden)
+    monkeypatch.setenv(switch, "fla")
+    torch.testing.assert_close(mixer(hidden)[0], expected, rtol=0, atol=0)
+    monkeypatch.setenv(switch, "triton")
+    with pytest.raises(ValueError, match=f"{switch} must be torch or fla, not 'triton'"):
+        mixer(hidden)
 
 
 def test_l2_normalize_is_fla_formula():
@@ -130,10 +138,10 @@ def test_l2_normalize_is_fla_formula():
     assert out.dtype == x.dtype and torch_ops.l2_normalize(x.bfloat16()).dtype == torch.bfloat16
 
 
-def test_gdn_kernel_normalising_qk_itself_is_the_same_mixer(monkeypatch):
-    """gated_delta_rule(normalize_qk=True) on raw q, k equals it on normalised ones; HD_QK_L2NORM=fla (which moves
-    the norm into fla's kernel on CUDA) leaves a CPU mixer's output as it was; a bad value is refused by name."""
-    from hybrid_distill.models.mixers import MixerSpec, kernels, make_mixer
+def test_gdn_kernel_normalising_qk_itself_computes_the_same():
+    """gated_delta_rule(normalize_qk=True) on raw q, k (what HD_QK_L2NORM=fla has fla's kernel do on CUDA) equals
+    it on normalised ones."""
+    from hybrid_distill.models.mixers import kernels
 
     q, k, v, state, g = inputs(13)
     q, k = q * 3.0, k * 0.5
@@ -146,16 +154,6 @@ def test_gdn_kernel_normalising_qk_itself_is_the_same_mixer(monkeypatch):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     unnormalised = kernels.gated_delta_rule(q, k, v, decay, beta, 0.35, state, True)
     assert (unnormalised[0] - raw[0]).abs().max() > 1e-3  # the switch does something
-
-    torch.manual_seed(0)
-    mixer = make_mixer(MixerSpec(kind="gdn", hidden_size=32, num_heads=2, head_dim=16), 0)
-    hidden = torch.randn(2, 9, 32)
-    expected, _ = mixer(hidden)
-    monkeypatch.setenv("HD_QK_L2NORM", "fla")
-    torch.testing.assert_close(mixer(hidden)[0], expected, rtol=0, atol=0)
-    monkeypatch.setenv("HD_QK_L2NORM", "kernel")
-    with pytest.raises(ValueError, match="HD_QK_L2NORM must be torch or fla, not 'kernel'"):
-        mixer(hidden)
 
 
 @pytest.mark.parametrize("kind,heads,qkv_bias", [("gdn", 9, False), ("gdn", 16, True), ("gla", 3, True)])

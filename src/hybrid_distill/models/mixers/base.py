@@ -96,15 +96,17 @@ class LinearMixer(nn.Module):
         if hidden_states.shape[1] == 1:
             return [linear(hidden_states) for linear in qkv], self._decode_gates(hidden_states)
         linears = qkv + gates
+        weights = [linear.weight for linear in linears]
+        biases = [linear.bias if linear.bias is not None else linear.weight.new_zeros(linear.out_features)
+                  for linear in linears]
         widths = [linear.out_features for linear in linears]
         pad = -sum(widths) % 8
-        weights = [linear.weight for linear in linears] + ([linears[0].weight.new_zeros(pad, linears[0].in_features)]
-                                                           if pad else [])
-        bias = None
-        if any(linear.bias is not None for linear in linears):
-            bias = torch.cat([linear.bias if linear.bias is not None else linear.weight.new_zeros(width)
-                              for linear, width in zip(linears, widths)] + [linears[0].weight.new_zeros(pad)])
-        outputs = F.linear(hidden_states, torch.cat(weights), bias).split(widths + ([pad] if pad else []), dim=-1)
+        if pad:  # zero rows whose outputs are split off and dropped
+            weights.append(weights[0].new_zeros(pad, weights[0].shape[1]))
+            biases.append(weights[0].new_zeros(pad))
+            widths.append(pad)
+        bias = torch.cat(biases) if any(linear.bias is not None for linear in linears) else None
+        outputs = F.linear(hidden_states, torch.cat(weights), bias).split(widths, dim=-1)
         return list(outputs[:3]), list(outputs[3:len(linears)])
 
     def _project_qkv(self, projected, keep, conv_caches):
