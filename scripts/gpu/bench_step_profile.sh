@@ -16,13 +16,14 @@
 # the SmolLM2 configs' scoring step of 8k tokens, graphed then eager), `profile_gdn` (all-GDN at 64 x 512 graphed,
 # every kernel of the profiled step listed), `cached_graph` (all-GDN graphed, live and cached teacher, at 64 x 512
 # and 16 x 512), `plain_scoring` (all-GDN at 16 x 512 with configs/smollm2-gpu.yaml's options: eager, no compile,
-# float32 weights; live and cached teacher), `fla_conv`, `fla_l2norm` and `fla_both` (all-GDN at 64 x 512 graphed,
-# every kernel listed, with the short convs as fla's Triton conv: HD_SHORT_CONV=fla, with fla's kernel normalising q
-# and k: HD_QK_L2NORM=fla, or both). 32k tokens per step unless said.
+# float32 weights; live and cached teacher), `torch_conv` and `fla_l2norm` (all-GDN at 64 x 512 graphed, every kernel
+# listed, with the short convs as compiled PyTorch code, HD_SHORT_CONV=torch, in place of the graphed steps' default
+# fla conv; or with fla's kernel normalising q and k as well, HD_QK_L2NORM=fla), `compiled_conv` (all-GDN at
+# 64 x 512 compiled and not graphed, with fla's conv and with PyTorch's). 32k tokens per step unless said.
 # Each bench writes its JSON into $OUT and its log into $OUT/bench.log (bench_lib.sh).
 # Usage: bash scripts/gpu/bench_step_profile.sh [kl] [bf16] [gdn] [softmax] [recompute] [graph] [short] [short_graph]
 #        [paper_graph] [micro_softmax] [micro_gdn] [kl_chunks] [budget_softmax] [budget_gdn] [scoring_shape]
-#        [profile_gdn] [cached_graph] [plain_scoring] [fla_conv] [fla_l2norm] [fla_both]
+#        [profile_gdn] [cached_graph] [plain_scoring] [torch_conv] [fla_l2norm] [compiled_conv]
 set -uo pipefail
 out=${OUT:-bench-out}
 mkdir -p "$out"
@@ -91,12 +92,15 @@ for part in "${@:-kl}"; do
         bench "cached_graph_gdn_${1}x${2}" 200 --students gdn --compile-kl --bf16-weights --batch-size $1 \
           --seq-len $2 --cuda-graph --stage2-steps project cached
       done ;;
-    fla_conv)  # the GDN mixer's short convs as fla's Triton conv (models/mixers/kernels.py's switches)
-      HD_SHORT_CONV=fla bench fla_conv_graph_gdn_bf16 200 "${graphed_gdn[@]}" ;;
-    fla_l2norm)  # fla's GDN kernel normalises q and k itself
+    torch_conv)  # the short convs as compiled shifted sums (models/mixers/kernels.py's switches), as before session 16
+      HD_SHORT_CONV=torch bench torch_conv_graph_gdn_bf16 200 "${graphed_gdn[@]}" ;;
+    fla_l2norm)  # fla's GDN kernel normalises q and k itself, besides the default fla conv
       HD_QK_L2NORM=fla bench fla_l2norm_graph_gdn_bf16 200 "${graphed_gdn[@]}" ;;
-    fla_both)
-      HD_SHORT_CONV=fla HD_QK_L2NORM=fla bench fla_both_graph_gdn_bf16 200 "${graphed_gdn[@]}" ;;
+    compiled_conv)  # not graphed: the host issues every launch
+      for conv in fla torch; do
+        HD_SHORT_CONV=$conv bench "compiled_${conv}_conv_gdn_bf16" 170 --students gdn --compile-kl --bf16-weights \
+          --batch-size 64 --seq-len 512
+      done ;;
     plain_scoring)  # configs/smollm2-gpu.yaml's scoring step: no compile, float32 weights, eager (the host's time)
       plain=(--stages stage2 --warmup 3 --repeats 5 --kl-chunk-tokens 2048 --batch-size 16 --seq-len 512)
       common_before=("${common[@]}"); common=("${plain[@]}")
@@ -104,7 +108,7 @@ for part in "${@:-kl}"; do
       common=("${common_before[@]}") ;;
     *) echo "usage: $0 [kl] [bf16] [gdn] [softmax] [recompute] [graph] [short] [short_graph] [paper_graph]" \
          "[micro_softmax] [micro_gdn] [kl_chunks] [budget_softmax] [budget_gdn] [scoring_shape] [profile_gdn]" \
-         "[cached_graph] [plain_scoring] [fla_conv] [fla_l2norm] [fla_both]" >&2; exit 2 ;;
+         "[cached_graph] [plain_scoring] [torch_conv] [fla_l2norm] [compiled_conv]" >&2; exit 2 ;;
   esac
 done
 true

@@ -60,3 +60,27 @@ def test_a_replayed_step_trains_as_the_eager_step(recompute):
         torch.testing.assert_close(replayed.float(), reference.float(), rtol=2e-2, atol=2e-3, msg=name)
         changed += not torch.equal(replayed.float().cpu(), initial.float().cpu())
     assert changed > len(list(student.parameters())) // 2  # the replays updated the weights
+
+
+def test_recorded_steps_run_fla_short_conv_and_replays_run_none(monkeypatch):
+    """The warm-up calls and the capture run inside kernels.graphed_steps (so the short conv records fla's kernel);
+    replays run no Python; the caller's code outside stays on PyTorch's conv."""
+    from hybrid_distill.models.mixers import kernels
+
+    monkeypatch.delenv("HD_SHORT_CONV", raising=False)
+    weight = torch.zeros(3, device="cuda", requires_grad=True)
+    optimizer = torch.optim.AdamW([weight], lr=torch.tensor(1e-3, device="cuda"), capturable=True)
+    choices = []
+
+    def step(x):
+        choices.append(kernels.op_choice("HD_SHORT_CONV"))
+        loss = (weight * x).square().sum()
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    graphed = GraphedStep(step, optimizer, warmup=2)
+    for _ in range(5):
+        graphed(torch.ones(3, device="cuda"))
+    assert choices == ["fla"] * 3  # two warm-up calls and the capture
+    assert kernels.op_choice("HD_SHORT_CONV") == "torch"

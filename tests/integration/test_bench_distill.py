@@ -26,6 +26,7 @@ def test_bench_records_its_options_and_the_most_expensive_kernels(monkeypatch):
                            activation_checkpointing=True, profile_top=4)
     assert result["options"]["activation_checkpointing"] is True and result["options"]["kl_chunk_tokens"] == 16
     assert result["options"]["hd_short_conv"] == "fla" and "hd_qk_l2norm" not in result["options"]
+    assert result["options"]["short_conv"] == "torch"  # what the CPU step ran
     assert [(row["step"], row["note"] != "") for row in result["rows"]] == [
         ("naive", False), ("project", False), ("cached", True)]
     for row in result["rows"]:

@@ -108,11 +108,11 @@ def test_short_conv_cache_after_a_sequence_is_its_last_inputs(length):
     torch.testing.assert_close(conv._last_inputs(x), cache, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("switch", ["HD_SHORT_CONV", "HD_QK_L2NORM"])
-def test_fla_op_switches_are_checked_and_stay_off_the_cpu(switch, monkeypatch):
+@pytest.mark.parametrize("switch,allowed", [("HD_SHORT_CONV", "auto, torch or fla"), ("HD_QK_L2NORM", "torch or fla")])
+def test_fla_op_switches_are_checked_and_stay_off_the_cpu(switch, allowed, monkeypatch):
     """A switch that moves a GDN op into fla's kernels (short convs, q/k L2 norms) leaves a CPU mixer's output as
-    it was; a value other than torch or fla is refused by name."""
-    from hybrid_distill.models.mixers import MixerSpec, make_mixer
+    it was, inside recorded steps too; a value other than those allowed is refused by name."""
+    from hybrid_distill.models.mixers import MixerSpec, kernels, make_mixer
 
     torch.manual_seed(0)
     mixer = make_mixer(MixerSpec(kind="gdn", hidden_size=32, num_heads=2, head_dim=16), 0)
@@ -123,9 +123,36 @@ def test_fla_op_switches_are_checked_and_stay_off_the_cpu(switch, monkeypatch):
     expected, _ = mixer(hidden)
     monkeypatch.setenv(switch, "fla")
     torch.testing.assert_close(mixer(hidden)[0], expected, rtol=0, atol=0)
+    monkeypatch.delenv(switch)
+    with kernels.graphed_steps():
+        torch.testing.assert_close(mixer(hidden)[0], expected, rtol=0, atol=0)
     monkeypatch.setenv(switch, "triton")
-    with pytest.raises(ValueError, match=f"{switch} must be torch or fla, not 'triton'"):
+    with pytest.raises(ValueError, match=f"{switch} must be {allowed}, not 'triton'"):
         mixer(hidden)
+
+
+def test_short_conv_picks_fla_inside_recorded_steps_only(monkeypatch):
+    """By default the short conv runs fla's kernel in the steps a CUDA graph records (where it was faster) and
+    PyTorch's code elsewhere (where its launches were slower); a set HD_SHORT_CONV wins in both; the q/k norm
+    stays on torch unless set; leaving a nested block restores the outer choice."""
+    from hybrid_distill.models.mixers import kernels
+
+    monkeypatch.delenv("HD_SHORT_CONV", raising=False)
+    monkeypatch.delenv("HD_QK_L2NORM", raising=False)
+    assert kernels.op_choice("HD_SHORT_CONV") == "torch"
+    with kernels.graphed_steps():
+        assert kernels.op_choice("HD_SHORT_CONV") == "fla" and kernels.op_choice("HD_QK_L2NORM") == "torch"
+        with kernels.graphed_steps():
+            pass
+        assert kernels.op_choice("HD_SHORT_CONV") == "fla"
+    assert kernels.op_choice("HD_SHORT_CONV") == "torch"
+    assert [kernels.op_choice("HD_SHORT_CONV", graphed) for graphed in (False, True)] == ["torch", "fla"]
+    for forced in ("torch", "fla"):
+        monkeypatch.setenv("HD_SHORT_CONV", forced)
+        with kernels.graphed_steps():
+            assert kernels.op_choice("HD_SHORT_CONV") == forced
+        assert kernels.op_choice("HD_SHORT_CONV") == forced
+    assert not kernels.use_fla_short_conv(torch.zeros(1, 2, 3))  # a CPU tensor never takes fla's kernel
 
 
 def test_l2_normalize_is_fla_formula():

@@ -29,7 +29,7 @@ from hybrid_distill.distill.objectives import HiddenAlignment, LogitDistillation
 from hybrid_distill.distill.precision import training_autocast_dtype
 from hybrid_distill.distill.step_graph import GraphedStep, set_graph_options
 from hybrid_distill.distill.teacher_cache import TeacherCache, write_teacher_cache
-from hybrid_distill.models.mixers.kernels import MIXER_OP_SWITCHES
+from hybrid_distill.models.mixers import kernels as mixer_ops
 from hybrid_distill.models.student import build_student
 
 SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
@@ -324,7 +324,10 @@ def _run_rows(settings: BenchSettings, rank, world, device) -> dict:
                         "compile_kl": settings.compile_kl, "cuda_graph": settings.cuda_graph,
                         "micro_batches": settings.micro_batches,
                         "activation_memory_budget": settings.activation_memory_budget,
-                        **{name.lower(): os.environ[name] for name in MIXER_OP_SWITCHES if name in os.environ},
+                        **{name.lower(): os.environ[name] for name in mixer_ops.MIXER_OP_SWITCHES
+                           if name in os.environ},
+                        "short_conv": mixer_ops.op_choice("HD_SHORT_CONV", settings.cuda_graph)  # the project step's
+                        if device.type == "cuda" else "torch",
                         "torch": torch.__version__},
             "rows": [row.__dict__ for row in rows]}
 

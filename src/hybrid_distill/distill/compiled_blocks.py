@@ -60,7 +60,7 @@ def compile_training_layers(model: nn.Module) -> int:
     the norms, the residual adds and the attention's or mixer's maths around them fuse, and the final norm;
     returns how many modules. A mixer's fla kernel call is excluded (`torch.compiler.disable`): the layer's
     graph breaks there into the part before the kernel and the part after it (and at fla's short conv, when
-    HD_SHORT_CONV=fla runs it). One compiled code serves all layers of a kind (parameters are graph inputs); the
+    a graphed step runs it). One compiled code serves all layers of a kind (parameters are graph inputs); the
     teacher (no grad), softmax and mixer layers are its variants.
 
     Call it before `recompute_decoder_layers`: the recomputation then wraps the compiled forward and reruns it in

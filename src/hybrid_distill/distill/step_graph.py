@@ -9,12 +9,16 @@ What capture needs from the step: fixed shapes, no host synchronisation (no `.it
 values), inputs that are tensors (host-side data, such as a teacher cache's rows, is read before the step and
 passed in as a tensor), an optimizer built with `capturable=True` whose
 learning rate is a tensor (a float would be frozen into the graph), and autocast without its weight-cast cache.
+The recorded steps run inside `kernels.graphed_steps()`, where the mixers pick the kernels that pay once launches
+are free (fla's short conv).
 """
 from __future__ import annotations
 
 from typing import Any, Callable, Hashable
 
 import torch
+
+from hybrid_distill.models.mixers import kernels
 
 
 class GraphedStep:
@@ -49,7 +53,8 @@ class GraphedStep:
         if self.calls[key] <= self.warmup:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # as torch.cuda.graph requires: warm-up off the capturing stream
+            # as torch.cuda.graph requires: warm-up off the capturing stream
+            with torch.cuda.stream(side), kernels.graphed_steps():
                 self.optimizer.zero_grad(set_to_none=True)  # after another form's capture they hold its gradients
                 outputs = self.step(inputs)
                 self.optimizer.zero_grad(set_to_none=True)
@@ -71,7 +76,7 @@ class GraphedStep:
         static_inputs = _map(torch.Tensor.clone, example)
         self.optimizer.zero_grad(set_to_none=True)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph), kernels.graphed_steps():
             outputs = self.step(static_inputs)
         return graph, static_inputs, outputs
 

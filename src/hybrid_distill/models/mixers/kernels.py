@@ -1,14 +1,18 @@
 """One entry point per mixer op: fla's Triton kernels on CUDA, the plain-PyTorch twins everywhere else.
 
 `HD_MIXER_BACKEND=torch` forces the PyTorch path on CUDA too (the GPU equality test compares the two).
-`HD_SHORT_CONV=fla` (an experiment, off until a benchmark shows it pays) runs a sequence's short convolutions as
-fla's Triton causal_conv1d on CUDA, in place of the compiled shifted sums, and `HD_QK_L2NORM=fla` (the same) has
-fla's GDN kernel normalise q and k itself (`use_qk_l2norm_in_kernel`) instead of the compiled code before it
-(docs/performance.md, session 15). Both are read from the environment: set them before the process starts.
-fla is imported lazily: importing it costs seconds and it is useless on CPU.
+A sequence's short convolutions run fla's Triton causal_conv1d on CUDA inside steps that a CUDA graph records
+(`graphed_steps`), and the compiled shifted sums elsewhere: fla's kernel made a graphed all-GDN step 10-13% faster
+on an H200, and the eager and compiled-but-unrecorded steps, whose host issues every launch, 14-30% slower
+(docs/performance.md, session 16). `HD_SHORT_CONV=fla` or `torch` forces one of the two everywhere.
+`HD_QK_L2NORM=fla` (an experiment, off: +4% alone, nothing on top of fla's conv) has fla's GDN kernel normalise q
+and k itself (`use_qk_l2norm_in_kernel`) instead of the compiled code before it. Both switches are read from the
+environment: set them before the process starts. fla is imported lazily: importing it costs seconds and it is
+useless on CPU.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -18,6 +22,7 @@ from . import torch_ops
 
 MIXER_OP_SWITCHES = ("HD_MIXER_BACKEND", "HD_SHORT_CONV", "HD_QK_L2NORM")  # what a benchmark records beside its numbers
 DECODE_MAX_TOKENS = 64  # below this and without grad, fla's fused recurrent kernel beats the chunked one
+_in_graphed_steps = False  # set by graphed_steps()
 
 
 def use_fla(tensor: torch.Tensor) -> bool:
@@ -39,22 +44,41 @@ def _fla_ops():
     return chunk_gated_delta_rule, fused_recurrent_gated_delta_rule, chunk_gla, fused_recurrent_gla
 
 
-def _fla_op_chosen(variable: str, x: torch.Tensor) -> bool:
-    """Whether the environment switch `variable` (torch or fla, default torch) picks fla's op for CUDA tensor x."""
-    choice = os.environ.get(variable, "torch")
-    if choice not in ("torch", "fla"):
-        raise ValueError(f"{variable} must be torch or fla, not {choice!r}")
-    return choice == "fla" and use_fla(x)
+@contextlib.contextmanager
+def graphed_steps():
+    """Marks the steps a CUDA graph records (step_graph.GraphedStep's warm-up calls and capture): a replay issues
+    the whole step at once, so there the ops pick the kernels that run fastest on the device, not those that are
+    cheapest to launch."""
+    global _in_graphed_steps
+    outer, _in_graphed_steps = _in_graphed_steps, True
+    try:
+        yield
+    finally:
+        _in_graphed_steps = outer
+
+
+def op_choice(variable: str, graphed: bool | None = None) -> str:
+    """torch or fla: what the switch `variable` (HD_SHORT_CONV, HD_QK_L2NORM) picks for CUDA tensors here, or in
+    a recorded step if `graphed` is given. HD_SHORT_CONV defaults to auto (fla inside graphed_steps, torch
+    outside), HD_QK_L2NORM to torch."""
+    default = "auto" if variable == "HD_SHORT_CONV" else "torch"
+    choice = os.environ.get(variable, default)
+    allowed = ("auto", "torch", "fla") if default == "auto" else ("torch", "fla")
+    if choice not in allowed:
+        raise ValueError(f"{variable} must be {', '.join(allowed[:-1])} or {allowed[-1]}, not {choice!r}")
+    if choice == "auto":
+        return "fla" if (_in_graphed_steps if graphed is None else graphed) else "torch"
+    return choice
 
 
 def use_fla_short_conv(x: torch.Tensor) -> bool:
-    """Whether the short convolution over the sequence `x` runs fla's kernel (HD_SHORT_CONV=fla, CUDA)."""
-    return _fla_op_chosen("HD_SHORT_CONV", x)
+    """Whether the short convolution over the sequence `x` runs fla's kernel (CUDA; op_choice("HD_SHORT_CONV"))."""
+    return op_choice("HD_SHORT_CONV") == "fla" and use_fla(x)
 
 
 def use_fla_qk_l2norm(x: torch.Tensor) -> bool:
     """Whether fla's GDN kernel normalises q and k itself (HD_QK_L2NORM=fla, CUDA)."""
-    return _fla_op_chosen("HD_QK_L2NORM", x)
+    return op_choice("HD_QK_L2NORM") == "fla" and use_fla(x)
 
 
 @torch.compiler.disable  # a compiled layer breaks its graph here, as at the mixer's kernel
