@@ -2,8 +2,8 @@
 
 `HD_MIXER_BACKEND=torch` forces the PyTorch path on CUDA too (the GPU equality test compares the two).
 A sequence's short convolutions run fla's Triton causal_conv1d on CUDA inside steps that a CUDA graph records
-(`graphed_steps`), and the compiled shifted sums elsewhere: fla's kernel made a graphed all-GDN step 10-13% faster
-on an H200, and the eager and compiled-but-unrecorded steps, whose host issues every launch, 14-30% slower
+(`graphed_steps`), and PyTorch's code elsewhere: fla's kernel made a graphed all-GDN step 10-13% faster on an
+H200, and the eager and compiled-but-unrecorded steps, whose host issues every launch, 9-30% slower
 (docs/performance.md, session 16). `HD_SHORT_CONV=fla` or `torch` forces one of the two everywhere.
 `HD_QK_L2NORM=fla` (an experiment, off: +4% alone, nothing on top of fla's conv) has fla's GDN kernel normalise q
 and k itself (`use_qk_l2norm_in_kernel`) instead of the compiled code before it. Both switches are read from the
