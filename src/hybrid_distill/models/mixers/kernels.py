@@ -21,6 +21,7 @@ import torch
 from . import torch_ops
 
 MIXER_OP_SWITCHES = ("HD_MIXER_BACKEND", "HD_SHORT_CONV", "HD_QK_L2NORM")  # what a benchmark records beside its numbers
+FLA_OP_DEFAULTS = {"HD_SHORT_CONV": "auto", "HD_QK_L2NORM": "torch"}  # auto: fla inside graphed_steps, else torch
 DECODE_MAX_TOKENS = 64  # below this and without grad, fla's fused recurrent kernel beats the chunked one
 _in_graphed_steps = False  # set by graphed_steps()
 
@@ -59,9 +60,8 @@ def graphed_steps():
 
 def op_choice(variable: str, graphed: bool | None = None) -> str:
     """torch or fla: what the switch `variable` (HD_SHORT_CONV, HD_QK_L2NORM) picks for CUDA tensors here, or in
-    a recorded step if `graphed` is given. HD_SHORT_CONV defaults to auto (fla inside graphed_steps, torch
-    outside), HD_QK_L2NORM to torch."""
-    default = "auto" if variable == "HD_SHORT_CONV" else "torch"
+    a recorded step if `graphed` is given; unset, the switch takes its FLA_OP_DEFAULTS value."""
+    default = FLA_OP_DEFAULTS[variable]
     choice = os.environ.get(variable, default)
     allowed = ("auto", "torch", "fla") if default == "auto" else ("torch", "fla")
     if choice not in allowed:
