@@ -7,6 +7,7 @@ from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
 from hybrid_distill.config.load import SCHEMA_PATH, ConfigError, validate_config
+from hybrid_distill.config.reads import SLICES, slice_file_content
 from hybrid_distill.models.teacher import TeacherError, describe_teacher
 from hybrid_distill.select.budget import early_stop_k, job_ends, scoring_rounds, tokens_per_step
 from hybrid_distill.select.greedy_jobs import read_greedy_choice
@@ -105,10 +106,17 @@ wildcard_constraints:
     step=r"\d+",
     k=r"\d+",
     selection=r"[a-z0-9_]+",
+    slice="|".join(SLICES),
 
 
 # ---- paths ---------------------------------------------------------------------------------------------
-RUN_CONFIG = f"{ROOT}/config.yaml"
+RUN_CONFIG = f"{ROOT}/config.yaml"  # the whole resolved config, for the record; jobs read their slices below
+
+
+def config_slice_file(name):
+    """The part of the config a job reads (hybrid_distill/config/reads.py): a job reruns when it changes."""
+    return f"{ROOT}/config/{name}.yaml"
+
 TEACHER_DIR = f"{ROOT}/teacher"
 DATA_DIR = f"{ROOT}/data"
 DATA_FILES = [f"{DATA_DIR}/{split}.{ext}" for split in ("train", "heldout") for ext in ("bin", "json")]
@@ -172,7 +180,7 @@ def model_names(mixer):
 
 
 def final_targets():
-    targets = [f"{ROOT}/report.md"]
+    targets = [RUN_CONFIG, f"{ROOT}/report.md"]
     for mixer in FINAL_MIXERS:
         targets += hybrid_models(mixer)
     return targets
@@ -264,7 +272,7 @@ SIGNAL_SOURCES = {
 def selection_inputs(wildcards):
     """What a selector reads: nothing for layouts, its signal file, or the GA-S2 ranking."""
     selector = selector_of(wildcards.selection)
-    inputs = {"config": RUN_CONFIG}
+    inputs = {}
     if selector in ("ga_s2", "avg_s2"):
         inputs["importance"] = f"{ROOT}/{wildcards.mixer}/selection/importance.csv"
         inputs["early_stop"] = f"{ROOT}/{wildcards.mixer}/selection/early_stop.json"

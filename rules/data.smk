@@ -1,8 +1,9 @@
-# Phase 1: the run's resolved config, the teacher as a local HF directory, the packed token streams and (when
-# distill.teacher_cache is on) the teacher's final hidden states of the training rows stage 2 reads.
+# Phase 1: the run's resolved config and each job's slice of it (a job reruns when its slice changes), the teacher
+# as a local HF directory, the packed token streams and (when distill.teacher_cache is on) the teacher's final hidden
+# states of the training rows stage 2 reads.
 
 
-localrules: write_run_config
+localrules: write_run_config, write_config_slice
 
 
 rule write_run_config:
@@ -21,10 +22,26 @@ rule write_run_config:
         write_text_atomic(Path(output[0]), yaml.safe_dump(params.resolved, sort_keys=False))
 
 
+rule write_config_slice:
+    output:
+        config_slice_file("{slice}"),
+    params:
+        content=lambda wildcards: json.dumps(slice_file_content(config, wildcards.slice), sort_keys=True),
+    conda:
+        "../envs/hybrid-distill.yaml"
+    log:
+        f"{LOGS}/config/{{slice}}.log",
+    run:
+        import yaml
+        from hybrid_distill.distill.atomic import write_text_atomic
+
+        write_text_atomic(Path(output[0]), yaml.safe_dump(json.loads(params.content)))
+
+
 rule prepare_teacher:
     threads: 8  # the whole machine locally (capped at --cores); on Slurm, set-threads in the profile decides
     input:
-        RUN_CONFIG,
+        config_slice_file("teacher"),
     output:
         directory(TEACHER_DIR),
     params:
@@ -42,7 +59,7 @@ rule prepare_teacher:
 rule prepare_data:
     threads: 8  # the whole machine locally (capped at --cores); on Slurm, set-threads in the profile decides
     input:
-        config=RUN_CONFIG,
+        config=config_slice_file("data"),
         teacher=TEACHER_DIR,
     output:
         DATA_FILES,
@@ -61,7 +78,7 @@ rule prepare_data:
 rule cache_teacher_hidden:
     threads: 8  # the whole machine locally (capped at --cores); on Slurm, set-threads in the profile decides
     input:
-        config=RUN_CONFIG,
+        config=config_slice_file("teacher-cache"),
         teacher=TEACHER_DIR,
         data=DATA_FILES,
     output:

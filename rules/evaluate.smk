@@ -4,7 +4,7 @@
 rule make_recall_data:
     threads: 8  # the whole machine locally (capped at --cores); on Slurm, set-threads in the profile decides
     input:
-        config=RUN_CONFIG,
+        config=config_slice_file("recall-data"),
         teacher=TEACHER_DIR,
         data=DATA_FILES,
     output:
@@ -22,7 +22,7 @@ rule make_recall_data:
 
 rule evaluate_teacher:
     input:
-        config=RUN_CONFIG,
+        config=config_slice_file("evaluate"),
         model=TEACHER_DIR,
         recall=RECALL_DIR,
         data=DATA_FILES,
@@ -45,7 +45,7 @@ rule evaluate_teacher:
 
 rule evaluate_model:
     input:
-        config=RUN_CONFIG,
+        config=config_slice_file("evaluate"),
         model=lambda wc: f"{model_dir_of(wc)}/model.safetensors",
         recall=RECALL_DIR,
         data=DATA_FILES,
@@ -70,7 +70,7 @@ rule evaluate_model:
 
 rule measure_teacher_efficiency:
     input:
-        config=RUN_CONFIG,
+        config=config_slice_file("efficiency"),
         model=TEACHER_DIR,
     output:
         f"{ROOT}/efficiency/teacher.json",
@@ -87,7 +87,7 @@ rule measure_teacher_efficiency:
 
 rule measure_efficiency:
     input:
-        config=RUN_CONFIG,
+        config=config_slice_file("efficiency"),
         model=lambda wc: f"{model_dir_of(wc)}/model.safetensors",
     output:
         f"{ROOT}/{{mixer}}/efficiency/{{model}}.json",

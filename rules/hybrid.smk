@@ -5,7 +5,7 @@
 
 rule distill_hybrid:
     input:
-        config=RUN_CONFIG,
+        config=config_slice_file("stage2"),
         teacher=TEACHER_DIR,
         data=DATA_FILES,
         teacher_cache=stage2_teacher_cache(),

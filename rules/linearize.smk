@@ -4,7 +4,7 @@
 rule distill_all_linear_stage1:
     threads: 8  # the whole machine locally (capped at --cores); on Slurm, set-threads in the profile decides
     input:
-        config=RUN_CONFIG,
+        config=config_slice_file("stage1"),
         teacher=TEACHER_DIR,
         data=DATA_FILES,
     output:
@@ -30,7 +30,7 @@ rule distill_all_linear_stage1:
 rule distill_all_linear_stage2:
     threads: 8  # the whole machine locally (capped at --cores); on Slurm, set-threads in the profile decides
     input:
-        config=RUN_CONFIG,
+        config=config_slice_file("stage2"),
         teacher=TEACHER_DIR,
         data=DATA_FILES,
         teacher_cache=stage2_teacher_cache(),

@@ -10,7 +10,7 @@ if config["scoring"]["early_stop"]["enabled"]:
 
     rule score_layer:
         input:
-            config=RUN_CONFIG,
+            config=config_slice_file("scoring"),
             teacher=TEACHER_DIR,
             data=DATA_FILES,
             teacher_cache=stage2_teacher_cache(),
@@ -40,7 +40,7 @@ if config["scoring"]["early_stop"]["enabled"]:
 
     checkpoint check_early_stop:
         input:
-            config=RUN_CONFIG,
+            config=config_slice_file("rounds"),
             scores=rounds_so_far,
         output:
             f"{ROOT}/{{mixer}}/selection/rounds/round{{round}}.json",
@@ -64,7 +64,7 @@ else:
 
     rule score_layer:
         input:
-            config=RUN_CONFIG,
+            config=config_slice_file("scoring"),
             teacher=TEACHER_DIR,
             data=DATA_FILES,
             teacher_cache=stage2_teacher_cache(),
@@ -93,7 +93,7 @@ else:
 
     rule check_early_stop:  # every round's decision in one job: none of them changes the DAG
         input:
-            config=RUN_CONFIG,
+            config=config_slice_file("rounds"),
             scores=rounds_so_far,
         output:
             [round_decision("{mixer}", round) for round in range(MAX_ROUNDS)],
@@ -125,7 +125,7 @@ rule rank_layers:
 
 rule write_early_stop:
     input:
-        config=RUN_CONFIG,
+        config=config_slice_file("rounds"),
         decisions=all_decisions,
         scores=final_scores,
     output:

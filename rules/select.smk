@@ -4,7 +4,7 @@
 
 rule score_bypass:
     input:
-        config=RUN_CONFIG,
+        config=config_slice_file("bypass-signals"),
         teacher=TEACHER_DIR,
         data=DATA_FILES,
     output:
@@ -24,7 +24,7 @@ rule score_bypass:
 
 rule score_stage1_signals:
     input:
-        config=RUN_CONFIG,
+        config=config_slice_file("stage1-signals"),
         teacher=TEACHER_DIR,
         data=DATA_FILES,
         stage1=stage1_model("{mixer}"),
@@ -47,7 +47,7 @@ rule score_stage1_signals:
 rule score_removal:
     """GR-S2: linearise layer l alone in the teacher (stage-1 weights) and adapt it with a brief stage 2."""
     input:
-        config=RUN_CONFIG,
+        config=config_slice_file("scoring"),
         teacher=TEACHER_DIR,
         data=DATA_FILES,
         teacher_cache=stage2_teacher_cache(),
@@ -93,7 +93,7 @@ rule collect_removal_scores:
 rule score_greedy_candidate:
     """GA-iter step i >= 1: a brief stage 2 with the picks so far and this candidate softmax, as long as GA-S2's."""
     input:
-        config=RUN_CONFIG,
+        config=config_slice_file("scoring"),
         teacher=TEACHER_DIR,
         data=DATA_FILES,
         teacher_cache=stage2_teacher_cache(),
@@ -159,14 +159,16 @@ rule select_layers:
         importance=lambda wc, input: f"--importance {input.importance}" if "importance" in input.keys() else "",
         greedy=lambda wc, input: f"--greedy {input.greedy}" if "greedy" in input.keys() else "",
         layers=NUM_LAYERS,
+        user=lambda wc: "--user-layers " + ",".join(map(str, config["selection"]["user_layers"]))
+        if wc.selection == "user" else "",
     conda:
         "../envs/hybrid-distill.yaml"
     log:
         f"{LOGS}/{{mixer}}/select_layers/{{selection}}_K{{k}}.log",
     shell:
-        "hybrid-distill --threads {threads} select-layers --config {input.config} --selector {params.selector} --k {wildcards.k}"
+        "hybrid-distill --threads {threads} select-layers --selector {params.selector} --k {wildcards.k}"
         " --num-layers {params.layers} --seed {params.seed} {params.signals} {params.importance} {params.greedy}"
-        " --out {output} 2> {log}"
+        " {params.user} --out {output} 2> {log}"
 
 
 localrules: collect_removal_scores, choose_greedy_layer, select_layers

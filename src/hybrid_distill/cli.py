@@ -145,7 +145,7 @@ def step_select_layers(args):
         from hybrid_distill.select.greedy_jobs import read_greedy_choice
 
         pick_order = read_greedy_choice(args.greedy)["chosen"]
-    select_layers(_config(args), args.selector, args.k, args.num_layers, args.out, seed=args.seed,
+    select_layers(args.selector, args.k, args.num_layers, args.out, seed=args.seed, user_layers=args.user_layers,
                   signal_files=[Path(p) for p in args.signals], importance_file=args.importance,
                   pick_order=pick_order)
 
@@ -266,7 +266,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _add(steps, "select-layers", step_select_layers,
              "write one selector's softmax layers at one K", uses_torch=False)
-    p.add_argument("--config", required=True, type=Path)
     p.add_argument("--selector", required=True)
     p.add_argument("--k", required=True, type=int)
     p.add_argument("--num-layers", required=True, type=int)
@@ -274,6 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--signals", nargs="*", default=[])
     p.add_argument("--importance", type=Path, default=None)
     p.add_argument("--greedy", type=Path, default=None, help="GA-iter: a greedy step file listing the pick order")
+    p.add_argument("--user-layers", type=layer_list, default=[], help="the `user` selector's layers, e.g. 0,3")
     p.add_argument("--out", required=True, type=Path)
 
     from hybrid_distill import cli_more

@@ -54,6 +54,7 @@ def scoring_job(out, teacher, cuda_graphs: bool) -> list[tuple[int, float]]:
     return snapshots
 
 
+@pytest.mark.usefixtures("one_short_conv")
 def test_snapshots_between_replays_are_the_eager_jobs(tmp_path, monkeypatch):
     torch.manual_seed(0)
     teacher = LlamaForCausalLM(LlamaConfig(**SHAPE)).cuda().eval().requires_grad_(False)

@@ -68,6 +68,7 @@ def assert_same_job(graphed_out, graphed, eager_out, eager):
 
 
 @pytest.mark.parametrize("stage", ["stage1", "stage2"])
+@pytest.mark.usefixtures("one_short_conv")
 def test_a_graphed_job_trains_as_the_eager_job_and_resumes_an_eager_state(stage, tmp_path, monkeypatch):
     replays = []
     replay = torch.cuda.CUDAGraph.replay
@@ -86,6 +87,7 @@ def test_a_graphed_job_trains_as_the_eager_job_and_resumes_an_eager_state(stage,
     assert_same_job(tmp_path / "resumed", resumed, tmp_path / "eager", eager)
 
 
+@pytest.mark.usefixtures("one_short_conv")
 def test_a_graphed_job_on_a_partial_teacher_cache_trains_as_the_eager_job(tmp_path, monkeypatch):
     """Steps whose rows the cache holds and steps that run the live teacher are two graphs; each replay copies its
     step's cached rows in. 8 steps of 8 rows over 64 rows, the cache holding the first 40: steps 1-5 cached, 6-8

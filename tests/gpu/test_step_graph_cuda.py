@@ -32,6 +32,7 @@ def objective_and_optimizer(teacher, student, recompute: bool, capturable: bool)
 
 
 @pytest.mark.parametrize("recompute", [False, True], ids=["stored", "recomputed"])
+@pytest.mark.usefixtures("one_short_conv")
 def test_a_replayed_step_trains_as_the_eager_step(recompute):
     torch._dynamo.reset()
     torch.manual_seed(0)

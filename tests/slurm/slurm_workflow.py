@@ -41,7 +41,8 @@ def module_from(path: Path, name: str):
 
 
 # The workflow tests' tiny config, shared rather than copied.
-tiny_config = module_from(TESTS / "workflow" / "workflow_helpers.py", "hd_workflow_helpers").tiny_config
+_workflow_helpers = module_from(TESTS / "workflow" / "workflow_helpers.py", "hd_workflow_helpers")
+tiny_config, with_overrides = _workflow_helpers.tiny_config, _workflow_helpers.with_overrides
 
 
 def write_test_profile(cluster, folder: Path, **overrides) -> Path:

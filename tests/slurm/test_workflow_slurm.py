@@ -17,14 +17,14 @@ import yaml
 
 from slurm_workflow import (
     REPO, SCORE_LAYER_RESOURCES, USER_PROFILE, environment, planned_jobs, run_id, settled_rows, snakemake_command,
-    submitted_jobs, tiny_config, write_test_profile,
+    submitted_jobs, tiny_config, with_overrides, write_test_profile,
 )
 
 STAGE1 = "results/tiny/gdn/all_linear/stage1"
 STAGE1_LOG = "results/tiny/logs/gdn/distill_all_linear_stage1.log"
 STAGE1_COMMENT = "rule_distill_all_linear_stage1_wildcards_gdn"
-LOCAL_RULES = {"write_run_config", "check_early_stop", "rank_layers", "write_early_stop", "select_layers",
-               "make_report", "all"}
+LOCAL_RULES = {"write_run_config", "write_config_slice", "check_early_stop", "rank_layers", "write_early_stop",
+               "select_layers", "make_report", "all"}
 TEACHER_EFFICIENCY = "results/tiny/efficiency/teacher.json"
 # One selector and one scoring round keep the end-to-end run near 17 Slurm jobs on a 2-CPU node.
 SMALL_RUN = {"selection.selectors": ["ga_s2"], "selection.ratios": [0.5],
@@ -89,18 +89,20 @@ def prepared_run(slurm_cluster, tiny_teacher_dir, tmp_path_factory) -> Path:
     return folder
 
 
-def copy_of(prepared: Path, tmp_path: Path, *targets: str) -> tuple[Path, list[str]]:
-    """The prepared run copied (timestamps and Snakemake's records kept), and the command aimed at the copy."""
+def copy_of(prepared: Path, tmp_path: Path, *targets: str, **overrides) -> tuple[Path, list[str]]:
+    """The prepared run copied (timestamps and Snakemake's records kept), and the command aimed at the copy, with
+    the config's dotted keys `overrides` changed (only the jobs that read them rerun)."""
     folder = tmp_path / "copy"
     shutil.copytree(prepared, folder, symlinks=True)
-    config = yaml.safe_load((folder / "run" / "test-config.yaml").read_text())
+    config = with_overrides(yaml.safe_load((folder / "run" / "test-config.yaml").read_text()), **overrides)
     return folder / "run", snakemake_command(folder / "run", config, folder / "profile", *targets)
 
 
 @pytest.mark.slurm
 def test_failed_training_job_is_reported_and_resumed_without_resubmitting_finished_jobs(
         slurm_cluster, prepared_run, tmp_path):
-    workdir, command = copy_of(prepared_run, tmp_path, f"{STAGE1}/model.safetensors", TEACHER_EFFICIENCY)
+    workdir, command = copy_of(prepared_run, tmp_path, f"{STAGE1}/model.safetensors", TEACHER_EFFICIENCY,
+                               **{"distill.stage1.tokens": 8 * 2 * 32})  # 8 steps: the rerun finishes them
 
     since = since_now()
     failed = subprocess.run(command, capture_output=True, text=True, timeout=600,

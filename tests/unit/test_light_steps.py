@@ -32,7 +32,7 @@ def test_bookkeeping_steps_run_without_torch_and_write_their_results(tmp_path):
         ["rank-layers", "--scores", *last, "--out", str(tmp_path / "importance.csv")],
         ["write-early-stop", "--config", config, "--layers", "2", "--decisions", *decisions, "--scores", *every_round,
          "--full-budget", "256", "--out", str(tmp_path / "early_stop.json")],
-        ["select-layers", "--config", config, "--selector", "ga_s2", "--k", "1", "--num-layers", "2",
+        ["select-layers", "--selector", "ga_s2", "--k", "1", "--num-layers", "2",
          "--importance", str(tmp_path / "importance.csv"), "--out", str(tmp_path / "ga_s2_K1.json")],
         ["removal-signal", "--scores", *last, "--out", str(tmp_path / "gr_s2.json")],
         ["choose-greedy-layer", "--step", "0", "--num-layers", "2", "--candidates", "0,1", "--scores", *last,

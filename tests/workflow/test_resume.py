@@ -47,18 +47,27 @@ def wait_for_state(workdir: Path, min_step: int, process, timeout: float = 300) 
     raise AssertionError("stage 1 never saved a state")
 
 
-@pytest.mark.parametrize("interrupt", [signal.SIGINT, signal.SIGKILL], ids=["SIGINT", "SIGKILL"])
-def test_interrupted_run_resumes_and_matches_uninterrupted(interrupt, tiny_teacher_dir, tmp_path):
+def long_stage1_config(tiny_teacher_dir: Path) -> dict:
     # 96 steps of ~50 ms: after the state of step 4 appears, the job runs for seconds more on an idle machine, so
     # the interrupt lands mid-job even when this process is slow to notice (a loaded machine once let 24 finish).
-    config = tiny_config(tiny_teacher_dir, **{"distill.stage1": {"tokens": 6144, "lr": 0.001, "micro_batch_size": 2,
-                                                                  "save_every": 2}})
-    reference_dir, resumed_dir = tmp_path / "uninterrupted", tmp_path / "interrupted"
-    reference = subprocess.run(start(reference_dir, config), capture_output=True, text=True, env=environment(),
-                               timeout=900)
-    assert reference.returncode == 0, reference.stderr[-3000:]
+    return tiny_config(tiny_teacher_dir, **{"distill.stage1": {"tokens": 6144, "lr": 0.001, "micro_batch_size": 2,
+                                                                "save_every": 2}})
 
-    argv = start(resumed_dir, config)
+
+@pytest.fixture(scope="module")
+def reference_dir(tiny_teacher_dir, tmp_path_factory) -> Path:
+    """The same command never interrupted: what both resumed runs must reproduce."""
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    reference = subprocess.run(start(workdir, long_stage1_config(tiny_teacher_dir)), capture_output=True, text=True,
+                               env=environment(), timeout=900)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    return workdir
+
+
+@pytest.mark.parametrize("interrupt", [signal.SIGINT, signal.SIGKILL], ids=["SIGINT", "SIGKILL"])
+def test_interrupted_run_resumes_and_matches_uninterrupted(interrupt, tiny_teacher_dir, reference_dir, tmp_path):
+    resumed_dir = tmp_path / "interrupted"
+    argv = start(resumed_dir, long_stage1_config(tiny_teacher_dir))
     process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=environment(),
                                start_new_session=True)
     wait_for_state(resumed_dir, min_step=4, process=process)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import csv
 import json
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -65,11 +67,24 @@ def test_paper_config_with_ga_iter_plans_every_greedy_step(tmp_path):
     assert counts["distill_hybrid"] == 4 * 8
 
 
-def test_whole_dag_runs_end_to_end(tiny_teacher_dir, tmp_path):
-    workdir = tmp_path / "run"
+@pytest.fixture(scope="module")
+def finished_run(tiny_teacher_dir, tmp_path_factory) -> Path:
+    """The tiny config's whole DAG, run once: the end-to-end test checks it; later tests plan or run edits of it."""
+    workdir = tmp_path_factory.mktemp("whole_dag") / "run"
     result = run_snakemake(workdir, tiny_config(tiny_teacher_dir))
     assert result.returncode == 0, result.stderr[-5000:]
-    root = workdir / "results" / "tiny"
+    return workdir
+
+
+def copy_of_run(workdir: Path, tmp_path: Path) -> Path:
+    """A finished run copied with its timestamps and Snakemake's records, so that Snakemake sees what is done."""
+    copy = tmp_path / "run"
+    shutil.copytree(workdir, copy, symlinks=True)
+    return copy
+
+
+def test_whole_dag_runs_end_to_end(finished_run):
+    root = finished_run / "results" / "tiny"
     with open(root / "gdn" / "selection" / "importance.csv") as handle:
         rows = list(csv.DictReader(handle))
     assert [int(r["layer"]) for r in rows] == [0, 1, 2, 3]
@@ -91,6 +106,27 @@ def test_whole_dag_runs_end_to_end(tiny_teacher_dir, tmp_path):
     assert ga == [int(best["layer"])]
     assert (root / "report.md").is_file()
     assert list((root / "report" / "tables").glob("*.tex"))
+    recorded = yaml.safe_load((root / "config.yaml").read_text())  # the whole resolved config, for the record
+    assert recorded["selection"]["selectors"] == ["ga_s2", "uniform", "random"]
+
+
+def test_an_added_selector_or_evaluation_task_retrains_nothing_already_trained(tiny_teacher_dir, finished_run):
+    """A config edit reruns only the jobs whose slice of the config it touches (config/reads.py)."""
+    def plan(**overrides) -> dict[str, int]:
+        result = run_snakemake(finished_run, tiny_config(tiny_teacher_dir, **overrides), "-n")
+        assert result.returncode == 0, result.stderr[-5000:]
+        return job_counts(result.stdout)
+
+    assert set(plan()) <= {"write_run_config"}  # nothing left to do but record the config again
+    new_selector = plan(**{"selection.selectors": ["ga_s2", "uniform", "random", "act_mse"]})
+    assert new_selector["distill_hybrid"] == 2 and new_selector["score_bypass"] == 1  # act_mse at K = 1 and 2
+    new_task = plan(**{"evaluate.recall_tasks": ["niah_single", "kv_retrieval"]})
+    assert new_task["evaluate_model"] == 7 and new_task["make_recall_data"] == 1  # 6 hybrids and the all-linear
+    new_stage2 = plan(**{"distill.stage2.lr": 0.0003})
+    assert new_stage2["distill_all_linear_stage2"] == 1 and new_stage2["distill_hybrid"] == 6
+    for planned in (new_selector, new_task, new_stage2):
+        assert not {"prepare_teacher", "prepare_data", "distill_all_linear_stage1"} & set(planned), planned
+    assert not {"score_layer", "distill_all_linear_stage2"} & (set(new_selector) | set(new_task))
 
 
 # 4 rounds of one step, K = 1, keep 2 layers from the first round on; a window of 10 never fires in 4 rounds
@@ -183,13 +219,16 @@ ALL_SELECTORS = ["ga_s2", "ga_s1", "gr_s1", "avg_s1", "gr_s2", "avg_s2", "unifor
                  "ar", "kv", "user", "ga_iter"]
 
 
-def test_every_selector_produces_a_valid_layer_set(tiny_teacher_dir, tmp_path):
-    config = tiny_config(tiny_teacher_dir, **{"selection.selectors": ALL_SELECTORS, "selection.ratios": [0.5],
-                                              "selection.user_layers": [0, 3]})
+def test_every_selector_produces_a_valid_layer_set(tiny_teacher_dir, finished_run, tmp_path):
+    """On a copy of the finished run: the selectors it lacks need only their own signals and greedy steps."""
+    config = tiny_config(tiny_teacher_dir, **{"selection.selectors": ALL_SELECTORS, "selection.user_layers": [0, 3]})
     names = [s if s != "random" else "random_seed0" for s in ALL_SELECTORS]
     targets = [f"results/tiny/gdn/selection/{name}_K2.json" for name in names]
-    result = run_snakemake(tmp_path / "run", config, *targets, "results/tiny/gdn/selection/ga_iter_K1.json")
+    workdir = copy_of_run(finished_run, tmp_path)
+    result = run_snakemake(workdir, config, *targets, "results/tiny/gdn/selection/ga_iter_K1.json")
     assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
+    assert not re.search(r"^(local)?rule (prepare_data|distill_all_linear_stage[12]|score_layer):", result.stdout,
+                         re.MULTILINE), "the finished run's training was redone"
     chosen = {}
     for name, target in zip(names, targets):
         layers = json.loads((tmp_path / "run" / target).read_text())["softmax_layers"]

@@ -34,8 +34,11 @@ TINY_CONFIG = {
 
 
 def tiny_config(teacher_dir: Path, **overrides) -> dict:
-    config = copy.deepcopy(TINY_CONFIG)
-    config["teacher"] = {"spec": str(teacher_dir)}
+    return with_overrides({**copy.deepcopy(TINY_CONFIG), "teacher": {"spec": str(teacher_dir)}}, **overrides)
+
+
+def with_overrides(config: dict, **overrides) -> dict:
+    """`config` with dotted keys ("distill.stage1.tokens") set, in place."""
     for dotted, value in overrides.items():
         node = config
         *parents, leaf = dotted.split(".")

@@ -119,7 +119,8 @@ def distill_stage2(config: dict, stage_key: str, teacher_dir: Path, data_dir: Pa
                                              config["distill"]["temperature"], config["distill"]["kl_chunk_tokens"])
         return score
 
-    every = config["scoring"]["snapshot_every"]
+    scores_rounds = rounds_dir is not None or job_rounds  # only these read the scoring section's round settings
+    every = config["scoring"]["snapshot_every"] if scores_rounds else None
     live_rounds = LiveRounds(out_dir, every, config["scoring"]["snapshots_per_job"]) if job_rounds else None
 
     def write_round(snapshot) -> None:  # round r ends at step min((r + 1) x every, last step)

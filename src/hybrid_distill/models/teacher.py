@@ -5,8 +5,6 @@ import importlib.util
 import logging
 from pathlib import Path
 
-import torch
-
 log = logging.getLogger(__name__)
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
@@ -51,8 +49,10 @@ def check_architecture(model_type: str, spec: str) -> None:
                            f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
 
 
-def load_teacher(spec: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
-    """(model in eval mode with frozen weights, tokenizer); fails early on unsupported architectures."""
+def load_teacher(spec: str, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"):
+    """(model in eval mode with frozen weights, tokenizer; float32 unless `dtype`); fails early on unsupported
+    architectures. torch is imported here, not above: the Snakefile reads describe_teacher at every start."""
+    import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     location, kwargs = resolve_teacher(spec)
@@ -60,7 +60,7 @@ def load_teacher(spec: str, dtype: torch.dtype = torch.float32, device: str | to
     check_architecture(config.model_type, spec)
     log.info("loading teacher %s (%s)", spec, config.model_type)
     tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype or torch.float32, **kwargs)
     if getattr(model.config, "quantization_config", None) is not None:  # GGUF weights are dequantised on load
         del model.config.quantization_config
         model.hf_quantizer = None

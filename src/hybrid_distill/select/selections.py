@@ -8,9 +8,9 @@ from hybrid_distill.select.importance import choose_layers
 from hybrid_distill.select.score_files import read_importance_csv, read_score, signals_from_json, signals_to_json
 
 
-def select_layers(config: dict, selector: str, k: int, total_layers: int, out_json: Path, seed: int = 0,
+def select_layers(selector: str, k: int, total_layers: int, out_json: Path, seed: int = 0,
                   signal_files: list[Path] = (), importance_file: Path | None = None,
-                  pick_order: list[int] | None = None) -> list[int]:
+                  pick_order: list[int] | None = None, user_layers: list[int] = ()) -> list[int]:
     """Write the chosen softmax layers of one selector at one K (`pick_order`: GA-iter's greedy picks)."""
     signals: dict[str, dict[int, float]] = {}
     for path in signal_files:
@@ -18,7 +18,7 @@ def select_layers(config: dict, selector: str, k: int, total_layers: int, out_js
     if importance_file is not None:
         signals["ga_s2"] = read_importance_csv(importance_file)
     layers = choose_layers(selector, k, total_layers, signals, seed=seed,
-                           user_layers=config["selection"]["user_layers"], pick_order=pick_order)
+                           user_layers=list(user_layers), pick_order=pick_order)
     payload = {"selector": selector, "k": k, "seed": seed, "softmax_layers": layers,
                "importance": signals.get(selector)}
     if pick_order is not None:
