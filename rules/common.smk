@@ -111,12 +111,6 @@ wildcard_constraints:
 
 # ---- paths ---------------------------------------------------------------------------------------------
 RUN_CONFIG = f"{ROOT}/config.yaml"  # the whole resolved config, for the record; jobs read their slices below
-
-
-def config_slice_file(name):
-    """The part of the config a job reads (hybrid_distill/config/reads.py): a job reruns when it changes."""
-    return f"{ROOT}/config/{name}.yaml"
-
 TEACHER_DIR = f"{ROOT}/teacher"
 DATA_DIR = f"{ROOT}/data"
 DATA_FILES = [f"{DATA_DIR}/{split}.{ext}" for split in ("train", "heldout") for ext in ("bin", "json")]
@@ -124,6 +118,11 @@ TEACHER_CACHE = f"{ROOT}/teacher_cache/train_hidden.bin"  # its sidecar: the sam
 TEACHER_CACHE_FILES = [TEACHER_CACHE, os.path.splitext(TEACHER_CACHE)[0] + ".json"]
 LOGS = f"{ROOT}/logs"
 BENCH = f"{ROOT}/benchmarks"
+
+
+def config_slice_file(name):
+    """The part of the config a job reads (hybrid_distill/config/reads.py): a job reruns when it changes."""
+    return f"{ROOT}/config/{name}.yaml"
 
 
 def stage1_dir(mixer):

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from hybrid_distill.distill.objectives import HiddenAlignment, LogitDistillation, heldout_kl
+from hybrid_distill.distill.objectives import HeldoutTeacher, HiddenAlignment, LogitDistillation, heldout_kl
 from hybrid_distill.distill.trainer import TrainSettings, train
 from hybrid_distill.models.student import build_student, decoder_layers, mixers_of, restore_softmax_layers
 
@@ -69,6 +69,29 @@ def test_heldout_kl_is_zero_for_the_teacher_and_drops_with_stage2(teacher, tmp_p
     train(objective, Tokens(), TrainSettings(token_budget=8 * 4 * 24, micro_batch_size=4, lr=1e-3,
                                              schedule="constant", save_every=8), tmp_path)
     assert heldout_kl(student, teacher, data, 4, 2) < before
+
+
+def test_a_kept_teacher_runs_the_teachers_body_once_and_scores_as_a_live_one(teacher, tmp_path, request):
+    data, student = Tokens(seed=3), build_student(teacher, [1], "gdn")
+    calls = []
+    hook = teacher.model.register_forward_hook(lambda *args: calls.append(1))
+    request.addfinalizer(hook.remove)
+    kept = HeldoutTeacher()
+    first = heldout_kl(student, teacher, data, 6, 4, kept_teacher=kept)  # batches of 4 and 2 rows
+    assert (len(calls), kept.teacher_passes) == (2, 2)
+    objective = LogitDistillation(student, teacher, temperature=1.0, chunk_tokens=7)
+    train(objective, Tokens(), TrainSettings(token_budget=2 * 4 * 24, micro_batch_size=4, lr=1e-3,
+                                             schedule="constant", save_every=8), tmp_path)
+    calls.clear()
+    trained = heldout_kl(student, teacher, data, 6, 4, kept_teacher=kept)
+    assert calls == [] and trained != first  # the student moved, the teacher's rows were reused
+    assert trained == heldout_kl(student, teacher, data, 6, 4)  # exactly what a live teacher gives
+    heldout_kl(student, teacher, Tokens(seed=4), 6, 4, kept_teacher=kept)  # other rows: the teacher runs again
+    assert kept.teacher_passes == 4
+    small = HeldoutTeacher(max_bytes=1)  # nothing fits: every score runs the teacher again
+    heldout_kl(student, teacher, data, 6, 4, kept_teacher=small)
+    heldout_kl(student, teacher, data, 6, 4, kept_teacher=small)
+    assert small.teacher_passes == 4 and not small.rows
 
 
 def test_restoring_a_layer_lowers_the_heldout_kl(teacher):

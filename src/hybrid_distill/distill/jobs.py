@@ -12,7 +12,9 @@ from hybrid_distill.data.packed import PackedTokens
 from hybrid_distill.distill.atomic import drop_training_state, write_json
 from hybrid_distill.distill.compiled_blocks import compile_training_layers, set_activation_memory_budget
 from hybrid_distill.distill.master_weights import cast_weights
-from hybrid_distill.distill.objectives import HiddenAlignment, LogitDistillation, heldout_kl, heldout_layer_mse
+from hybrid_distill.distill.objectives import (
+    HeldoutTeacher, HiddenAlignment, LogitDistillation, heldout_kl, heldout_layer_mse,
+)
 from hybrid_distill.distill.precision import train_on_cpu, training_autocast_dtype
 from hybrid_distill.distill.teacher_cache import (TeacherCache, sequences_to_cache, teacher_fingerprint,
                                                   write_teacher_cache)
@@ -107,6 +109,7 @@ def distill_stage2(config: dict, stage_key: str, teacher_dir: Path, data_dir: Pa
     settings = train_settings(stage_section(config, stage_key), config["seed"])
     out_dir = Path(out_dir)
     heldout = open_data(data_dir, "heldout")
+    kept_teacher = HeldoutTeacher()  # the teacher's held-out rows, from the first score on
 
     def score_of(result, with_kl: bool) -> dict:
         tokens_per_step = result.tokens // max(result.step, 1)
@@ -116,7 +119,8 @@ def distill_stage2(config: dict, stage_key: str, teacher_dir: Path, data_dir: Pa
         if with_kl:
             score["heldout_kl"] = heldout_kl(result.objective.student, result.objective.teacher, heldout,
                                              config["scoring"]["heldout_sequences"], EVAL_BATCH,
-                                             config["distill"]["temperature"], config["distill"]["kl_chunk_tokens"])
+                                             config["distill"]["temperature"], config["distill"]["kl_chunk_tokens"],
+                                             kept_teacher)
         return score
 
     scores_rounds = rounds_dir is not None or job_rounds  # only these read the scoring section's round settings

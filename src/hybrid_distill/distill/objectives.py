@@ -126,15 +126,40 @@ class LogitDistillation(nn.Module):
         return loss, ({} if self.teacher_cache is None else {"teacher_cached": float(cached)})
 
 
+HELDOUT_TEACHER_MAX_BYTES = 1 << 30  # kept teacher rows of one job's held-out scores; above this they are recomputed
+
+
+class HeldoutTeacher:
+    """The teacher's final hidden states on the held-out rows, kept from a job's first score for its later ones:
+    the teacher does not train, so each later snapshot runs only the student's body (the same values). A batch is
+    reused only for the same token ids."""
+
+    def __init__(self, max_bytes: int = HELDOUT_TEACHER_MAX_BYTES):
+        self.max_bytes, self.rows, self.teacher_passes = max_bytes, {}, 0
+
+    def hidden(self, teacher: nn.Module, input_ids: torch.Tensor, first: int) -> torch.Tensor:
+        kept_ids, kept_hidden = self.rows.get(first, (None, None))
+        if kept_ids is not None and kept_ids.shape == input_ids.shape and torch.equal(kept_ids, input_ids):
+            return kept_hidden
+        with torch.no_grad(), maskless_causal_attention(teacher):
+            hidden = teacher.model(input_ids=input_ids, use_cache=False).last_hidden_state
+        self.teacher_passes += 1
+        kept = sum(rows.numel() * rows.element_size() for _, rows in self.rows.values())
+        if kept + hidden.numel() * hidden.element_size() <= self.max_bytes:
+            self.rows[first] = (input_ids, hidden)
+        return hidden
+
+
 @torch.no_grad()
 def heldout_kl(student, teacher, data, num_sequences: int, batch_size: int, temperature: float = 1.0,
-               chunk_tokens: int = 4096) -> float:
+               chunk_tokens: int = 4096, kept_teacher: HeldoutTeacher | None = None) -> float:
     """Token-mean KL(teacher || student) on the first `num_sequences` held-out sequences (I(l) = -this).
 
     Leaves the student as it found it (train/eval mode and which parameters train), so training can go on after
-    a mid-run score.
+    a mid-run score. Pass one `kept_teacher` to every score of a job to run the teacher's body only once.
     """
     objective = LogitDistillation(student, teacher, temperature, chunk_tokens, trainable=None)
+    kept_teacher = kept_teacher or HeldoutTeacher(max_bytes=0)
     was_training = student.training
     student.eval()
     total, count = 0.0, 0
@@ -142,7 +167,8 @@ def heldout_kl(student, teacher, data, num_sequences: int, batch_size: int, temp
     device = next(student.parameters()).device
     for first in range(0, num_sequences, batch_size):
         size = min(batch_size, num_sequences - first)
-        loss, _ = objective(data.batch(first, size).to(device))
+        input_ids = data.batch(first, size).to(device)
+        loss, _ = objective(input_ids, teacher_hidden=kept_teacher.hidden(teacher, input_ids, first))
         total += loss.item() * size
         count += size
     student.train(was_training)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from hybrid_distill.distill.atomic import write_json
 from hybrid_distill.distill.jobs import EVAL_BATCH, open_data
-from hybrid_distill.distill.objectives import heldout_kl
+from hybrid_distill.distill.objectives import HeldoutTeacher, heldout_kl
 from hybrid_distill.models.checkpoint import load_hybrid
 from hybrid_distill.models.student import decoder_layers, num_layers
 from hybrid_distill.models.teacher import load_teacher
@@ -52,10 +52,11 @@ def score_stage1_signals(config: dict, teacher_dir: Path, data_dir: Path, stage1
     student = load_hybrid(stage1_dir)
     heldout = open_data(data_dir, "heldout")
     total = num_layers(teacher)
+    kept_teacher = HeldoutTeacher()  # 2L + 1 scores against one teacher
 
     def kl(model):
         return heldout_kl(model, teacher, heldout, config["scoring"]["heldout_sequences"], EVAL_BATCH,
-                          config["distill"]["temperature"], config["distill"]["kl_chunk_tokens"])
+                          config["distill"]["temperature"], config["distill"]["kl_chunk_tokens"], kept_teacher)
 
     ga, gr = {}, {}
     for layer in range(total):
