@@ -12,17 +12,16 @@ import time
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from hybrid_distill.distill.bench import SMOLLM2_135M
 from hybrid_distill.distill.objectives import HeldoutTeacher, heldout_kl
 from hybrid_distill.models.student import build_student
 
-SMOLLM2 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-               num_key_value_heads=3, head_dim=64, max_position_embeddings=8192, tie_word_embeddings=True)
 BATCH, CHUNK_TOKENS = 8, 2048  # the scoring jobs' EVAL_BATCH and configs/smollm2-*.yaml's kl_chunk_tokens
 
 
 class Rows:
     def __init__(self, sequences: int, seq_len: int, device):
-        self.tokens = torch.randint(0, SMOLLM2["vocab_size"], (sequences, seq_len), device=device)
+        self.tokens = torch.randint(0, SMOLLM2_135M["vocab_size"], (sequences, seq_len), device=device)
         self.num_sequences = sequences
 
     def batch(self, first, size):
@@ -54,7 +53,7 @@ def main():
     args = parser.parse_args()
     torch.manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: a smoke run of the script
-    teacher = LlamaForCausalLM(LlamaConfig(**SMOLLM2)).to(device).eval().requires_grad_(False)
+    teacher = LlamaForCausalLM(LlamaConfig(**SMOLLM2_135M)).to(device).eval().requires_grad_(False)
     student = build_student(teacher, [0], "gdn").to(device)
     rows = Rows(args.sequences, args.seq_len, device)
     kept = HeldoutTeacher()

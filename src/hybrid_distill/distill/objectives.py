@@ -135,7 +135,7 @@ class HeldoutTeacher:
     reused only for the same token ids."""
 
     def __init__(self, max_bytes: int = HELDOUT_TEACHER_MAX_BYTES):
-        self.max_bytes, self.rows, self.teacher_passes = max_bytes, {}, 0
+        self.max_bytes, self.rows, self.kept_bytes, self.teacher_passes = max_bytes, {}, 0, 0
 
     def hidden(self, teacher: nn.Module, input_ids: torch.Tensor, first: int) -> torch.Tensor:
         kept_ids, kept_hidden = self.rows.get(first, (None, None))
@@ -144,9 +144,10 @@ class HeldoutTeacher:
         with torch.no_grad(), maskless_causal_attention(teacher):
             hidden = teacher.model(input_ids=input_ids, use_cache=False).last_hidden_state
         self.teacher_passes += 1
-        kept = sum(rows.numel() * rows.element_size() for _, rows in self.rows.values())
-        if kept + hidden.numel() * hidden.element_size() <= self.max_bytes:
+        size = hidden.numel() * hidden.element_size()
+        if first not in self.rows and self.kept_bytes + size <= self.max_bytes:
             self.rows[first] = (input_ids, hidden)
+            self.kept_bytes += size
         return hidden
 
 
