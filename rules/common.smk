@@ -8,6 +8,7 @@ from snakemake.utils import validate
 
 from hybrid_distill.config.load import SCHEMA_PATH, ConfigError, validate_config
 from hybrid_distill.config.reads import SLICES, slice_file_content
+from hybrid_distill.kernel_cache import export_kernel_cache
 from hybrid_distill.models.teacher import TeacherError, describe_teacher
 from hybrid_distill.select.budget import early_stop_k, job_ends, scoring_rounds, tokens_per_step
 from hybrid_distill.select.greedy_jobs import read_greedy_choice
@@ -28,6 +29,8 @@ def _validated(raw):
 
 
 config = _validated(config)
+# Every job started from here (Slurm's sbatch exports this environment) keeps compiled kernels in one shared place.
+export_kernel_cache(config["kernel_cache"])
 RUN = config["run"]
 ROOT = f"results/{RUN}"
 try:

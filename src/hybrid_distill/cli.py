@@ -302,6 +302,10 @@ def main(argv: list[str] | None = None) -> int:
         processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # set by `accelerate launch` for several
         torch.set_num_threads(threads_per_process(int(threads), processes))
         log.debug("torch threads: %d (%s for %d processes)", torch.get_num_threads(), threads, processes)
+    if args.uses_torch:
+        from hybrid_distill.kernel_cache import describe_kernel_cache
+
+        log.info(describe_kernel_cache())
     from hybrid_distill.errors import USER_ERRORS
 
     try:

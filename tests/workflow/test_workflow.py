@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -119,6 +120,10 @@ def test_whole_dag_runs_end_to_end(finished_run):
     assert list((root / "report" / "tables").glob("*.tex"))
     recorded = yaml.safe_load((root / "config.yaml").read_text())  # the whole resolved config, for the record
     assert recorded["selection"]["selectors"] == ["ga_s2", "uniform"]
+    # every job keeps compiled kernels in the run's shared kernel cache, unless the environment already chose one
+    inductor = os.environ.get("TORCHINDUCTOR_CACHE_DIR") or str(finished_run / "results/.kernel_cache/inductor")
+    stage1_log = (root / "logs" / "gdn" / "distill_all_linear_stage1.log").read_text()
+    assert f"TORCHINDUCTOR_CACHE_DIR={inductor}," in stage1_log
 
 
 def test_an_added_selector_or_evaluation_task_retrains_nothing_already_trained(tiny_teacher_dir, finished_run):

@@ -329,7 +329,17 @@ def _run_rows(settings: BenchSettings, rank, world, device) -> dict:
                         "short_conv": mixer_ops.op_choice("HD_SHORT_CONV", settings.cuda_graph)  # the project step's
                         if device.type == "cuda" else "torch",
                         "torch": torch.__version__},
+            "compiled_graphs": compiled_graph_counts(),
             "rows": [row.__dict__ for row in rows]}
+
+
+def compiled_graph_counts() -> dict[str, int]:
+    """How many compiled graphs this process loaded from the kernel cache (hybrid_distill/kernel_cache.py) and how
+    many it had to compile: Inductor's FX graph cache and AOTAutograd's cache, hits and misses."""
+    from torch._dynamo.utils import counters
+
+    return {f"{group}.{name}": count for group in ("inductor", "aot_autograd")
+            for name, count in sorted(counters[group].items()) if "cache" in name}
 
 
 def format_table(result: dict) -> str:

@@ -1,0 +1,46 @@
+"""One on-disk home for compiled kernels, shared by every job of every run.
+
+A run is dozens of short jobs, and on a cluster each may land on a node that has never compiled anything. By default
+Triton keeps its kernels under the home directory and Inductor keeps its compiled graphs in node-local /tmp, so a job
+on a fresh node compiles its decoder layers again (tens of seconds with `distill.compile_blocks`) and, where the home
+directory is not shared, fla's kernels too (88 s for a first training step and 38 s for a first held-out score on an
+H200, docs/performance.md, session 17). The workflow points both caches at one directory on the shared filesystem
+(`kernel_cache` in the config), and keeps Triton's autotuning choices there as well, so every later job loads what the
+first one compiled and picks the same kernel configurations, even when jobs sharing a GPU would time them
+differently.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import MutableMapping
+from pathlib import Path
+
+# environment variable -> subdirectory of the kernel cache
+CACHE_DIRECTORIES = {"TRITON_CACHE_DIR": "triton", "TORCHINDUCTOR_CACHE_DIR": "inductor"}
+AUTOTUNE_RESULTS = "TRITON_CACHE_AUTOTUNING"  # Triton >= 3.3 keeps each autotuned kernel's choice in its cache
+
+
+def kernel_cache_environment(root: str | os.PathLike) -> dict[str, str]:
+    """The variables that put compiled kernels under `root` (made absolute: jobs may start in other directories)."""
+    root = Path(root).absolute()
+    environment = {variable: str(root / sub) for variable, sub in CACHE_DIRECTORIES.items()}
+    environment[AUTOTUNE_RESULTS] = "1"
+    return environment
+
+
+def export_kernel_cache(root: str | os.PathLike | None,
+                        environ: MutableMapping[str, str] = os.environ) -> dict[str, str]:
+    """Sets each variable of kernel_cache_environment(root) that `environ` does not set already (a user's own
+    choice wins); root None sets nothing. Returns what it set."""
+    if root is None:
+        return {}
+    chosen = {variable: value for variable, value in kernel_cache_environment(root).items()
+              if variable not in environ}
+    environ.update(chosen)
+    return chosen
+
+
+def describe_kernel_cache(environ: MutableMapping[str, str] = os.environ) -> str:
+    """One log line: where this process keeps compiled kernels."""
+    parts = [f"{variable}={environ.get(variable, '(default)')}" for variable in (*CACHE_DIRECTORIES, AUTOTUNE_RESULTS)]
+    return "compiled kernels: " + ", ".join(parts)
