@@ -10,11 +10,16 @@
 #   new_node     Triton's cache warm, Inductor's empty: a later job on another node with the libraries' defaults
 #                (Inductor's cache in node-local /tmp). A lower bound of that cost: Inductor's own Triton kernels still
 #                find their binaries in the warm Triton cache
+#   default_first     the libraries' own defaults (Triton's and TileLang's caches under a home directory, Inductor's
+#                     in node-local /tmp), all empty: the first job
+#   default_new_node  the same home, a new Inductor directory: a later job on another node of a cluster whose home
+#                     directory is shared, without the workflow's kernel cache
 #   graphs_only  the same job without compile options (cuda_graphs alone), warm caches
 #   eager        neither compile options nor graphs, warm caches
 # Writes $OUT/<case>.json (the bench's rows and its compiled-graph cache counts) and appends one line per case to
 # $OUT/wall.tsv.
-# Usage: bash scripts/gpu/bench_kernel_cache.sh [cold] [shared] [new_node] [graphs_only] [eager]
+# Usage: bash scripts/gpu/bench_kernel_cache.sh [cold] [shared] [new_node] [default_first] [default_new_node]
+#        [graphs_only] [eager]
 set -uo pipefail
 out=${OUT:-bench-out}
 root=$HOME/.hd-kernel-cache
@@ -61,6 +66,12 @@ for part in "${parts[@]}"; do
     new_node) rm -rf "$root/node2"
       case_run new_node 260 TRITON_CACHE_DIR="$root/shared/triton" TORCHINDUCTOR_CACHE_DIR="$root/node2/inductor" \
         TRITON_CACHE_AUTOTUNING=1 -- "${compiled[@]}" ;;
+    default_first) rm -rf "$root/home" "$root/node1"
+      case_run default_first 330 -u TRITON_CACHE_DIR -u TRITON_CACHE_AUTOTUNING -u TILELANG_CACHE_DIR HOME="$root/home" \
+        TORCHINDUCTOR_CACHE_DIR="$root/node1/inductor" -- "${compiled[@]}" ;;
+    default_new_node) rm -rf "$root/node3"
+      case_run default_new_node 260 -u TRITON_CACHE_DIR -u TRITON_CACHE_AUTOTUNING -u TILELANG_CACHE_DIR \
+        HOME="$root/home" TORCHINDUCTOR_CACHE_DIR="$root/node3/inductor" -- "${compiled[@]}" ;;
     graphs_only) case_run graphs_only 200 "${shared[@]}" -- --cuda-graph ;;
     eager) case_run eager 200 "${shared[@]}" -- ;;
     *) echo "unknown part $part"; exit 2 ;;

@@ -1,13 +1,13 @@
 """One on-disk home for compiled kernels, shared by every job of every run.
 
 A run is dozens of short jobs, and on a cluster each may land on a node that has never compiled anything. By default
-Triton keeps its kernels under the home directory and Inductor keeps its compiled graphs in node-local /tmp, so a job
-on a fresh node compiles its decoder layers again (tens of seconds with `distill.compile_blocks`) and, where the home
-directory is not shared, fla's kernels too (88 s for a first training step and 38 s for a first held-out score on an
-H200, docs/performance.md, session 17). The workflow points both caches at one directory on the shared filesystem
+Inductor keeps its compiled graphs and the Triton binaries of their kernels in node-local /tmp, and Triton and TileLang
+keep fla's kernels under the home directory. So a job on a fresh node compiles its decoder layers again, and where
+the home directory is not shared, fla's kernels too. On an H200, a 16-step all-GDN scoring job with the paper
+configs' compile options took 161.5 s on a new node of a shared-home cluster and 46.4 s with this cache
+(docs/performance.md, session 18). The workflow points all of them at one directory on the shared filesystem
 (`kernel_cache` in the config), and keeps Triton's autotuning choices there as well, so every later job loads what the
-first one compiled and picks the same kernel configurations, even when jobs sharing a GPU would time them
-differently.
+first one compiled and picks the same kernel configurations, even when jobs sharing a GPU would time them differently.
 """
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ from collections.abc import MutableMapping
 from pathlib import Path
 
 # environment variable -> subdirectory of the kernel cache
-CACHE_DIRECTORIES = {"TRITON_CACHE_DIR": "triton", "TORCHINDUCTOR_CACHE_DIR": "inductor"}
+CACHE_DIRECTORIES = {"TRITON_CACHE_DIR": "triton", "TORCHINDUCTOR_CACHE_DIR": "inductor",
+                     "TILELANG_CACHE_DIR": "tilelang"}  # fla's GDN backward on Hopper compiles a TileLang kernel
 AUTOTUNE_RESULTS = "TRITON_CACHE_AUTOTUNING"  # Triton >= 3.3 keeps each autotuned kernel's choice in its cache
 
 

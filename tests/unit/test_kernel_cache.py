@@ -10,7 +10,7 @@ from pathlib import Path
 
 from hybrid_distill.kernel_cache import describe_kernel_cache, export_kernel_cache, kernel_cache_environment
 
-VARIABLES = ("TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_AUTOTUNING")
+VARIABLES = ("TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR", "TILELANG_CACHE_DIR", "TRITON_CACHE_AUTOTUNING")
 
 
 def test_a_relative_cache_becomes_absolute_subdirectories_of_one_root(tmp_path, monkeypatch):
@@ -18,6 +18,7 @@ def test_a_relative_cache_becomes_absolute_subdirectories_of_one_root(tmp_path, 
     environment = kernel_cache_environment("results/.kernel_cache")
     assert environment == {"TRITON_CACHE_DIR": str(tmp_path / "results/.kernel_cache/triton"),
                            "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "results/.kernel_cache/inductor"),
+                           "TILELANG_CACHE_DIR": str(tmp_path / "results/.kernel_cache/tilelang"),
                            "TRITON_CACHE_AUTOTUNING": "1"}
 
 
@@ -27,7 +28,7 @@ def test_export_sets_only_what_the_environment_leaves_unset(tmp_path):
     assert environ["TRITON_CACHE_DIR"] == "/users/own/triton"
     assert environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "cache" / "inductor")
     assert environ["TRITON_CACHE_AUTOTUNING"] == "1"
-    assert set(chosen) == {"TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_AUTOTUNING"}
+    assert set(chosen) == {"TORCHINDUCTOR_CACHE_DIR", "TILELANG_CACHE_DIR", "TRITON_CACHE_AUTOTUNING"}
     assert "TRITON_CACHE_DIR=/users/own/triton" in describe_kernel_cache(environ)
 
 
