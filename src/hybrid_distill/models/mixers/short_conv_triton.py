@@ -18,10 +18,6 @@ import triton.language as tl
 
 BLOCK_T = 64  # tokens per program
 BLOCK_D = 128  # channels per program
-# the backward keeps about eight float32 tiles live: smaller tiles keep them in registers (64 x 128 spilled and took
-# 7.7 ms per call on an H200)
-BACKWARD_BLOCK_T = 32
-BACKWARD_BLOCK_D = 64
 
 
 @triton.jit
@@ -97,9 +93,9 @@ def _conv_silu_backward(x_ptr, w_ptr, b_ptr, dy_ptr, dx_ptr, dw_ptr, db_ptr, T, 
         tl.store(db_ptr + tile * D + cols, tl.sum(g_here, axis=0), mask=col_mask)
 
 
-def _grid(x: torch.Tensor, block_t: int, block_d: int):
+def _grid(x: torch.Tensor):
     batch, length, channels = x.shape
-    return triton.cdiv(length, block_t), triton.cdiv(channels, block_d), batch
+    return triton.cdiv(length, BLOCK_T), triton.cdiv(channels, BLOCK_D), batch
 
 
 def _channels_last(x: torch.Tensor) -> torch.Tensor:
@@ -111,7 +107,7 @@ class _ShortConvSilu(torch.autograd.Function):
     def forward(ctx, x, weight, bias):
         x, weight = _channels_last(x), weight.contiguous()
         y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-        _conv_silu_forward[_grid(x, BLOCK_T, BLOCK_D)](x, weight, bias if bias is not None else weight, y, x.shape[1], x.shape[2],
+        _conv_silu_forward[_grid(x)](x, weight, bias if bias is not None else weight, y, x.shape[1], x.shape[2],
                                      x.stride(0), x.stride(1), y.stride(0), y.stride(1), HAS_BIAS=bias is not None,
                                      WIDTH=weight.shape[1], BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D)
         ctx.save_for_backward(x, weight, bias)
@@ -121,15 +117,15 @@ class _ShortConvSilu(torch.autograd.Function):
     def backward(ctx, dy):
         x, weight, bias = ctx.saved_tensors
         dy = _channels_last(dy)
-        grid = _grid(x, BACKWARD_BLOCK_T, BACKWARD_BLOCK_D)
+        grid = _grid(x)
         tiles = grid[0] * grid[2]
         dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
         dw = torch.empty(tiles, *weight.shape, dtype=torch.float32, device=x.device)
         db = torch.empty(tiles, x.shape[2], dtype=torch.float32, device=x.device) if bias is not None else dw
         _conv_silu_backward[grid](x, weight, bias if bias is not None else weight, dy, dx, dw, db, x.shape[1],
                                   x.shape[2], x.stride(0), x.stride(1), dy.stride(0), dy.stride(1), dx.stride(0),
-                                  dx.stride(1), HAS_BIAS=bias is not None, WIDTH=weight.shape[1],
-                                  BLOCK_T=BACKWARD_BLOCK_T, BLOCK_D=BACKWARD_BLOCK_D)
+                                  dx.stride(1), HAS_BIAS=bias is not None, WIDTH=weight.shape[1], BLOCK_T=BLOCK_T,
+                                  BLOCK_D=BLOCK_D)
         weight_grad = dw.sum(0).to(weight.dtype)
         bias_grad = db.sum(0).to(bias.dtype) if bias is not None else None
         return dx, weight_grad, bias_grad
