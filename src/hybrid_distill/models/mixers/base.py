@@ -5,7 +5,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import kernels
 from .cache_layer import state_layer
 from .short_conv import ShortConvolution
 from .spec import MixerSpec
@@ -84,10 +83,8 @@ class LinearMixer(nn.Module):
         """The gate projections of one decode token (a subclass may fuse them with its gate maths)."""
         return [linear(hidden_states) for linear in self._gate_linears()]
 
-    def _project_inputs(self, hidden_states) -> tuple[torch.Tensor | list[torch.Tensor], list[torch.Tensor]]:
-        """(q, k and v projections, [gate projections]) of the layer input: for a sequence, q, k and v as one
-        [B, T, 3 x inner] block (one short-conv call can read all three); for a decode token, a list of three. A
-        sequence runs them all as one GEMM over
+    def _project_inputs(self, hidden_states) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """([q, k, v] projections, [gate projections]) of the layer input. A sequence runs them all as one GEMM over
         the concatenated weights, rows padded to a multiple of 8 so that the output rows stay 16-byte aligned: one
         GEMM, and one for each gradient in backward, in place of one per projection (the gates' with 9 or 16
         outputs, far below what a GEMM needs to run well) plus the adds that summed the input's gradient. On an
@@ -109,40 +106,23 @@ class LinearMixer(nn.Module):
             biases.append(weights[0].new_zeros(pad))
             widths.append(pad)
         bias = torch.cat(biases) if any(linear.bias is not None for linear in linears) else None
-        widths = [sum(widths[:3])] + widths[3:]
         outputs = F.linear(hidden_states, torch.cat(weights), bias).split(widths, dim=-1)
-        return outputs[0], list(outputs[1:len(linears) - 2])
+        return list(outputs[:3]), list(outputs[3:len(linears)])
 
     def _project_qkv(self, projected, keep, conv_caches):
-        """q, k, v as [B, T, H, D] from their projections (_project_inputs' block or list), after the optional short
-        convolutions; padded positions zeroed. A sequence's three convolutions from zero history run as one kernel
-        call over the block where a kernel conv applies (kernels.use_kernel_short_conv): one launch, and one
-        backward pass, in place of three."""
-        inner = self.spec.num_heads * self.spec.head_dim
+        """q, k, v as [B, T, H, D] from their projections, after the optional short convolutions; padded positions
+        zeroed."""
         if keep is not None:
-            projected = projected * keep[..., None] if torch.is_tensor(projected) else \
-                [x * keep[..., None] for x in projected]
+            projected = [x * keep[..., None] for x in projected]
         new_caches = None
-        convs = (self.q_conv1d, self.k_conv1d, self.v_conv1d) if self.spec.use_short_conv else ()
-        if convs and conv_caches is None and torch.is_tensor(projected) and projected.shape[1] > 1 \
-                and kernels.use_kernel_short_conv(projected):
-            biases = [conv.bias for conv in convs]
-            bias = torch.cat(biases) if biases[0] is not None else None
-            out = kernels.short_conv_silu(projected, torch.cat([conv.weight[:, 0] for conv in convs]), bias)
-            new_caches = tuple(conv.last_inputs(x) for conv, x in zip(convs, projected.split(inner, dim=-1)))
-            projected = list(out.split(inner, dim=-1))
+        if self.spec.use_short_conv:
+            convs = (self.q_conv1d, self.k_conv1d, self.v_conv1d)
+            caches = conv_caches or (None, None, None)
+            results = [conv(x, cache) for conv, x, cache in zip(convs, projected, caches)]
+            projected = [out for out, _ in results]
+            new_caches = tuple(cache for _, cache in results)
             if keep is not None:
                 projected = [x * keep[..., None] for x in projected]
-        else:
-            if torch.is_tensor(projected):
-                projected = list(projected.split(inner, dim=-1))
-            if convs:
-                caches = conv_caches or (None, None, None)
-                results = [conv(x, cache) for conv, x, cache in zip(convs, projected, caches)]
-                projected = [out for out, _ in results]
-                new_caches = tuple(cache for _, cache in results)
-                if keep is not None:
-                    projected = [x * keep[..., None] for x in projected]
         shape = (*projected[0].shape[:2], self.spec.num_heads, self.spec.head_dim)
         q, k, v = (x.reshape(shape) for x in projected)
         return q, k, v, new_caches

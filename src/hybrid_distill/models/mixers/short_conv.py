@@ -26,8 +26,8 @@ class ShortConvolution(nn.Conv1d):
     def forward(self, x: torch.Tensor, cache: torch.Tensor | None = None):
         """Returns (silu(conv(x)), new cache [B, D, kernel_size-1])."""
         length = x.shape[1]
-        if cache is None and length > 1 and kernels.use_kernel_short_conv(x):
-            return kernels.short_conv_silu(x, self.weight[:, 0], self.bias), self.last_inputs(x)
+        if cache is None and length > 1 and kernels.use_fla_short_conv(x):
+            return kernels.short_conv_silu(x, self.weight[:, 0], self.bias), self._last_inputs(x)
         if torch.compiler.is_compiling() and length > 1:
             return self._shifted_sums(x, cache)
         inputs = x.transpose(1, 2)
@@ -44,7 +44,7 @@ class ShortConvolution(nn.Conv1d):
         new_cache = (padded[..., -history:] if history else padded[..., :0]).contiguous()
         return F.silu(out[..., -length:]).transpose(1, 2), new_cache
 
-    def last_inputs(self, x: torch.Tensor) -> torch.Tensor:
+    def _last_inputs(self, x: torch.Tensor) -> torch.Tensor:
         """The decoding cache after a sequence read from zero history: its last kernel_size - 1 inputs, [B, D, k-1]."""
         history = self.kernel_size[0] - 1
         return F.pad(x, (0, 0, history, 0))[:, x.shape[1]:].transpose(1, 2).contiguous()
