@@ -53,6 +53,10 @@ def test_tiny_workflow_runs_every_rule_as_a_slurm_job(slurm_cluster, tiny_teache
     run = subprocess.run(command, capture_output=True, text=True, env=environment(slurm_cluster), timeout=900)
     assert_ok(run)
     assert (workdir / "results/tiny/report.md").exists()
+    # the jobs on the cluster keep compiled kernels in the workflow's shared kernel cache
+    inductor = environment(slurm_cluster).get("TORCHINDUCTOR_CACHE_DIR") or \
+        str(workdir / "results/.kernel_cache/inductor")
+    assert f"TORCHINDUCTOR_CACHE_DIR={inductor}," in (workdir / STAGE1_LOG).read_text()
 
     remote, local = planned_jobs(run.stderr)
     assert set(local) == LOCAL_RULES  # these ran in the controller, not on the cluster
