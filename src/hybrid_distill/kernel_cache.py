@@ -19,6 +19,7 @@ from pathlib import Path
 CACHE_DIRECTORIES = {"TRITON_CACHE_DIR": "triton", "TORCHINDUCTOR_CACHE_DIR": "inductor",
                      "TILELANG_CACHE_DIR": "tilelang"}  # fla's GDN backward on Hopper compiles a TileLang kernel
 AUTOTUNE_RESULTS = "TRITON_CACHE_AUTOTUNING"  # Triton >= 3.3 keeps each autotuned kernel's choice in its cache
+KERNEL_CACHE_VARIABLES = (*CACHE_DIRECTORIES, AUTOTUNE_RESULTS)  # every variable the workflow may set
 
 
 def kernel_cache_environment(root: str | os.PathLike) -> dict[str, str]:
@@ -43,5 +44,5 @@ def export_kernel_cache(root: str | os.PathLike | None,
 
 def describe_kernel_cache(environ: MutableMapping[str, str] = os.environ) -> str:
     """One log line: where this process keeps compiled kernels."""
-    parts = [f"{variable}={environ.get(variable, '(default)')}" for variable in (*CACHE_DIRECTORIES, AUTOTUNE_RESULTS)]
+    parts = [f"{variable}={environ.get(variable, '(default)')}" for variable in KERNEL_CACHE_VARIABLES]
     return "compiled kernels: " + ", ".join(parts)

@@ -8,9 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from hybrid_distill.kernel_cache import describe_kernel_cache, export_kernel_cache, kernel_cache_environment
-
-VARIABLES = ("TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR", "TILELANG_CACHE_DIR", "TRITON_CACHE_AUTOTUNING")
+from hybrid_distill.kernel_cache import (
+    KERNEL_CACHE_VARIABLES, describe_kernel_cache, export_kernel_cache, kernel_cache_environment,
+)
 
 
 def test_a_relative_cache_becomes_absolute_subdirectories_of_one_root(tmp_path, monkeypatch):
@@ -51,7 +51,7 @@ print(json.dumps(compiled_graph_counts()))
 
 def test_a_second_process_loads_the_graphs_the_first_compiled_into_the_cache(tmp_path):
     """What a job on a fresh node gains: with the exported variables, a second process compiles nothing."""
-    environ = {key: value for key, value in os.environ.items() if key not in VARIABLES}
+    environ = {key: value for key, value in os.environ.items() if key not in KERNEL_CACHE_VARIABLES}
     export_kernel_cache(tmp_path / "kernel_cache", environ)
 
     def counts():
