@@ -41,25 +41,30 @@ def run(mixer, hidden, backend, monkeypatch):
     return output.detach(), hidden.grad.detach(), grads
 
 
-FLA_OPS = ("HD_SHORT_CONV", "HD_QK_L2NORM")  # the switches that move more of a GDN mixer into fla's kernels
+FLA_OPS = (("HD_SHORT_CONV", "fla"), ("HD_QK_L2NORM", "fla"))  # more of a GDN mixer in fla's kernels
+OUR_CONV = (("HD_SHORT_CONV", "triton"),)  # the short convs in our Triton kernels
 
 
-@pytest.mark.parametrize("kind,fla_ops", [("gdn", ()), ("gla", ()), ("gdn", FLA_OPS)])
+@pytest.mark.parametrize("kind,fla_ops", [("gdn", ()), ("gla", ()), ("gdn", FLA_OPS), ("gdn", OUR_CONV),
+                                          ("gla", OUR_CONV)],
+                         ids=["gdn", "gla", "gdn-fla_ops", "gdn-our_conv", "gla-our_conv"])
 @pytest.mark.parametrize("length", [64, 1000])
 def test_fla_and_torch_paths_agree_on_outputs_and_gradients(kind, fla_ops, length, monkeypatch, record_property):
-    """fla_ops: the fla path also runs its short convolutions and its q/k L2 norms in fla's kernels."""
+    """fla_ops: the fla path also runs its short convolutions (fla's kernel or ours) and its q/k L2 norms in
+    Triton kernels."""
     mixer = random_mixer(kind)
     hidden = torch.randn(2, length, 256, device="cuda")
-    for switch in fla_ops:
-        monkeypatch.setenv(switch, "fla")
+    for switch, value in fla_ops:
+        monkeypatch.setenv(switch, value)
     fla_out, fla_dx, fla_grads = run(mixer, hidden, "fla", monkeypatch)
-    for switch in fla_ops:
+    for switch, _ in fla_ops:
         monkeypatch.setenv(switch, "torch")
     ref_out, ref_dx, ref_grads = run(mixer, hidden, "torch", monkeypatch)
     errors = {"output": relative_error(fla_out, ref_out), "grad_input": relative_error(fla_dx, ref_dx)}
     errors.update({f"grad_{n}": relative_error(fla_grads[n], ref_grads[n]) for n in ref_grads})
     worst = max(errors, key=errors.get)
-    print(f"{kind} {'+'.join(fla_ops) or 'fla kernel'} T={length}: output {errors['output']:.2e}, "
+    switches = "+".join(f"{switch}={value}" for switch, value in fla_ops) or "fla kernel"
+    print(f"{kind} {switches} T={length}: output {errors['output']:.2e}, "
           f"grad_input {errors['grad_input']:.2e}, "
           f"worst {worst} {errors[worst]:.2e}")
     record_property("errors", errors)
@@ -128,11 +133,12 @@ def test_student_on_cuda_generates_with_cache_and_matches_torch_logits(kind, mon
     assert relative_error(fla_logits, torch_logits) <= TOLERANCE
 
 
+@pytest.mark.parametrize("kernel", ["fla", "triton"])
 @pytest.mark.parametrize("length", [3, 64, 1000])
 @pytest.mark.parametrize("bias", [False, True])
-def test_fla_short_conv_equals_the_torch_conv(length, bias, monkeypatch):
-    """HD_SHORT_CONV=fla: fla's Triton conv gives the PyTorch conv's outputs, decoding cache and gradients (input,
-    taps, bias), fp32."""
+def test_kernel_short_conv_equals_the_torch_conv(kernel, length, bias, monkeypatch):
+    """HD_SHORT_CONV=fla or triton: fla's Triton conv, or ours, gives the PyTorch conv's outputs, decoding cache and
+    gradients (input, taps, bias), fp32."""
     from hybrid_distill.models.mixers.short_conv import ShortConvolution
 
     torch.manual_seed(0)
@@ -143,12 +149,12 @@ def test_fla_short_conv_equals_the_torch_conv(length, bias, monkeypatch):
             conv.bias.normal_()
     x = torch.randn(2, length, 256, device="cuda")
     results = {}
-    for choice in ("fla", "torch"):
+    for choice in (kernel, "torch"):
         monkeypatch.setenv("HD_SHORT_CONV", choice)
         conv.zero_grad()
         inputs = x.clone().requires_grad_()
         out, cache = conv(inputs)
         (out * torch.linspace(-1, 1, out.numel(), device="cuda").view_as(out)).sum().backward()
         results[choice] = [out, cache, inputs.grad] + [p.grad for p in conv.parameters()]
-    for candidate, reference in zip(results["fla"], results["torch"], strict=True):
+    for candidate, reference in zip(results[kernel], results["torch"], strict=True):
         assert relative_error(candidate, reference) <= 1e-5

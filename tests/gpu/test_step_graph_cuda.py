@@ -63,8 +63,8 @@ def test_a_replayed_step_trains_as_the_eager_step(recompute):
     assert changed > len(list(student.parameters())) // 2  # the replays updated the weights
 
 
-def test_recorded_steps_run_fla_short_conv_and_replays_run_none(monkeypatch):
-    """The warm-up calls and the capture run inside kernels.graphed_steps (so the short conv records fla's kernel);
+def test_recorded_steps_run_the_kernel_short_conv_and_replays_run_none(monkeypatch):
+    """The warm-up calls and the capture run inside kernels.graphed_steps (so the short conv records our kernel);
     replays run no Python; the caller's code outside stays on PyTorch's conv."""
     from hybrid_distill.models.mixers import kernels
 
@@ -83,5 +83,5 @@ def test_recorded_steps_run_fla_short_conv_and_replays_run_none(monkeypatch):
     graphed = GraphedStep(step, optimizer, warmup=2)
     for _ in range(5):
         graphed(torch.ones(3, device="cuda"))
-    assert choices == ["fla"] * 3  # two warm-up calls and the capture
+    assert choices == ["triton"] * 3  # two warm-up calls and the capture
     assert kernels.op_choice("HD_SHORT_CONV") == "torch"

@@ -108,7 +108,8 @@ def test_short_conv_cache_after_a_sequence_is_its_last_inputs(length):
     torch.testing.assert_close(conv._last_inputs(x), cache, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("switch,allowed", [("HD_SHORT_CONV", "auto, torch or fla"), ("HD_QK_L2NORM", "torch or fla")])
+@pytest.mark.parametrize("switch,allowed", [("HD_SHORT_CONV", "auto, torch, fla or triton"),
+                                            ("HD_QK_L2NORM", "torch or fla")])
 def test_fla_op_switches_are_checked_and_stay_off_the_cpu(switch, allowed, monkeypatch):
     """A switch that moves a GDN op into fla's kernels (short convs, q/k L2 norms) leaves a CPU mixer's output as
     it was, inside recorded steps too; a value other than those allowed is refused by name."""
@@ -126,14 +127,14 @@ def test_fla_op_switches_are_checked_and_stay_off_the_cpu(switch, allowed, monke
     monkeypatch.delenv(switch)
     with kernels.graphed_steps():
         torch.testing.assert_close(mixer(hidden)[0], expected, rtol=0, atol=0)
-    monkeypatch.setenv(switch, "triton")
-    with pytest.raises(ValueError, match=f"{switch} must be {allowed}, not 'triton'"):
+    monkeypatch.setenv(switch, "cuda")
+    with pytest.raises(ValueError, match=f"{switch} must be {allowed}, not 'cuda'"):
         mixer(hidden)
 
 
-def test_short_conv_picks_fla_inside_recorded_steps_only(monkeypatch):
-    """By default the short conv runs fla's kernel in the steps a CUDA graph records (where it was faster) and
-    PyTorch's code elsewhere (where its launches were slower); a set HD_SHORT_CONV wins in both; the q/k norm
+def test_short_conv_picks_a_kernel_inside_recorded_steps_only(monkeypatch):
+    """By default the short conv runs our Triton kernel in the steps a CUDA graph records (where it was the fastest)
+    and PyTorch's code elsewhere (where fla's launches were slower); a set HD_SHORT_CONV wins in both; the q/k norm
     stays on torch unless set; leaving a nested block restores the outer choice."""
     from hybrid_distill.models.mixers import kernels
 
@@ -141,18 +142,33 @@ def test_short_conv_picks_fla_inside_recorded_steps_only(monkeypatch):
     monkeypatch.delenv("HD_QK_L2NORM", raising=False)
     assert kernels.op_choice("HD_SHORT_CONV") == "torch"
     with kernels.graphed_steps():
-        assert kernels.op_choice("HD_SHORT_CONV") == "fla" and kernels.op_choice("HD_QK_L2NORM") == "torch"
+        assert kernels.op_choice("HD_SHORT_CONV") == "triton" and kernels.op_choice("HD_QK_L2NORM") == "torch"
         with kernels.graphed_steps():
             pass
-        assert kernels.op_choice("HD_SHORT_CONV") == "fla"
+        assert kernels.op_choice("HD_SHORT_CONV") == "triton"
     assert kernels.op_choice("HD_SHORT_CONV") == "torch"
-    assert [kernels.op_choice("HD_SHORT_CONV", graphed) for graphed in (False, True)] == ["torch", "fla"]
-    for forced in ("torch", "fla"):
+    assert [kernels.op_choice("HD_SHORT_CONV", graphed) for graphed in (False, True)] == ["torch", "triton"]
+    for forced in ("torch", "fla", "triton"):
         monkeypatch.setenv("HD_SHORT_CONV", forced)
         with kernels.graphed_steps():
             assert kernels.op_choice("HD_SHORT_CONV") == forced
         assert kernels.op_choice("HD_SHORT_CONV") == forced
-    assert not kernels.use_fla_short_conv(torch.zeros(1, 2, 3))  # a CPU tensor never takes fla's kernel
+    assert not kernels.use_kernel_short_conv(torch.zeros(1, 2, 3))  # a CPU tensor takes no kernel
+
+
+@pytest.mark.parametrize("taps,kernel_calls", [(4, 1), (5, 0)])
+def test_short_conv_wider_than_the_kernels_runs_pytorch_code(taps, kernel_calls, monkeypatch):
+    """A sequence's conv goes to the kernel the switch picks only up to KERNEL_CONV_MAX_TAPS (4) taps, the width our
+    kernel is written for; a wider one runs PyTorch's code even where a kernel is chosen."""
+    from hybrid_distill.models.mixers import kernels
+    from hybrid_distill.models.mixers.short_conv import ShortConvolution
+
+    calls = []
+    monkeypatch.setattr(kernels, "use_kernel_short_conv", lambda x: True)
+    monkeypatch.setattr(kernels, "short_conv_silu", lambda x, weight, bias: calls.append(weight.shape) or x)
+    conv = ShortConvolution(6, kernel_size=taps)
+    conv(torch.randn(2, 7, 6))
+    assert calls == [(6, taps)] * kernel_calls
 
 
 def test_l2_normalize_is_fla_formula():

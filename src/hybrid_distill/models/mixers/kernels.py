@@ -1,10 +1,13 @@
 """One entry point per mixer op: fla's Triton kernels on CUDA, the plain-PyTorch twins everywhere else.
 
 `HD_MIXER_BACKEND=torch` forces the PyTorch path on CUDA too (the GPU equality test compares the two).
-A sequence's short convolutions run fla's Triton causal_conv1d on CUDA inside steps that a CUDA graph records
-(`graphed_steps`), and PyTorch's code elsewhere: fla's kernel made a graphed all-GDN step 10-13% faster on an
-H200, and the eager and compiled-but-unrecorded steps, whose host issues every launch, 9-30% slower
-(docs/performance.md, session 16). `HD_SHORT_CONV=fla` or `torch` forces one of the two everywhere.
+A sequence's short convolutions run a Triton kernel on CUDA inside steps that a CUDA graph records
+(`graphed_steps`; GRAPHED_SHORT_CONV says whose: ours, short_conv_triton.py), and PyTorch's code elsewhere. In a
+graphed all-GDN step on an H200, fla's kernel was 10-13% faster than PyTorch's code and ours 2.7% faster than fla's;
+in eager and compiled-but-unrecorded steps, whose host issues every launch, fla's was 9-30% slower
+(docs/performance.md, sessions 16 and 19). `HD_SHORT_CONV=fla`, `triton` or `torch` forces one of them everywhere;
+`triton` also runs CPU tensors under TRITON_INTERPRET=1, which is how the tests check it. Convs of more than
+KERNEL_CONV_MAX_TAPS taps always run PyTorch's code.
 `HD_QK_L2NORM=fla` (an experiment, off: +4% alone, nothing on top of fla's conv) has fla's GDN kernel normalise q
 and k itself (`use_qk_l2norm_in_kernel`) instead of the compiled code before it. Both switches are read from the
 environment: set them before the process starts. fla is imported lazily: importing it costs seconds and it is
@@ -21,7 +24,10 @@ import torch
 from . import torch_ops
 
 MIXER_OP_SWITCHES = ("HD_MIXER_BACKEND", "HD_SHORT_CONV", "HD_QK_L2NORM")  # what a benchmark records beside its numbers
-FLA_OP_DEFAULTS = {"HD_SHORT_CONV": "auto", "HD_QK_L2NORM": "torch"}  # auto: fla inside graphed_steps, else torch
+FLA_OP_DEFAULTS = {"HD_SHORT_CONV": "auto", "HD_QK_L2NORM": "torch"}  # auto: a kernel inside graphed_steps, else torch
+OP_CHOICES = {"HD_SHORT_CONV": ("auto", "torch", "fla", "triton"), "HD_QK_L2NORM": ("torch", "fla")}
+GRAPHED_SHORT_CONV = "triton"  # the short conv that `auto` records in graphed steps
+KERNEL_CONV_MAX_TAPS = 4  # the widest short conv sent to a kernel (short_conv_triton.TAPS)
 DECODE_MAX_TOKENS = 64  # below this and without grad, fla's fused recurrent kernel beats the chunked one
 _in_graphed_steps = False  # set by graphed_steps()
 
@@ -59,21 +65,25 @@ def graphed_steps():
 
 
 def op_choice(variable: str, graphed: bool | None = None) -> str:
-    """torch or fla: what the switch `variable` (HD_SHORT_CONV, HD_QK_L2NORM) picks for CUDA tensors here, or in
-    a recorded step if `graphed` is given; unset, the switch takes its FLA_OP_DEFAULTS value."""
-    default = FLA_OP_DEFAULTS[variable]
-    choice = os.environ.get(variable, default)
-    allowed = ("auto", "torch", "fla") if default == "auto" else ("torch", "fla")
+    """What the switch `variable` (HD_SHORT_CONV, HD_QK_L2NORM) picks for CUDA tensors here, or in a recorded step
+    if `graphed` is given: torch, fla, or (the short conv) triton; unset, the switch takes its FLA_OP_DEFAULTS
+    value."""
+    choice = os.environ.get(variable, FLA_OP_DEFAULTS[variable])
+    allowed = OP_CHOICES[variable]
     if choice not in allowed:
         raise ValueError(f"{variable} must be {', '.join(allowed[:-1])} or {allowed[-1]}, not {choice!r}")
     if choice == "auto":
-        return "fla" if (_in_graphed_steps if graphed is None else graphed) else "torch"
+        return GRAPHED_SHORT_CONV if (_in_graphed_steps if graphed is None else graphed) else "torch"
     return choice
 
 
-def use_fla_short_conv(x: torch.Tensor) -> bool:
-    """Whether the short convolution over the sequence `x` runs fla's kernel (CUDA; op_choice("HD_SHORT_CONV"))."""
-    return op_choice("HD_SHORT_CONV") == "fla" and use_fla(x)
+def use_kernel_short_conv(x: torch.Tensor) -> bool:
+    """Whether the short convolution over the sequence `x` runs a Triton kernel, fla's or ours
+    (op_choice("HD_SHORT_CONV")): on CUDA, or for ours under Triton's interpreter on CPU."""
+    choice = op_choice("HD_SHORT_CONV")
+    if choice == "triton" and not x.is_cuda and os.environ.get("TRITON_INTERPRET") == "1":
+        return os.environ.get("HD_MIXER_BACKEND", "auto") != "torch"
+    return choice in ("fla", "triton") and use_fla(x)
 
 
 def use_fla_qk_l2norm(x: torch.Tensor) -> bool:
@@ -84,7 +94,12 @@ def use_fla_qk_l2norm(x: torch.Tensor) -> bool:
 @torch.compiler.disable  # a compiled layer breaks its graph here, as at the mixer's kernel
 def short_conv_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """silu(causal depthwise conv(x)) over [B, T, D] from zero history, weight [D, taps] (last tap = the current
-    token), with fla's Triton kernels: one pass forward, the conv recomputed in backward (only x is kept)."""
+    token), with the Triton kernels HD_SHORT_CONV picks: ours (short_conv_triton.py) or fla's (one pass forward,
+    the conv recomputed in backward by a second call; only x is kept)."""
+    if op_choice("HD_SHORT_CONV") == "triton":
+        from .short_conv_triton import conv_silu
+
+        return conv_silu(x, weight, bias)
     from fla.modules.causal_conv1d import causal_conv1d
 
     return causal_conv1d(x=x, weight=weight, bias=bias, activation="silu")[0]

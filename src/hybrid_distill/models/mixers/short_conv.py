@@ -26,7 +26,8 @@ class ShortConvolution(nn.Conv1d):
     def forward(self, x: torch.Tensor, cache: torch.Tensor | None = None):
         """Returns (silu(conv(x)), new cache [B, D, kernel_size-1])."""
         length = x.shape[1]
-        if cache is None and length > 1 and kernels.use_fla_short_conv(x):
+        if cache is None and length > 1 and self.kernel_size[0] <= kernels.KERNEL_CONV_MAX_TAPS \
+                and kernels.use_kernel_short_conv(x):
             return kernels.short_conv_silu(x, self.weight[:, 0], self.bias), self._last_inputs(x)
         if torch.compiler.is_compiling() and length > 1:
             return self._shifted_sums(x, cache)

@@ -1,0 +1,54 @@
+"""Times one short-conv call (forward, and forward + backward) with fla's kernel and ours (HD_SHORT_CONV=triton,
+models/mixers/short_conv_triton.py) at the all-GDN bench's shape (SmolLM2-135M, 64 x 512 tokens): one projection's
+576 channels read from the mixer's input-GEMM output, as the mixer passes them.
+Median of 20 after 5, bf16, one H200 or H100. Prints a table and the tiles our autotuned kernels chose; the
+whole-step numbers come from `hybrid-distill bench --profile-top`."""
+from __future__ import annotations
+
+import statistics
+
+import torch
+
+from hybrid_distill.models.mixers import short_conv_triton
+from hybrid_distill.models.mixers.short_conv_triton import conv_silu
+
+
+def fla_conv(x, weight, bias):
+    from fla.modules.causal_conv1d import causal_conv1d
+
+    return causal_conv1d(x=x, weight=weight, bias=bias, activation="silu")[0]
+
+
+def time_ms(function, repeats=20, warmup=5) -> float:
+    times = []
+    for index in range(warmup + repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        function()
+        end.record()
+        torch.cuda.synchronize()
+        if index >= warmup:
+            times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    gemm_output = torch.randn(64, 512, 1752, device="cuda", dtype=torch.bfloat16)  # q | k | v | gates
+    cases = {"one projection (576, strided)": gemm_output[..., :576]}
+    print(f"{'input':32}  {'kernel':6}  {'forward ms':>10}  {'forward+backward ms':>19}")
+    for label, block in cases.items():
+        channels = block.shape[-1]
+        weight = torch.randn(channels, 4, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        x = block.detach().requires_grad_()
+        dy = torch.randn(block.shape, device="cuda", dtype=torch.bfloat16)
+        for name, conv in (("fla", fla_conv), ("ours", conv_silu)):
+            forward = time_ms(lambda: conv(x, weight, None))
+            both = time_ms(lambda: torch.autograd.grad(conv(x, weight, None), [x, weight], dy))
+            print(f"{label:32}  {name:6}  {forward:10.3f}  {both:19.3f}")
+    for name, kernel in short_conv_triton._TUNED.items():
+        print(f"tiles chosen, {name}: {kernel.best_config}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,205 @@
+"""silu(causal depthwise conv) over a sequence in Triton kernels of our own (HD_SHORT_CONV=triton).
+
+Why not fla's: in a graphed all-GDN step at SmolLM2 shapes on an H200, fla's conv backward took 125 us per call (90
+calls, 11.3 ms of a 147 ms step), about 4x what reading x and dy and writing dx costs, and it runs the forward again
+first. A one-pass backward that recomputes the pre-activations at the 4 offsets each dx needs loaded 24 shifted
+tiles per output tile and was slower still (session 18, docs/performance.md). Here the backward is two passes:
+  1. per position, g = dy * silu'(pre), pre recomputed from the x tiles it loads once, stored in x's dtype (as
+     PyTorch's own silu backward returns it); the taps' and the bias's gradients summed from the same tiles into one
+     partial-sum row per program (deterministic: no atomics);
+  2. dx[t] = sum_k w[W-1-k] * g[t+k] from 4 shifted tiles of g.
+The kernels take x with any batch and token strides (the columns of the mixer's input GEMM pass without a copy).
+On CUDA the tile shapes are autotuned per (length, channels); on CPU the kernels run only under TRITON_INTERPRET=1
+(the tests), with the default tiles.
+
+The function is the one torch_ops and ShortConvolution compute: y[t] = silu(bias + sum_j w[j] * x[t - (W-1) + j])
+from zero history, taps summed in float32 and rounded once.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+BLOCK_T = 32  # the default tile (CPU, and the first autotune candidate): tokens x channels per program
+BLOCK_D = 128
+TAPS = 4  # the backward's first pass is written for 4 taps (the default conv_size); narrower convs are padded
+ROWS_PER_PROGRAM = 128  # tokens one first-pass program sums the taps' gradients over: one partial-sum row each
+_TILES = [(32, 128, 4), (64, 64, 4), (64, 128, 8)]  # (tokens, channels, warps): the autotune candidates
+_FIRST_PASS_TILES = [(16, 64, 4), (32, 64, 4), (16, 128, 4), (32, 128, 8)]
+
+
+def _configs(tiles):
+    return [triton.Config({"BLOCK_T": t, "BLOCK_D": d}, num_warps=w) for t, d, w in tiles]
+
+
+@triton.jit
+def _shifted(base, rows, shift, cols, T, stride_t, col_mask):
+    """The float32 tile of rows + shift (zeros outside [0, T)) and the given columns."""
+    source = rows + shift
+    mask = (source >= 0) & (source < T)
+    return tl.load(base + source[:, None] * stride_t + cols[None, :], mask=mask[:, None] & col_mask[None, :],
+                   other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _tap(w_ptr, cols, col_mask, j, WIDTH: tl.constexpr):
+    return tl.load(w_ptr + cols * WIDTH + j, mask=col_mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _pre_activation(x_base, rows, cols, col_mask, stride_t, w_ptr, b_ptr, T, HAS_BIAS: tl.constexpr,
+                    WIDTH: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    acc = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    for j in tl.static_range(WIDTH):
+        acc += _shifted(x_base, rows, j - (WIDTH - 1), cols, T, stride_t, col_mask) * \
+            _tap(w_ptr, cols, col_mask, j, WIDTH)[None, :]
+    return acc
+
+
+@triton.jit
+def _conv_silu_forward(x_ptr, w_ptr, b_ptr, y_ptr, T, D, stride_xb, stride_xt, stride_yb, stride_yt,
+                       HAS_BIAS: tl.constexpr, WIDTH: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid_t, pid_d, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    col_mask = cols < D
+    pre = _pre_activation(x_ptr + pid_b * stride_xb, rows, cols, col_mask, stride_xt, w_ptr, b_ptr, T, HAS_BIAS,
+                          WIDTH, BLOCK_T, BLOCK_D)
+    tl.store(y_ptr + pid_b * stride_yb + rows[:, None] * stride_yt + cols[None, :],
+             (pre * tl.sigmoid(pre)).to(y_ptr.dtype.element_ty), mask=(rows < T)[:, None] & col_mask[None, :])
+
+
+@triton.jit
+def _conv_silu_grad_pre(x_ptr, w_ptr, b_ptr, dy_ptr, g_ptr, dw_ptr, db_ptr, T, D, stride_xb, stride_xt,
+                        stride_dyb, stride_dyt, HAS_BIAS: tl.constexpr, ROWS: tl.constexpr, BLOCK_T: tl.constexpr,
+                        BLOCK_D: tl.constexpr):
+    """First backward pass over ROWS tokens of a 4-tap conv: g = dy * silu'(pre) into the contiguous g, and this
+    program's row of the partial sums dw[j] = sum_t x[t-3+j] g[t] and db = sum_t g[t] (float32, from g before
+    rounding). The four shifted x tiles are loaded once per tile and kept for both uses; the sums stay whole tiles
+    until the end (one reduction each per program, none per tile)."""
+    pid_t, pid_d, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    col_mask = cols < D
+    x_base = x_ptr + pid_b * stride_xb
+    w0 = _tap(w_ptr, cols, col_mask, 0, 4)[None, :]
+    w1 = _tap(w_ptr, cols, col_mask, 1, 4)[None, :]
+    w2 = _tap(w_ptr, cols, col_mask, 2, 4)[None, :]
+    w3 = _tap(w_ptr, cols, col_mask, 3, 4)[None, :]
+    bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    if HAS_BIAS:
+        bias += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    dw0 = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
+    dw1 = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
+    dw2 = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
+    dw3 = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
+    db = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
+    for step in tl.static_range(ROWS // BLOCK_T):
+        rows = pid_t * ROWS + step * BLOCK_T + tl.arange(0, BLOCK_T)
+        x0 = _shifted(x_base, rows, -3, cols, T, stride_xt, col_mask)
+        x1 = _shifted(x_base, rows, -2, cols, T, stride_xt, col_mask)
+        x2 = _shifted(x_base, rows, -1, cols, T, stride_xt, col_mask)
+        x3 = _shifted(x_base, rows, 0, cols, T, stride_xt, col_mask)
+        pre = bias[None, :] + w0 * x0 + w1 * x1 + w2 * x2 + w3 * x3
+        gate = tl.sigmoid(pre)
+        g = _shifted(dy_ptr + pid_b * stride_dyb, rows, 0, cols, T, stride_dyt, col_mask) * \
+            gate * (1.0 + pre * (1.0 - gate))  # zero past T, where dy loads as zero
+        tl.store(g_ptr + (pid_b * T + rows[:, None]) * D + cols[None, :], g.to(g_ptr.dtype.element_ty),
+                 mask=(rows < T)[:, None] & col_mask[None, :])
+        dw0 += x0 * g
+        dw1 += x1 * g
+        dw2 += x2 * g
+        dw3 += x3 * g
+        db += g
+    partial = dw_ptr + (pid_b * tl.num_programs(0) + pid_t) * D * 4 + cols * 4
+    tl.store(partial, tl.sum(dw0, axis=0), mask=col_mask)
+    tl.store(partial + 1, tl.sum(dw1, axis=0), mask=col_mask)
+    tl.store(partial + 2, tl.sum(dw2, axis=0), mask=col_mask)
+    tl.store(partial + 3, tl.sum(dw3, axis=0), mask=col_mask)
+    if HAS_BIAS:
+        tl.store(db_ptr + (pid_b * tl.num_programs(0) + pid_t) * D + cols, tl.sum(db, axis=0), mask=col_mask)
+
+
+@triton.jit
+def _conv_silu_grad_input(g_ptr, w_ptr, dx_ptr, T, D, stride_dxb, stride_dxt,
+                          WIDTH: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Second backward pass: dx[t] = sum_k w[W-1-k] g[t+k] (g zero past T)."""
+    pid_t, pid_d, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    col_mask = cols < D
+    dx = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
+    for k in tl.static_range(WIDTH):
+        dx += _shifted(g_ptr + pid_b * T * D, rows, k, cols, T, D, col_mask) * \
+            _tap(w_ptr, cols, col_mask, WIDTH - 1 - k, WIDTH)[None, :]
+    tl.store(dx_ptr + pid_b * stride_dxb + rows[:, None] * stride_dxt + cols[None, :],
+             dx.to(dx_ptr.dtype.element_ty), mask=(rows < T)[:, None] & col_mask[None, :])
+
+
+_TUNED = {
+    "forward": triton.autotune(_configs(_TILES), key=["T", "D", "HAS_BIAS"])(_conv_silu_forward),
+    "grad_pre": triton.autotune(_configs(_FIRST_PASS_TILES), key=["T", "D", "HAS_BIAS"])(_conv_silu_grad_pre),
+    "grad_input": triton.autotune(_configs(_TILES), key=["T", "D"])(_conv_silu_grad_input),
+}
+_PLAIN = {"forward": _conv_silu_forward, "grad_pre": _conv_silu_grad_pre, "grad_input": _conv_silu_grad_input}
+
+
+def _launch(name: str, x: torch.Tensor, grid_rows, *args, **constants) -> None:
+    """Runs kernel `name` over x's [B, T, D]: autotuned tiles on CUDA, the default tiles elsewhere (the
+    interpreter); grid_rows(BLOCK_T) is the grid's first dimension."""
+    batch, _, channels = x.shape
+    if x.is_cuda:
+        _TUNED[name][lambda meta: (grid_rows(meta["BLOCK_T"]), triton.cdiv(channels, meta["BLOCK_D"]), batch)](
+            *args, **constants)
+    else:
+        _PLAIN[name][(grid_rows(BLOCK_T), triton.cdiv(channels, BLOCK_D), batch)](
+            *args, **constants, BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D)
+
+
+def _channels_last(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+class _ShortConvSilu(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        if not 1 <= weight.shape[1] <= TAPS:
+            raise ValueError(f"our Triton short conv takes 1 to {TAPS} taps, not {weight.shape[1]}")
+        x, weight = _channels_last(x), weight.contiguous()
+        length, channels = x.shape[1:]
+        y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        _launch("forward", x, lambda block: triton.cdiv(length, block), x, weight,
+                bias if bias is not None else weight, y, length, channels, x.stride(0), x.stride(1), y.stride(0),
+                y.stride(1), HAS_BIAS=bias is not None, WIDTH=weight.shape[1])
+        ctx.save_for_backward(x, weight, bias)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, bias = ctx.saved_tensors
+        dy = _channels_last(dy)
+        batch, length, channels = x.shape
+        width = weight.shape[1]
+        taps = F.pad(weight, (TAPS - width, 0))  # a narrower conv is this one with leading zero taps
+        programs = batch * triton.cdiv(length, ROWS_PER_PROGRAM)
+        g = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        dw = torch.empty(programs, channels, TAPS, dtype=torch.float32, device=x.device)
+        db = torch.empty(programs, channels, dtype=torch.float32, device=x.device) if bias is not None else dw
+        _launch("grad_pre", x, lambda block: triton.cdiv(length, ROWS_PER_PROGRAM), x, taps,
+                bias if bias is not None else weight, dy, g, dw, db, length, channels, x.stride(0), x.stride(1),
+                dy.stride(0), dy.stride(1), HAS_BIAS=bias is not None, ROWS=ROWS_PER_PROGRAM)
+        dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        _launch("grad_input", x, lambda block: triton.cdiv(length, block), g, weight, dx, length, channels,
+                dx.stride(0), dx.stride(1), WIDTH=width)
+        weight_grad = dw.sum(0)[:, TAPS - width:].to(weight.dtype)
+        bias_grad = db.sum(0).to(bias.dtype) if bias is not None else None
+        return dx, weight_grad, bias_grad
+
+
+def conv_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """silu(causal depthwise conv(x)) over [B, T, D] (channels with stride 1, any batch and token strides) from zero
+    history; weight [D, taps], the last tap on the current token. Returns a contiguous [B, T, D] in x's dtype."""
+    return _ShortConvSilu.apply(x, weight, bias)

@@ -1,0 +1,85 @@
+"""Our Triton short conv (models/mixers/short_conv_triton.py) computes the PyTorch conv's function, alone and inside
+the mixers, checked on CPU with Triton's interpreter (the GPU run of the same kernels is
+tests/gpu/test_mixer_kernels.py)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+CHECK = r"""
+import json, os, torch
+from hybrid_distill.models.mixers import MixerSpec, make_mixer
+from hybrid_distill.models.mixers.short_conv import ShortConvolution
+from hybrid_distill.models.mixers import short_conv_triton
+from hybrid_distill.models.mixers.short_conv_triton import BLOCK_T, ROWS_PER_PROGRAM, conv_silu
+
+mixer_calls = []  # the shapes a mixer's forward passes to our kernel
+
+
+def counted(x, weight, bias):
+    mixer_calls.append(list(x.shape))
+    return conv_silu(x, weight, bias)
+
+torch.manual_seed(0)
+worst = {}
+
+def record(name, got, want):
+    worst[name] = max(worst.get(name, 0.0), (got - want).abs().max().item() / (want.abs().max().item() + 1e-12))
+
+# one token, one tile, across tiles and partial-sum rows; a 2-tap conv (run as 4 taps, the first two zero)
+CASES = [(bias, length, 4) for bias in (False, True) for length in (1, 5, BLOCK_T + 6, ROWS_PER_PROGRAM + 6)]
+for bias, length, taps in CASES + [(True, 9, 2)]:
+    conv = ShortConvolution(150, taps, bias=bias).double()
+    with torch.no_grad():
+        conv.weight.normal_()
+        if bias:
+            conv.bias.normal_()
+    base = torch.randn(2, length, 157, dtype=torch.float64, requires_grad=True)
+    x = base[..., 3:153]  # channels of a wider GEMM output, as the mixer passes them
+    params = [base, conv.weight] + ([conv.bias] if bias else [])
+    want, _ = conv(x)
+    dy = torch.randn_like(want)
+    got = conv_silu(x, conv.weight[:, 0], conv.bias)
+    record("output", got, want)
+    for name, g, w in zip(("input", "taps", "bias"), torch.autograd.grad(got, params, dy),
+                          torch.autograd.grad(want, params, dy)):
+        record(name, g, w)
+
+for kind in ("gdn", "gla"):
+    for padded in (False, True):
+        mixer = make_mixer(MixerSpec(kind=kind, hidden_size=32, num_heads=2, head_dim=16), 0)
+        with torch.no_grad():
+            for conv in (mixer.q_conv1d, mixer.k_conv1d, mixer.v_conv1d):
+                conv.weight.normal_()  # not the identity init, which would hide the conv
+        hidden = torch.randn(2, 9, 32, requires_grad=True)
+        if padded:
+            mixer.padding_mask = torch.ones(2, 9, dtype=torch.long)
+            mixer.padding_mask[1, :3] = 0
+        runs = {}
+        short_conv_triton.conv_silu = counted
+        for choice in ("torch", "triton"):
+            os.environ["HD_SHORT_CONV"] = choice
+            out, _ = mixer(hidden)
+            grads = torch.autograd.grad(out.square().sum(), [hidden, mixer.q_conv1d.weight, mixer.v_conv1d.weight])
+            runs[choice] = (out, *grads)
+        for name, got, want in zip(("mixer output", "mixer input grad", "q taps grad", "v taps grad"),
+                                   runs["triton"], runs["torch"]):
+            record(f"{kind} {name}", got, want)
+print(json.dumps({"worst": worst, "mixer_calls": mixer_calls}))
+"""
+
+
+def test_triton_short_conv_equals_the_torch_conv_alone_and_inside_mixers(tmp_path):
+    environ = {**os.environ, "TRITON_INTERPRET": "1", "HD_MIXER_BACKEND": "auto"}
+    done = subprocess.run([sys.executable, "-c", CHECK], env=environ, capture_output=True, text=True, timeout=600,
+                          cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    worst = result["worst"]
+    # each mixer's forward ran its q, k and v convs in our kernel (2 x 9 tokens, 32 channels each)
+    assert result["mixer_calls"] == [[2, 9, 32]] * 12
+    assert set(worst) >= {"output", "input", "taps", "bias", "gdn mixer output", "gla q taps grad"}
+    # float32 sums inside the kernel against float64 (alone) or float32 (mixers) references
+    assert max(worst.values()) < 2e-5, worst
