@@ -4,10 +4,13 @@ Why not fla's: in a graphed all-GDN step at SmolLM2 shapes on an H200, fla's con
 calls, 11.3 ms of a 147 ms step), about 4x what reading x and dy and writing dx costs, and it runs the forward again
 first. A one-pass backward that recomputes the pre-activations at the 4 offsets each dx needs loaded 24 shifted
 tiles per output tile and was slower still (session 18, docs/performance.md). Here the backward is two passes:
-  1. per position, g = dy * silu'(pre), pre recomputed from the x tiles it loads once, stored in x's dtype (as
-     PyTorch's own silu backward returns it); the taps' and the bias's gradients summed from the same tiles into one
-     partial-sum row per program (deterministic: no atomics);
+  1. per position, g = dy * silu'(pre), pre recomputed from the 4 shifted x tiles it loads once, stored in x's
+     dtype (as PyTorch's own silu backward returns it); the taps' and the bias's gradients summed from the same
+     registers in whole-tile accumulators, reduced once per program into its partial-sum row (deterministic: no
+     atomics). Written for 4 taps (the default conv_size); a narrower conv runs with leading zero taps;
   2. dx[t] = sum_k w[W-1-k] * g[t+k] from 4 shifted tiles of g.
+In a graphed all-GDN step at 64 x 512 tokens on an H200 the three kernels took 13.0 ms against fla's 16.4 ms, and the
+step ran 2.7% faster (session 19).
 The kernels take x with any batch and token strides (the columns of the mixer's input GEMM pass without a copy).
 On CUDA the tile shapes are autotuned per (length, channels); on CPU the kernels run only under TRITON_INTERPRET=1
 (the tests), with the default tiles.
