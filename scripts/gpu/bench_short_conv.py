@@ -35,17 +35,14 @@ def time_ms(function, repeats=20, warmup=5) -> float:
 def main() -> None:
     torch.manual_seed(0)
     gemm_output = torch.randn(64, 512, 1752, device="cuda", dtype=torch.bfloat16)  # q | k | v | gates
-    cases = {"one projection (576, strided)": gemm_output[..., :576]}
-    print(f"{'input':32}  {'kernel':6}  {'forward ms':>10}  {'forward+backward ms':>19}")
-    for label, block in cases.items():
-        channels = block.shape[-1]
-        weight = torch.randn(channels, 4, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-        x = block.detach().requires_grad_()
-        dy = torch.randn(block.shape, device="cuda", dtype=torch.bfloat16)
-        for name, conv in (("fla", fla_conv), ("ours", conv_silu)):
-            forward = time_ms(lambda: conv(x, weight, None))
-            both = time_ms(lambda: torch.autograd.grad(conv(x, weight, None), [x, weight], dy))
-            print(f"{label:32}  {name:6}  {forward:10.3f}  {both:19.3f}")
+    x = gemm_output[..., :576].detach().requires_grad_()  # one projection's strided columns
+    weight = torch.randn(576, 4, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    dy = torch.randn(x.shape, device="cuda", dtype=torch.bfloat16)
+    print(f"{'kernel':6}  {'forward ms':>10}  {'forward+backward ms':>19}")
+    for name, conv in (("fla", fla_conv), ("ours", conv_silu)):
+        forward = time_ms(lambda: conv(x, weight, None))
+        both = time_ms(lambda: torch.autograd.grad(conv(x, weight, None), [x, weight], dy))
+        print(f"{name:6}  {forward:10.3f}  {both:19.3f}")
     for name, kernel in short_conv_triton._TUNED.items():
         print(f"tiles chosen, {name}: {kernel.best_config}")
 

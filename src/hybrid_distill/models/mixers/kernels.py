@@ -27,7 +27,7 @@ MIXER_OP_SWITCHES = ("HD_MIXER_BACKEND", "HD_SHORT_CONV", "HD_QK_L2NORM")  # wha
 FLA_OP_DEFAULTS = {"HD_SHORT_CONV": "auto", "HD_QK_L2NORM": "torch"}  # auto: a kernel inside graphed_steps, else torch
 OP_CHOICES = {"HD_SHORT_CONV": ("auto", "torch", "fla", "triton"), "HD_QK_L2NORM": ("torch", "fla")}
 GRAPHED_SHORT_CONV = "triton"  # the short conv that `auto` records in graphed steps
-KERNEL_CONV_MAX_TAPS = 4  # the widest short conv sent to a kernel (short_conv_triton.TAPS)
+KERNEL_CONV_MAX_TAPS = 4  # the widest short conv sent to a kernel: the taps short_conv_triton is written for
 DECODE_MAX_TOKENS = 64  # below this and without grad, fla's fused recurrent kernel beats the chunked one
 _in_graphed_steps = False  # set by graphed_steps()
 

@@ -25,9 +25,10 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from .kernels import KERNEL_CONV_MAX_TAPS as TAPS  # the backward's first pass is written for 4 taps
+
 BLOCK_T = 32  # the default tile (CPU, and the first autotune candidate): tokens x channels per program
 BLOCK_D = 128
-TAPS = 4  # the backward's first pass is written for 4 taps (the default conv_size); narrower convs are padded
 ROWS_PER_PROGRAM = 128  # tokens one first-pass program sums the taps' gradients over: one partial-sum row each
 _TILES = [(32, 128, 4), (64, 64, 4), (64, 128, 8)]  # (tokens, channels, warps): the autotune candidates
 _FIRST_PASS_TILES = [(16, 64, 4), (32, 64, 4), (16, 128, 4), (32, 128, 8)]
@@ -117,13 +118,14 @@ def _conv_silu_grad_pre(x_ptr, w_ptr, b_ptr, dy_ptr, g_ptr, dw_ptr, db_ptr, T, D
         dw2 += x2 * g
         dw3 += x3 * g
         db += g
-    partial = dw_ptr + (pid_b * tl.num_programs(0) + pid_t) * D * 4 + cols * 4
+    program = pid_b * tl.num_programs(0) + pid_t
+    partial = dw_ptr + program * D * 4 + cols * 4
     tl.store(partial, tl.sum(dw0, axis=0), mask=col_mask)
     tl.store(partial + 1, tl.sum(dw1, axis=0), mask=col_mask)
     tl.store(partial + 2, tl.sum(dw2, axis=0), mask=col_mask)
     tl.store(partial + 3, tl.sum(dw3, axis=0), mask=col_mask)
     if HAS_BIAS:
-        tl.store(db_ptr + (pid_b * tl.num_programs(0) + pid_t) * D + cols, tl.sum(db, axis=0), mask=col_mask)
+        tl.store(db_ptr + program * D + cols, tl.sum(db, axis=0), mask=col_mask)
 
 
 @triton.jit
