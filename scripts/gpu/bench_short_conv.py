@@ -1,7 +1,8 @@
 """Times one short-conv call (forward, and forward + backward) with fla's kernel and ours (HD_SHORT_CONV=triton,
 models/mixers/short_conv_triton.py) at the all-GDN bench's shape (SmolLM2-135M, 64 x 512 tokens): one projection's
 576 channels read from the mixer's input-GEMM output, as the mixer passes them.
-Median of 20 after 5, bf16, one H200 or H100. Prints a table and the tiles our autotuned kernels chose; the
+Median of 20 after 5, bf16, one H200 or H100; the graphed columns are device time per call (20 calls replayed as
+one CUDA graph). Prints a table, the tiles our autotuned kernels chose and each candidate's timing; the
 whole-step numbers come from `hybrid-distill bench --profile-top`."""
 from __future__ import annotations
 
@@ -32,19 +33,35 @@ def time_ms(function, repeats=20, warmup=5) -> float:
     return statistics.median(times)
 
 
+def graphed_ms(function, calls=20) -> float:
+    """Device time of one call: `calls` calls recorded in one CUDA graph (as a graphed step issues them), replayed."""
+    for _ in range(3):  # autotune and compile outside the recording
+        function()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            function()
+    return time_ms(graph.replay) / calls
+
+
 def main() -> None:
     torch.manual_seed(0)
     gemm_output = torch.randn(64, 512, 1752, device="cuda", dtype=torch.bfloat16)  # q | k | v | gates
     x = gemm_output[..., :576].detach().requires_grad_()  # one projection's strided columns
     weight = torch.randn(576, 4, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     dy = torch.randn(x.shape, device="cuda", dtype=torch.bfloat16)
-    print(f"{'kernel':6}  {'forward ms':>10}  {'forward+backward ms':>19}")
+    print(f"{'kernel':6}  {'forward ms':>10}  {'forward+backward ms':>19}  {'graphed forward':>15}  "
+          f"{'graphed forward+backward':>24}")
     for name, conv in (("fla", fla_conv), ("ours", conv_silu)):
-        forward = time_ms(lambda: conv(x, weight, None))
-        both = time_ms(lambda: torch.autograd.grad(conv(x, weight, None), [x, weight], dy))
-        print(f"{name:6}  {forward:10.3f}  {both:19.3f}")
+        forward = lambda: conv(x, weight, None)  # noqa: E731
+        both = lambda: torch.autograd.grad(conv(x, weight, None), [x, weight], dy)  # noqa: E731
+        print(f"{name:6}  {time_ms(forward):10.3f}  {time_ms(both):19.3f}  {graphed_ms(forward):15.3f}  "
+              f"{graphed_ms(both):24.3f}")
     for name, kernel in short_conv_triton._TUNED.items():
         print(f"tiles chosen, {name}: {kernel.best_config}")
+        for config, timing in sorted(getattr(kernel, "configs_timings", {}).items(), key=lambda item: item[1]):
+            print(f"    {timing}  {config}")
 
 
 if __name__ == "__main__":

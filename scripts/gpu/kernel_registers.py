@@ -1,0 +1,62 @@
+"""Registers and spills of our short conv's autotune candidates, compiled for sm_90 (H100/H200) on any machine:
+Triton compiles to a cubin without a GPU, and its bundled cuobjdump reads the resource use. A candidate that
+spills (STACK > 0) or needs many registers per element keeps fewer tokens in flight per SM; this is how the
+first backward pass's candidates were chosen (session 20, docs/performance.md).
+Usage: python scripts/gpu/kernel_registers.py"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from hybrid_distill.models.mixers import short_conv_triton as conv
+
+SM90 = GPUTarget("cuda", 90, 32)
+REGISTERS_PER_SM = 65536
+POINTERS = {"x_ptr", "w_ptr", "b_ptr", "dy_ptr", "g_ptr", "y_ptr", "dx_ptr"}
+
+
+def signature(kernel, constants) -> dict:
+    """Triton's signature of `kernel` for bf16 tensors, float32 partial sums and int32 sizes."""
+    names = kernel.arg_names
+    return {name: "constexpr" if name in constants else "*bf16" if name in POINTERS
+            else "*fp32" if name in ("dw_ptr", "db_ptr") else "i32" for name in names}
+
+
+def resource_use(kernel, constants: dict, warps: int) -> tuple[int, int]:
+    """(registers per thread, stack bytes per thread) of the kernel compiled for sm_90."""
+    compiled = triton.compile(ASTSource(kernel, signature(kernel, constants), constexprs=constants), target=SM90,
+                              options={"num_warps": warps})
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(compiled.asm["cubin"])
+        cubin.flush()
+        tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+        report = subprocess.run([tool, "-res-usage", cubin.name], capture_output=True, text=True, check=True).stdout
+    registers, stack = re.search(r"REG:(\d+) STACK:(\d+)", report).groups()
+    return int(registers), int(stack)
+
+
+def main() -> None:
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    rows = [("forward", conv._conv_silu_forward, config, {"HAS_BIAS": False, "WIDTH": 4})
+            for config in conv._configs(conv._TILES)]
+    rows += [("grad_pre", conv._conv_silu_grad_pre, config, {"HAS_BIAS": False})
+             for config in conv._first_pass_configs()]
+    rows += [("grad_input", conv._conv_silu_grad_input, config, {"WIDTH": 4}) for config in conv._configs(conv._TILES)]
+    print(f"{'kernel':10}  {'tile settings':70}  {'warps':>5}  {'regs':>4}  {'stack':>5}  {'elements/SM':>11}")
+    for name, kernel, config, constants in rows:
+        registers, stack = resource_use(kernel, {**constants, **config.kwargs}, config.num_warps)
+        threads = 32 * config.num_warps
+        programs = REGISTERS_PER_SM // (registers * threads)
+        in_flight = programs * config.kwargs["BLOCK_T"] * config.kwargs["BLOCK_D"]
+        settings = ", ".join(f"{key}={value}" for key, value in config.kwargs.items())
+        print(f"{name:10}  {settings:70}  {config.num_warps:5}  {registers:4}  {stack:5}  {in_flight:11}")
+
+
+if __name__ == "__main__":
+    main()
