@@ -193,3 +193,40 @@ def test_kernel_short_conv_in_bf16_is_as_close_to_the_function_as_the_torch_conv
     print(f"bf16 distance from the float64 function (output, input grad, taps grad): {errors}")
     assert max(errors["torch"]) < 0.02  # bf16 rounding, not a different function
     assert all(ours <= 1.5 * theirs for ours, theirs in zip(errors[kernel], errors["torch"])), errors
+
+
+def _first_pass_candidates():
+    from hybrid_distill.models.mixers import short_conv_triton
+
+    return short_conv_triton._FIRST_PASS_TILES
+
+
+@pytest.mark.parametrize("tile", _first_pass_candidates(), ids=str)
+def test_every_first_pass_candidate_gives_the_torch_conv_gradients(tile, monkeypatch):
+    """The autotuner may pick any first-pass candidate on another GPU or shape, so each one, run alone, gives the
+    PyTorch conv's input, tap and bias gradients (fp32), at lengths that end inside a program's tiles."""
+    import triton
+
+    from hybrid_distill.models.mixers import short_conv_triton
+    from hybrid_distill.models.mixers.short_conv import ShortConvolution
+
+    monkeypatch.setattr(short_conv_triton, "_FIRST_PASS_TILES", [tile])
+    only = triton.autotune(short_conv_triton._first_pass_configs(), key=["T", "D", "HAS_BIAS"])(
+        short_conv_triton._conv_silu_grad_pre)
+    monkeypatch.setitem(short_conv_triton._TUNED, "grad_pre", only)
+    torch.manual_seed(0)
+    conv = ShortConvolution(200, kernel_size=4, bias=True).cuda()
+    with torch.no_grad():
+        conv.weight.normal_()
+        conv.bias.normal_()
+    for length in (5, 133):
+        x = torch.randn(3, length, 200, device="cuda")
+        results = {}
+        for choice in ("triton", "torch"):
+            monkeypatch.setenv("HD_SHORT_CONV", choice)
+            inputs = x.clone().requires_grad_()
+            out, _ = conv(inputs)
+            results[choice] = torch.autograd.grad(out, [inputs, conv.weight, conv.bias], torch.cos(out * 7))
+        assert only.best_config.kwargs["STEPS"] == tile[2]  # the candidate under test ran
+        for candidate, reference in zip(results["triton"], results["torch"], strict=True):
+            assert relative_error(candidate, reference) <= 1e-5, (length, tile)
