@@ -220,6 +220,8 @@ def test_input_projections_equal_one_linear_per_weight(kind, heads, qkv_bias):
         hidden = torch.randn(2, length, 32, requires_grad=True)
         qkv, gates = mixer._project_inputs(hidden)
         outputs = qkv + gates
+        if length > 1:  # one GEMM's columns, its rows a multiple of 16 elements (Triton's vector loads need that)
+            assert len({out.stride(1) for out in outputs}) == 1 and outputs[0].stride(1) % 16 == 0
         expected = [linear(hidden) for linear in linears]
         assert len(outputs) == len(expected)
         for out, ref in zip(outputs, expected):

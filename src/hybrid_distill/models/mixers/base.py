@@ -9,6 +9,8 @@ from .cache_layer import state_layer
 from .short_conv import ShortConvolution
 from .spec import MixerSpec
 
+PROJECTION_ROW_MULTIPLE = 16  # elements per row of the fused input GEMM's output (see _project_inputs)
+
 
 class RMSNorm(nn.Module):
     """Per-head RMS norm (weight shared across heads), optionally gated by silu(g) as fla's FusedRMSNormGated."""
@@ -85,10 +87,12 @@ class LinearMixer(nn.Module):
 
     def _project_inputs(self, hidden_states) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """([q, k, v] projections, [gate projections]) of the layer input. A sequence runs them all as one GEMM over
-        the concatenated weights, rows padded to a multiple of 8 so that the output rows stay 16-byte aligned: one
-        GEMM, and one for each gradient in backward, in place of one per projection (the gates' with 9 or 16
-        outputs, far below what a GEMM needs to run well) plus the adds that summed the input's gradient. On an
-        H200 the all-GDN step's GEMMs took 4-5 ms less, its compiled code 2-3 ms more, of 165 ms (session 15). A decode
+        the concatenated weights: one GEMM, and one for each gradient in backward, in place of one per projection
+        (the gates' with 9 or 16 outputs, far below what a GEMM needs to run well) plus the adds that summed the
+        input's gradient. On an H200 the all-GDN step's GEMMs took 4-5 ms less, its compiled code 2-3 ms more, of
+        165 ms (session 15). The output rows are padded to a multiple of PROJECTION_ROW_MULTIPLE: Triton compiles a
+        kernel for a row stride divisible by 16 with vector loads, and with one load per element otherwise, which
+        held the short conv's kernels, reading q, k and v in place, at 2-3x their memory bound (session 20). A decode
         token keeps one GEMV per weight: concatenating would copy every weight once more per token, and a decode
         step is bound by reading the weights."""
         gates = self._gate_linears()
@@ -100,7 +104,7 @@ class LinearMixer(nn.Module):
         biases = [linear.bias if linear.bias is not None else linear.weight.new_zeros(linear.out_features)
                   for linear in linears]
         widths = [linear.out_features for linear in linears]
-        pad = -sum(widths) % 8
+        pad = -sum(widths) % PROJECTION_ROW_MULTIPLE
         if pad:  # zero rows whose outputs are split off and dropped
             weights.append(weights[0].new_zeros(pad, weights[0].shape[1]))
             biases.append(weights[0].new_zeros(pad))

@@ -33,9 +33,9 @@ BLOCK_D = 128
 _TILES = [(32, 128, 4), (64, 64, 4), (64, 128, 8)]  # (tokens, channels, warps): the autotune candidates
 # The first backward pass's candidates: (tokens, channels, tiles per program, PREFETCH, SUM_EACH_STEP, warps). All
 # compile for sm_90 without spilling registers (scripts/gpu/kernel_registers.py); the first is session 19's.
-_FIRST_PASS_TILES = [(16, 64, 8, False, False, 4), (16, 64, 4, False, True, 4), (32, 64, 4, False, True, 4),
-                     (32, 64, 2, False, True, 4), (32, 64, 4, True, True, 4), (16, 128, 4, False, True, 8),
-                     (32, 128, 4, False, True, 8), (16, 64, 4, False, False, 8)]
+_FIRST_PASS_TILES = [(16, 64, 8, False, False, 4), (16, 64, 4, False, False, 8), (16, 64, 2, False, False, 4),
+                     (32, 64, 2, False, False, 4), (32, 128, 2, False, False, 8), (64, 64, 2, False, False, 8),
+                     (32, 64, 2, False, True, 4), (32, 64, 4, True, True, 4), (16, 64, 4, False, True, 4)]
 FIRST_PASS_PLAIN = {"BLOCK_T": 32, "BLOCK_D": 128, "STEPS": 4, "PREFETCH": True, "SUM_EACH_STEP": False}  # on CPU
 
 
