@@ -1,7 +1,7 @@
 """Registers and spills of our short conv's autotune candidates, compiled for sm_90 (H100/H200) on any machine:
 Triton compiles to a cubin without a GPU, and its bundled cuobjdump reads the resource use. A candidate that
-spills (STACK > 0) or needs many registers per element keeps fewer tokens in flight per SM; this is how the
-first backward pass's candidates were chosen (session 20, docs/performance.md).
+spills (STACK > 0) or needs many registers per element keeps fewer tokens in flight per SM (session 20,
+docs/performance.md: registers did not predict the first backward pass's speed there).
 Usage: python scripts/gpu/kernel_registers.py"""
 from __future__ import annotations
 
@@ -49,17 +49,17 @@ def main() -> None:
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     rows = [("forward", conv._conv_silu_forward, config, {"HAS_BIAS": False, "WIDTH": 4})
             for config in conv._configs(conv._TILES)]
-    rows += [("grad_pre", conv._conv_silu_grad_pre, config, {"HAS_BIAS": False})
-             for config in conv._first_pass_configs()]
+    rows += [("grad_pre", conv._conv_silu_grad_pre, config, {"HAS_BIAS": False, "ROWS": conv.ROWS_PER_PROGRAM})
+             for config in conv._first_pass_configs(conv._FIRST_PASS_TILES)]
     rows += [("grad_input", conv._conv_silu_grad_input, config, {"WIDTH": 4}) for config in conv._configs(conv._TILES)]
-    print(f"{'kernel':10}  {'tile settings':70}  {'warps':>5}  {'regs':>4}  {'stack':>5}  {'elements/SM':>11}")
+    print(f"{'kernel':10}  {'tile settings':24}  {'warps':>5}  {'regs':>4}  {'stack':>5}  {'elements/SM':>11}")
     for name, kernel, config, constants in rows:
         registers, stack = resource_use(kernel, {**constants, **config.kwargs}, config.num_warps)
         threads = 32 * config.num_warps
         programs = REGISTERS_PER_SM // (registers * threads)
         in_flight = programs * config.kwargs["BLOCK_T"] * config.kwargs["BLOCK_D"]
         settings = ", ".join(f"{key}={value}" for key, value in config.kwargs.items())
-        print(f"{name:10}  {settings:70}  {config.num_warps:5}  {registers:4}  {stack:5}  {in_flight:11}")
+        print(f"{name:10}  {settings:24}  {config.num_warps:5}  {registers:4}  {stack:5}  {in_flight:11}")
 
 
 if __name__ == "__main__":

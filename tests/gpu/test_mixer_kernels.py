@@ -204,14 +204,13 @@ def _first_pass_candidates():
 @pytest.mark.parametrize("tile", _first_pass_candidates(), ids=str)
 def test_every_first_pass_candidate_gives_the_torch_conv_gradients(tile, monkeypatch):
     """The autotuner may pick any first-pass candidate on another GPU or shape, so each one, run alone, gives the
-    PyTorch conv's input, tap and bias gradients (fp32), at lengths that end inside a program's tiles."""
+    PyTorch conv's input, tap and bias gradients (fp32), at lengths that end inside a program's rows."""
     import triton
 
     from hybrid_distill.models.mixers import short_conv_triton
     from hybrid_distill.models.mixers.short_conv import ShortConvolution
 
-    monkeypatch.setattr(short_conv_triton, "_FIRST_PASS_TILES", [tile])
-    only = triton.autotune(short_conv_triton._first_pass_configs(), key=["T", "D", "HAS_BIAS"])(
+    only = triton.autotune(short_conv_triton._first_pass_configs([tile]), key=["T", "D", "HAS_BIAS"])(
         short_conv_triton._conv_silu_grad_pre)
     monkeypatch.setitem(short_conv_triton._TUNED, "grad_pre", only)
     torch.manual_seed(0)
@@ -227,6 +226,6 @@ def test_every_first_pass_candidate_gives_the_torch_conv_gradients(tile, monkeyp
             inputs = x.clone().requires_grad_()
             out, _ = conv(inputs)
             results[choice] = torch.autograd.grad(out, [inputs, conv.weight, conv.bias], torch.cos(out * 7))
-        assert only.best_config.kwargs["STEPS"] == tile[2]  # the candidate under test ran
+        assert only.best_config.kwargs["BLOCK_T"] == tile[0]  # the candidate under test ran
         for candidate, reference in zip(results["triton"], results["torch"], strict=True):
             assert relative_error(candidate, reference) <= 1e-5, (length, tile)

@@ -6,9 +6,8 @@ first. A one-pass backward that recomputes the pre-activations at the 4 offsets 
 tiles per output tile and was slower still (session 18, docs/performance.md). Here the backward is two passes:
   1. per position, g = dy * silu'(pre), pre recomputed from the 4 shifted x tiles it loads once, stored in x's
      dtype (as PyTorch's own silu backward returns it); the taps' and the bias's gradients summed from the same
-     registers over a program's tiles into its partial-sum row (deterministic: no atomics). Written for 4 taps
-     (the default conv_size); a narrower conv runs with leading zero taps. How a program sums and loads (whole-tile
-     sums or one reduction per tile, loads issued a tile ahead or not) is the autotuner's choice, with the tiles;
+     registers in whole-tile accumulators, reduced once per program into its partial-sum row (deterministic: no
+     atomics). Written for 4 taps (the default conv_size); a narrower conv runs with leading zero taps;
   2. dx[t] = sum_k w[W-1-k] * g[t+k] from 4 shifted tiles of g.
 In a graphed all-GDN step at 64 x 512 tokens on an H200 the three kernels took 13.0 ms against fla's 16.4 ms, and the
 step ran 2.7% faster (session 19).
@@ -30,26 +29,19 @@ from .kernels import KERNEL_CONV_MAX_TAPS as TAPS  # the backward's first pass i
 
 BLOCK_T = 32  # the default tile (CPU, and the first autotune candidate): tokens x channels per program
 BLOCK_D = 128
+PLAIN_UNROLLED = True  # how the first pass loops over its tiles on CPU
+ROWS_PER_PROGRAM = 128  # tokens one first-pass program sums the taps' gradients over: one partial-sum row each
 _TILES = [(32, 128, 4), (64, 64, 4), (64, 128, 8)]  # (tokens, channels, warps): the autotune candidates
-# The first backward pass's candidates: (tokens, channels, tiles per program, PREFETCH, SUM_EACH_STEP, warps). All
-# compile for sm_90 without spilling registers (scripts/gpu/kernel_registers.py); the first is session 19's.
-_FIRST_PASS_TILES = [(16, 64, 8, False, False, 4), (16, 64, 4, False, False, 8), (16, 64, 2, False, False, 4),
-                     (32, 64, 2, False, False, 4), (32, 128, 2, False, False, 8), (64, 64, 2, False, False, 8),
-                     (32, 64, 2, False, True, 4), (32, 64, 4, True, True, 4), (16, 64, 4, False, True, 4)]
-FIRST_PASS_PLAIN = {"BLOCK_T": 32, "BLOCK_D": 128, "STEPS": 4, "PREFETCH": True, "SUM_EACH_STEP": False}  # on CPU
+_FIRST_PASS_TILES = [(16, 64, 4), (32, 64, 4), (16, 128, 4), (32, 128, 8)]
 
 
 def _configs(tiles):
     return [triton.Config({"BLOCK_T": t, "BLOCK_D": d}, num_warps=w) for t, d, w in tiles]
 
 
-def _first_pass_configs():
-    return [triton.Config({"BLOCK_T": t, "BLOCK_D": d, "STEPS": steps, "PREFETCH": prefetch, "SUM_EACH_STEP": each},
-                          num_warps=w) for t, d, steps, prefetch, each, w in _FIRST_PASS_TILES]
-
-
-def _tokens_per_first_pass_program(settings) -> int:
-    return settings["BLOCK_T"] * settings["STEPS"]
+def _first_pass_configs(tiles):
+    return [triton.Config({"BLOCK_T": t, "BLOCK_D": d, "UNROLLED": unrolled}, num_warps=w)
+            for unrolled in (True, False) for t, d, w in tiles]
 
 
 @triton.jit
@@ -92,30 +84,34 @@ def _conv_silu_forward(x_ptr, w_ptr, b_ptr, y_ptr, T, D, stride_xb, stride_xt, s
 
 
 @triton.jit
-def _first_pass_loads(x_base, dy_base, rows, cols, col_mask, T, stride_xt, stride_dyt):
-    """The 4 shifted x tiles (x[t-3] .. x[t]) and the dy tile of the given rows."""
-    return (_shifted(x_base, rows, -3, cols, T, stride_xt, col_mask),
-            _shifted(x_base, rows, -2, cols, T, stride_xt, col_mask),
-            _shifted(x_base, rows, -1, cols, T, stride_xt, col_mask),
-            _shifted(x_base, rows, 0, cols, T, stride_xt, col_mask),
-            _shifted(dy_base, rows, 0, cols, T, stride_dyt, col_mask))
+def _grad_pre_tile(x_base, dy_base, g_base, first, cols, col_mask, T, D, stride_xt, stride_dyt, bias, w0, w1, w2, w3,
+                   dw0, dw1, dw2, dw3, db, BLOCK_T: tl.constexpr):
+    rows = first + tl.arange(0, BLOCK_T)
+    x0 = _shifted(x_base, rows, -3, cols, T, stride_xt, col_mask)
+    x1 = _shifted(x_base, rows, -2, cols, T, stride_xt, col_mask)
+    x2 = _shifted(x_base, rows, -1, cols, T, stride_xt, col_mask)
+    x3 = _shifted(x_base, rows, 0, cols, T, stride_xt, col_mask)
+    pre = bias[None, :] + w0 * x0 + w1 * x1 + w2 * x2 + w3 * x3
+    gate = tl.sigmoid(pre)
+    g = _shifted(dy_base, rows, 0, cols, T, stride_dyt, col_mask) * \
+        gate * (1.0 + pre * (1.0 - gate))  # zero past T, where dy loads as zero
+    tl.store(g_base + rows[:, None] * D + cols[None, :], g.to(g_base.dtype.element_ty),
+             mask=(rows < T)[:, None] & col_mask[None, :])
+    return dw0 + x0 * g, dw1 + x1 * g, dw2 + x2 * g, dw3 + x3 * g, db + g
 
 
 @triton.jit
 def _conv_silu_grad_pre(x_ptr, w_ptr, b_ptr, dy_ptr, g_ptr, dw_ptr, db_ptr, T, D, stride_xb, stride_xt,
-                        stride_dyb, stride_dyt, HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
-                        STEPS: tl.constexpr, PREFETCH: tl.constexpr, SUM_EACH_STEP: tl.constexpr):
-    """First backward pass over STEPS tiles of a 4-tap conv: g = dy * silu'(pre) into the contiguous g, and this
+                        stride_dyb, stride_dyt, HAS_BIAS: tl.constexpr, ROWS: tl.constexpr, BLOCK_T: tl.constexpr,
+                        BLOCK_D: tl.constexpr, UNROLLED: tl.constexpr):
+    """First backward pass over ROWS tokens of a 4-tap conv: g = dy * silu'(pre) into the contiguous g, and this
     program's row of the partial sums dw[j] = sum_t x[t-3+j] g[t] and db = sum_t g[t] (float32, from g before
-    rounding). The four shifted x tiles are loaded once per tile and kept for both uses. The tile shape and these
-    variants are the autotuner's to pick (registers per element against latency hidden):
-    - PREFETCH: the next tile's loads are issued before this tile's maths, so that their latency overlaps it;
-    - SUM_EACH_STEP: the sums are reduced over each tile's rows into per-channel vectors, else they stay whole tiles
-      until the end (5 float32 registers per element, one reduction each per program)."""
+    rounding). The four shifted x tiles are loaded once per tile and kept for both uses; the sums stay whole tiles
+    until the end (one reduction each per program, none per tile)."""
     pid_t, pid_d, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     col_mask = cols < D
-    x_base, dy_base = x_ptr + pid_b * stride_xb, dy_ptr + pid_b * stride_dyb
+    x_base = x_ptr + pid_b * stride_xb
     w0 = _tap(w_ptr, cols, col_mask, 0, 4)[None, :]
     w1 = _tap(w_ptr, cols, col_mask, 1, 4)[None, :]
     w2 = _tap(w_ptr, cols, col_mask, 2, 4)[None, :]
@@ -123,42 +119,21 @@ def _conv_silu_grad_pre(x_ptr, w_ptr, b_ptr, dy_ptr, g_ptr, dw_ptr, db_ptr, T, D
     bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
     if HAS_BIAS:
         bias += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-    sum_shape: tl.constexpr = (1, BLOCK_D) if SUM_EACH_STEP else (BLOCK_T, BLOCK_D)
-    dw0 = tl.zeros(sum_shape, dtype=tl.float32)
-    dw1 = tl.zeros(sum_shape, dtype=tl.float32)
-    dw2 = tl.zeros(sum_shape, dtype=tl.float32)
-    dw3 = tl.zeros(sum_shape, dtype=tl.float32)
-    db = tl.zeros(sum_shape, dtype=tl.float32)
-    first = pid_t * BLOCK_T * STEPS + tl.arange(0, BLOCK_T)
-    if PREFETCH:
-        x0, x1, x2, x3, dy = _first_pass_loads(x_base, dy_base, first, cols, col_mask, T, stride_xt, stride_dyt)
-    for step in tl.static_range(STEPS):
-        rows = first + step * BLOCK_T
-        if PREFETCH:
-            if step + 1 < STEPS:
-                later = _first_pass_loads(x_base, dy_base, rows + BLOCK_T, cols, col_mask, T, stride_xt, stride_dyt)
-        else:
-            x0, x1, x2, x3, dy = _first_pass_loads(x_base, dy_base, rows, cols, col_mask, T, stride_xt, stride_dyt)
-        pre = bias[None, :] + w0 * x0 + w1 * x1 + w2 * x2 + w3 * x3
-        gate = tl.sigmoid(pre)
-        g = dy * gate * (1.0 + pre * (1.0 - gate))  # zero past T, where dy loads as zero
-        tl.store(g_ptr + (pid_b * T + rows[:, None]) * D + cols[None, :], g.to(g_ptr.dtype.element_ty),
-                 mask=(rows < T)[:, None] & col_mask[None, :])
-        if SUM_EACH_STEP:
-            dw0 += tl.sum(x0 * g, axis=0)[None, :]
-            dw1 += tl.sum(x1 * g, axis=0)[None, :]
-            dw2 += tl.sum(x2 * g, axis=0)[None, :]
-            dw3 += tl.sum(x3 * g, axis=0)[None, :]
-            db += tl.sum(g, axis=0)[None, :]
-        else:
-            dw0 += x0 * g
-            dw1 += x1 * g
-            dw2 += x2 * g
-            dw3 += x3 * g
-            db += g
-        if PREFETCH:
-            if step + 1 < STEPS:
-                x0, x1, x2, x3, dy = later
+    dw0 = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
+    dw1 = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
+    dw2 = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
+    dw3 = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
+    db = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
+    if UNROLLED:
+        for step in tl.static_range(ROWS // BLOCK_T):
+            dw0, dw1, dw2, dw3, db = _grad_pre_tile(
+                x_base, dy_ptr + pid_b * stride_dyb, g_ptr + pid_b * T * D, pid_t * ROWS + step * BLOCK_T, cols,
+                col_mask, T, D, stride_xt, stride_dyt, bias, w0, w1, w2, w3, dw0, dw1, dw2, dw3, db, BLOCK_T)
+    else:
+        for step in tl.range(ROWS // BLOCK_T):
+            dw0, dw1, dw2, dw3, db = _grad_pre_tile(
+                x_base, dy_ptr + pid_b * stride_dyb, g_ptr + pid_b * T * D, pid_t * ROWS + step * BLOCK_T, cols,
+                col_mask, T, D, stride_xt, stride_dyt, bias, w0, w1, w2, w3, dw0, dw1, dw2, dw3, db, BLOCK_T)
     program = pid_b * tl.num_programs(0) + pid_t
     partial = dw_ptr + program * D * 4 + cols * 4
     tl.store(partial, tl.sum(dw0, axis=0), mask=col_mask)
@@ -187,24 +162,23 @@ def _conv_silu_grad_input(g_ptr, w_ptr, dx_ptr, T, D, stride_dxb, stride_dxt,
 
 _TUNED = {
     "forward": triton.autotune(_configs(_TILES), key=["T", "D", "HAS_BIAS"])(_conv_silu_forward),
-    "grad_pre": triton.autotune(_first_pass_configs(), key=["T", "D", "HAS_BIAS"])(_conv_silu_grad_pre),
+    "grad_pre": triton.autotune(_first_pass_configs(_FIRST_PASS_TILES), key=["T", "D", "HAS_BIAS"])(_conv_silu_grad_pre),
     "grad_input": triton.autotune(_configs(_TILES), key=["T", "D"])(_conv_silu_grad_input),
 }
 _PLAIN = {"forward": _conv_silu_forward, "grad_pre": _conv_silu_grad_pre, "grad_input": _conv_silu_grad_input}
 
 
-def _launch(name: str, x: torch.Tensor, grid_rows, *args, **constants) -> dict:
+def _launch(name: str, x: torch.Tensor, grid_rows, *args, **constants) -> None:
     """Runs kernel `name` over x's [B, T, D]: autotuned tiles on CUDA, the default tiles elsewhere (the
-    interpreter); grid_rows(settings) is the grid's first dimension. Returns the tile settings it ran with."""
+    interpreter); grid_rows(BLOCK_T) is the grid's first dimension."""
     batch, _, channels = x.shape
     if x.is_cuda:
-        kernel = _TUNED[name]
-        kernel[lambda meta: (grid_rows(meta), triton.cdiv(channels, meta["BLOCK_D"]), batch)](*args, **constants)
-        return kernel.best_config.kwargs
-    settings = FIRST_PASS_PLAIN if name == "grad_pre" else {"BLOCK_T": BLOCK_T, "BLOCK_D": BLOCK_D}
-    _PLAIN[name][(grid_rows(settings), triton.cdiv(channels, settings["BLOCK_D"]), batch)](
-        *args, **constants, **settings)
-    return settings
+        _TUNED[name][lambda meta: (grid_rows(meta["BLOCK_T"]), triton.cdiv(channels, meta["BLOCK_D"]), batch)](
+            *args, **constants)
+    else:
+        loop = {"UNROLLED": PLAIN_UNROLLED} if name == "grad_pre" else {}
+        _PLAIN[name][(grid_rows(BLOCK_T), triton.cdiv(channels, BLOCK_D), batch)](
+            *args, **constants, **loop, BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D)
 
 
 def _channels_last(x: torch.Tensor) -> torch.Tensor:
@@ -219,7 +193,7 @@ class _ShortConvSilu(torch.autograd.Function):
         x, weight = _channels_last(x), weight.contiguous()
         length, channels = x.shape[1:]
         y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-        _launch("forward", x, lambda tile: triton.cdiv(length, tile["BLOCK_T"]), x, weight,
+        _launch("forward", x, lambda block: triton.cdiv(length, block), x, weight,
                 bias if bias is not None else weight, y, length, channels, x.stride(0), x.stride(1), y.stride(0),
                 y.stride(1), HAS_BIAS=bias is not None, WIDTH=weight.shape[1])
         ctx.save_for_backward(x, weight, bias)
@@ -232,22 +206,18 @@ class _ShortConvSilu(torch.autograd.Function):
         batch, length, channels = x.shape
         width = weight.shape[1]
         taps = F.pad(weight, (TAPS - width, 0))  # a narrower conv is this one with leading zero taps
-        # one partial-sum row per first-pass program: room for the most programs any candidate launches
-        fewest_tokens = min(_tokens_per_first_pass_program(config.kwargs) for config in _first_pass_configs()) \
-            if x.is_cuda else _tokens_per_first_pass_program(FIRST_PASS_PLAIN)
-        most_programs = batch * triton.cdiv(length, fewest_tokens)
+        programs = batch * triton.cdiv(length, ROWS_PER_PROGRAM)
         g = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-        dw = torch.empty(most_programs, channels, TAPS, dtype=torch.float32, device=x.device)
-        db = torch.empty(most_programs, channels, dtype=torch.float32, device=x.device) if bias is not None else dw
-        ran = _launch("grad_pre", x, lambda tile: triton.cdiv(length, _tokens_per_first_pass_program(tile)), x, taps,
-                      bias if bias is not None else weight, dy, g, dw, db, length, channels, x.stride(0), x.stride(1),
-                      dy.stride(0), dy.stride(1), HAS_BIAS=bias is not None)
-        programs = batch * triton.cdiv(length, _tokens_per_first_pass_program(ran))
+        dw = torch.empty(programs, channels, TAPS, dtype=torch.float32, device=x.device)
+        db = torch.empty(programs, channels, dtype=torch.float32, device=x.device) if bias is not None else dw
+        _launch("grad_pre", x, lambda block: triton.cdiv(length, ROWS_PER_PROGRAM), x, taps,
+                bias if bias is not None else weight, dy, g, dw, db, length, channels, x.stride(0), x.stride(1),
+                dy.stride(0), dy.stride(1), HAS_BIAS=bias is not None, ROWS=ROWS_PER_PROGRAM)
         dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-        _launch("grad_input", x, lambda tile: triton.cdiv(length, tile["BLOCK_T"]), g, weight, dx, length, channels,
+        _launch("grad_input", x, lambda block: triton.cdiv(length, block), g, weight, dx, length, channels,
                 dx.stride(0), dx.stride(1), WIDTH=width)
-        weight_grad = dw[:programs].sum(0)[:, TAPS - width:].to(weight.dtype)
-        bias_grad = db[:programs].sum(0).to(bias.dtype) if bias is not None else None
+        weight_grad = dw.sum(0)[:, TAPS - width:].to(weight.dtype)
+        bias_grad = db.sum(0).to(bias.dtype) if bias is not None else None
         return dx, weight_grad, bias_grad
 
 
