@@ -50,7 +50,7 @@ def main() -> None:
     rows = [("forward", conv._conv_silu_forward, config, {"HAS_BIAS": False, "WIDTH": 4})
             for config in conv._configs(conv._TILES)]
     rows += [("grad_pre", conv._conv_silu_grad_pre, config, {"HAS_BIAS": False, "ROWS": conv.ROWS_PER_PROGRAM})
-             for config in conv._first_pass_configs(conv._FIRST_PASS_TILES)]
+             for config in conv._configs(conv._FIRST_PASS_TILES)]
     rows += [("grad_input", conv._conv_silu_grad_input, config, {"WIDTH": 4}) for config in conv._configs(conv._TILES)]
     print(f"{'kernel':10}  {'tile settings':24}  {'warps':>5}  {'regs':>4}  {'stack':>5}  {'elements/SM':>11}")
     for name, kernel, config, constants in rows:

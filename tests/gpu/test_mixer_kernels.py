@@ -210,7 +210,7 @@ def test_every_first_pass_candidate_gives_the_torch_conv_gradients(tile, monkeyp
     from hybrid_distill.models.mixers import short_conv_triton
     from hybrid_distill.models.mixers.short_conv import ShortConvolution
 
-    only = triton.autotune(short_conv_triton._first_pass_configs([tile]), key=["T", "D", "HAS_BIAS"])(
+    only = triton.autotune(short_conv_triton._configs([tile]), key=["T", "D", "HAS_BIAS"])(
         short_conv_triton._conv_silu_grad_pre)
     monkeypatch.setitem(short_conv_triton._TUNED, "grad_pre", only)
     torch.manual_seed(0)

@@ -29,7 +29,6 @@ from .kernels import KERNEL_CONV_MAX_TAPS as TAPS  # the backward's first pass i
 
 BLOCK_T = 32  # the default tile (CPU, and the first autotune candidate): tokens x channels per program
 BLOCK_D = 128
-PLAIN_UNROLLED = True  # how the first pass loops over its tiles on CPU
 ROWS_PER_PROGRAM = 128  # tokens one first-pass program sums the taps' gradients over: one partial-sum row each
 _TILES = [(32, 128, 4), (64, 64, 4), (64, 128, 8)]  # (tokens, channels, warps): the autotune candidates
 _FIRST_PASS_TILES = [(16, 64, 4), (32, 64, 4), (16, 128, 4), (32, 128, 8)]
@@ -37,11 +36,6 @@ _FIRST_PASS_TILES = [(16, 64, 4), (32, 64, 4), (16, 128, 4), (32, 128, 8)]
 
 def _configs(tiles):
     return [triton.Config({"BLOCK_T": t, "BLOCK_D": d}, num_warps=w) for t, d, w in tiles]
-
-
-def _first_pass_configs(tiles):
-    return [triton.Config({"BLOCK_T": t, "BLOCK_D": d, "UNROLLED": unrolled}, num_warps=w)
-            for unrolled in (True, False) for t, d, w in tiles]
 
 
 @triton.jit
@@ -84,26 +78,9 @@ def _conv_silu_forward(x_ptr, w_ptr, b_ptr, y_ptr, T, D, stride_xb, stride_xt, s
 
 
 @triton.jit
-def _grad_pre_tile(x_base, dy_base, g_base, first, cols, col_mask, T, D, stride_xt, stride_dyt, bias, w0, w1, w2, w3,
-                   dw0, dw1, dw2, dw3, db, BLOCK_T: tl.constexpr):
-    rows = first + tl.arange(0, BLOCK_T)
-    x0 = _shifted(x_base, rows, -3, cols, T, stride_xt, col_mask)
-    x1 = _shifted(x_base, rows, -2, cols, T, stride_xt, col_mask)
-    x2 = _shifted(x_base, rows, -1, cols, T, stride_xt, col_mask)
-    x3 = _shifted(x_base, rows, 0, cols, T, stride_xt, col_mask)
-    pre = bias[None, :] + w0 * x0 + w1 * x1 + w2 * x2 + w3 * x3
-    gate = tl.sigmoid(pre)
-    g = _shifted(dy_base, rows, 0, cols, T, stride_dyt, col_mask) * \
-        gate * (1.0 + pre * (1.0 - gate))  # zero past T, where dy loads as zero
-    tl.store(g_base + rows[:, None] * D + cols[None, :], g.to(g_base.dtype.element_ty),
-             mask=(rows < T)[:, None] & col_mask[None, :])
-    return dw0 + x0 * g, dw1 + x1 * g, dw2 + x2 * g, dw3 + x3 * g, db + g
-
-
-@triton.jit
 def _conv_silu_grad_pre(x_ptr, w_ptr, b_ptr, dy_ptr, g_ptr, dw_ptr, db_ptr, T, D, stride_xb, stride_xt,
                         stride_dyb, stride_dyt, HAS_BIAS: tl.constexpr, ROWS: tl.constexpr, BLOCK_T: tl.constexpr,
-                        BLOCK_D: tl.constexpr, UNROLLED: tl.constexpr):
+                        BLOCK_D: tl.constexpr):
     """First backward pass over ROWS tokens of a 4-tap conv: g = dy * silu'(pre) into the contiguous g, and this
     program's row of the partial sums dw[j] = sum_t x[t-3+j] g[t] and db = sum_t g[t] (float32, from g before
     rounding). The four shifted x tiles are loaded once per tile and kept for both uses; the sums stay whole tiles
@@ -124,16 +101,23 @@ def _conv_silu_grad_pre(x_ptr, w_ptr, b_ptr, dy_ptr, g_ptr, dw_ptr, db_ptr, T, D
     dw2 = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
     dw3 = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
     db = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
-    if UNROLLED:
-        for step in tl.static_range(ROWS // BLOCK_T):
-            dw0, dw1, dw2, dw3, db = _grad_pre_tile(
-                x_base, dy_ptr + pid_b * stride_dyb, g_ptr + pid_b * T * D, pid_t * ROWS + step * BLOCK_T, cols,
-                col_mask, T, D, stride_xt, stride_dyt, bias, w0, w1, w2, w3, dw0, dw1, dw2, dw3, db, BLOCK_T)
-    else:
-        for step in tl.range(ROWS // BLOCK_T):
-            dw0, dw1, dw2, dw3, db = _grad_pre_tile(
-                x_base, dy_ptr + pid_b * stride_dyb, g_ptr + pid_b * T * D, pid_t * ROWS + step * BLOCK_T, cols,
-                col_mask, T, D, stride_xt, stride_dyt, bias, w0, w1, w2, w3, dw0, dw1, dw2, dw3, db, BLOCK_T)
+    for step in tl.static_range(ROWS // BLOCK_T):
+        rows = pid_t * ROWS + step * BLOCK_T + tl.arange(0, BLOCK_T)
+        x0 = _shifted(x_base, rows, -3, cols, T, stride_xt, col_mask)
+        x1 = _shifted(x_base, rows, -2, cols, T, stride_xt, col_mask)
+        x2 = _shifted(x_base, rows, -1, cols, T, stride_xt, col_mask)
+        x3 = _shifted(x_base, rows, 0, cols, T, stride_xt, col_mask)
+        pre = bias[None, :] + w0 * x0 + w1 * x1 + w2 * x2 + w3 * x3
+        gate = tl.sigmoid(pre)
+        g = _shifted(dy_ptr + pid_b * stride_dyb, rows, 0, cols, T, stride_dyt, col_mask) * \
+            gate * (1.0 + pre * (1.0 - gate))  # zero past T, where dy loads as zero
+        tl.store(g_ptr + (pid_b * T + rows[:, None]) * D + cols[None, :], g.to(g_ptr.dtype.element_ty),
+                 mask=(rows < T)[:, None] & col_mask[None, :])
+        dw0 += x0 * g
+        dw1 += x1 * g
+        dw2 += x2 * g
+        dw3 += x3 * g
+        db += g
     program = pid_b * tl.num_programs(0) + pid_t
     partial = dw_ptr + program * D * 4 + cols * 4
     tl.store(partial, tl.sum(dw0, axis=0), mask=col_mask)
@@ -162,7 +146,7 @@ def _conv_silu_grad_input(g_ptr, w_ptr, dx_ptr, T, D, stride_dxb, stride_dxt,
 
 _TUNED = {
     "forward": triton.autotune(_configs(_TILES), key=["T", "D", "HAS_BIAS"])(_conv_silu_forward),
-    "grad_pre": triton.autotune(_first_pass_configs(_FIRST_PASS_TILES), key=["T", "D", "HAS_BIAS"])(_conv_silu_grad_pre),
+    "grad_pre": triton.autotune(_configs(_FIRST_PASS_TILES), key=["T", "D", "HAS_BIAS"])(_conv_silu_grad_pre),
     "grad_input": triton.autotune(_configs(_TILES), key=["T", "D"])(_conv_silu_grad_input),
 }
 _PLAIN = {"forward": _conv_silu_forward, "grad_pre": _conv_silu_grad_pre, "grad_input": _conv_silu_grad_input}
@@ -176,9 +160,8 @@ def _launch(name: str, x: torch.Tensor, grid_rows, *args, **constants) -> None:
         _TUNED[name][lambda meta: (grid_rows(meta["BLOCK_T"]), triton.cdiv(channels, meta["BLOCK_D"]), batch)](
             *args, **constants)
     else:
-        loop = {"UNROLLED": PLAIN_UNROLLED} if name == "grad_pre" else {}
         _PLAIN[name][(grid_rows(BLOCK_T), triton.cdiv(channels, BLOCK_D), batch)](
-            *args, **constants, **loop, BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D)
+            *args, **constants, BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D)
 
 
 def _channels_last(x: torch.Tensor) -> torch.Tensor:
