@@ -43,11 +43,12 @@ def run(mixer, hidden, backend, monkeypatch):
 
 FLA_OPS = (("HD_SHORT_CONV", "fla"), ("HD_QK_L2NORM", "fla"))  # more of a GDN mixer in fla's kernels
 OUR_CONV = (("HD_SHORT_CONV", "triton"),)  # the short convs in our Triton kernels
+OUR_CONV_IN_PLACE = OUR_CONV + (("HD_CONV_GRADS_IN_PLACE", "on"),)  # ... writing into the input GEMM's gradient
 
 
 @pytest.mark.parametrize("kind,fla_ops", [("gdn", ()), ("gla", ()), ("gdn", FLA_OPS), ("gdn", OUR_CONV),
-                                          ("gla", OUR_CONV)],
-                         ids=["gdn", "gla", "gdn-fla_ops", "gdn-our_conv", "gla-our_conv"])
+                                          ("gla", OUR_CONV), ("gdn", OUR_CONV_IN_PLACE)],
+                         ids=["gdn", "gla", "gdn-fla_ops", "gdn-our_conv", "gla-our_conv", "gdn-our_conv_in_place"])
 @pytest.mark.parametrize("length", [64, 1000])
 def test_fla_and_torch_paths_agree_on_outputs_and_gradients(kind, fla_ops, length, monkeypatch, record_property):
     """fla_ops: the fla path also runs its short convolutions (fla's kernel or ours) and its q/k L2 norms in

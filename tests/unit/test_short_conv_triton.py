@@ -67,7 +67,35 @@ for kind in ("gdn", "gla"):
         for name, got, want in zip(("mixer output", "mixer input grad", "q taps grad", "v taps grad"),
                                    runs["triton"], runs["torch"]):
             record(f"{kind} {name}", got, want)
-print(json.dumps({"worst": worst, "mixer_calls": mixer_calls}))
+# HD_CONV_GRADS_IN_PLACE=on: the three convs as one call that writes their gradients into the input GEMM's
+from hybrid_distill.models.mixers import kernels
+in_place_calls = []
+original = kernels.projected_short_convs
+
+
+def counted_in_place(projected, widths, weights):
+    in_place_calls.append(widths)
+    return original(projected, widths, weights)
+
+kernels.projected_short_convs = counted_in_place
+for kind in ("gdn", "gla"):
+    torch.manual_seed(1)
+    mixer = make_mixer(MixerSpec(kind=kind, hidden_size=32, num_heads=2, head_dim=16), 0)
+    with torch.no_grad():
+        for parameter in mixer.parameters():
+            parameter.normal_(0, 0.5)  # gates, convs and projections all away from their init
+    hidden = torch.randn(2, 9, 32, requires_grad=True)
+    runs = {}
+    for choice, in_place in (("torch", "off"), ("triton", "on")):
+        os.environ["HD_SHORT_CONV"], os.environ["HD_CONV_GRADS_IN_PLACE"] = choice, in_place
+        out, _ = mixer(hidden)
+        names = ["hidden"] + [name for name, _ in mixer.named_parameters()]
+        grads = torch.autograd.grad(out.square().sum(), [hidden] + list(mixer.parameters()))
+        runs[choice] = [out, *grads]
+    for name, got, want in zip(["output"] + names, runs["triton"], runs["torch"]):
+        record(f"{kind} in place {name}", got, want)
+os.environ["HD_CONV_GRADS_IN_PLACE"] = "off"
+print(json.dumps({"worst": worst, "mixer_calls": mixer_calls, "in_place_calls": in_place_calls}))
 """
 
 
@@ -82,4 +110,8 @@ def test_triton_short_conv_equals_the_torch_conv_alone_and_inside_mixers(tmp_pat
     assert result["mixer_calls"] == [[2, 9, 32]] * 12
     assert set(worst) >= {"output", "input", "taps", "bias", "gdn mixer output", "gla q taps grad"}
     # float32 sums inside the kernel against float64 (alone) or float32 (mixers) references
+    # HD_CONV_GRADS_IN_PLACE=on ran one call per mixer forward: q, k, v (32 each), the gates' columns, padding
+    assert result["in_place_calls"] == [[32, 32, 32, 2, 2, 12], [32, 32, 32, 16]]
+    assert {"gdn in place hidden", "gdn in place a_proj.weight", "gdn in place q_conv1d.weight",
+            "gla in place gk_proj.0.weight", "gla in place v_proj.weight"} <= set(worst)
     assert max(worst.values()) < 2e-5, worst

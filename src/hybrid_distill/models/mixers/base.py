@@ -1,10 +1,13 @@
 """What GDN and GLA mixers share: the HF attention call signature, padding, the decoding cache, output norm."""
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels
 from .cache_layer import state_layer
 from .short_conv import ShortConvolution
 from .spec import MixerSpec
@@ -91,15 +94,21 @@ class LinearMixer(nn.Module):
         (the gates' with 9 or 16 outputs, far below what a GEMM needs to run well) plus the adds that summed the
         input's gradient. On an H200 the all-GDN step's GEMMs took 4-5 ms less, its compiled code 2-3 ms more, of
         165 ms (session 15). The output rows are padded to a multiple of PROJECTION_ROW_MULTIPLE: Triton compiles a
-        kernel for a row stride divisible by 16 with vector loads, and with one load per element otherwise, which
-        held the short conv's kernels, reading q, k and v in place, at 2-3x their memory bound (session 20). A decode
+        kernel for a row stride divisible by 16 with vector loads, and with one load per element otherwise: our short
+        conv's forward, reading q, k and v in place, took 55 us per call on rows of 1752 and 35 us on rows of 1760
+        (H200, session 20; compiled layers were not affected, their rows were already aligned). A decode
         token keeps one GEMV per weight: concatenating would copy every weight once more per token, and a decode
         step is bound by reading the weights."""
-        gates = self._gate_linears()
         qkv = (self.q_proj, self.k_proj, self.v_proj)
         if hidden_states.shape[1] == 1:
             return [linear(hidden_states) for linear in qkv], self._decode_gates(hidden_states)
-        linears = qkv + gates
+        projected, widths = self._fused_projection(hidden_states)
+        outputs = projected.split(widths, dim=-1)
+        return list(outputs[:3]), list(outputs[3:3 + len(self._gate_linears())])
+
+    def _fused_projection(self, hidden_states) -> tuple[torch.Tensor, list[int]]:
+        """The one GEMM of _project_inputs: [B, T, padded width] and the column widths (q, k, v, gates, padding)."""
+        linears = (self.q_proj, self.k_proj, self.v_proj) + self._gate_linears()
         weights = [linear.weight for linear in linears]
         biases = [linear.bias if linear.bias is not None else linear.weight.new_zeros(linear.out_features)
                   for linear in linears]
@@ -110,8 +119,29 @@ class LinearMixer(nn.Module):
             biases.append(weights[0].new_zeros(pad))
             widths.append(pad)
         bias = torch.cat(biases) if any(linear.bias is not None for linear in linears) else None
-        outputs = F.linear(hidden_states, torch.cat(weights), bias).split(widths, dim=-1)
-        return list(outputs[:3]), list(outputs[3:len(linears)])
+        return F.linear(hidden_states, torch.cat(weights), bias), widths
+
+    def _project_and_convolve(self, hidden_states, keep, conv_caches):
+        """(q, k, v as [B, T, H, D] after the optional short convolutions, [gate projections], new conv caches).
+        With HD_CONV_GRADS_IN_PLACE=on, a training sequence's three convs read the fused GEMM's output in place
+        and write their gradients into its gradient (kernels.projected_short_convs)."""
+        if not (self.spec.use_short_conv and keep is None and conv_caches is None and hidden_states.shape[1] > 1
+                and self.spec.conv_size <= kernels.KERNEL_CONV_MAX_TAPS and kernels.conv_grads_in_place(hidden_states)
+                and all(conv.bias is None for conv in self._convs())):
+            qkv, gates = self._project_inputs(hidden_states)
+            q, k, v, new_caches = self._project_qkv(qkv, keep, conv_caches)
+            return q, k, v, gates, new_caches
+        projected, widths = self._fused_projection(hidden_states)
+        outputs = kernels.projected_short_convs(projected, widths, [conv.weight[:, 0] for conv in self._convs()])
+        bounds = list(itertools.accumulate(widths))
+        new_caches = tuple(conv._last_inputs(projected[..., stop - width:stop])
+                           for conv, width, stop in zip(self._convs(), widths, bounds))
+        shape = (*hidden_states.shape[:2], self.spec.num_heads, self.spec.head_dim)
+        q, k, v = (x.reshape(shape) for x in outputs[:3])
+        return q, k, v, list(outputs[3:3 + len(self._gate_linears())]), new_caches
+
+    def _convs(self) -> tuple[ShortConvolution, ...]:
+        return (self.q_conv1d, self.k_conv1d, self.v_conv1d)
 
     def _project_qkv(self, projected, keep, conv_caches):
         """q, k, v as [B, T, H, D] from their projections, after the optional short convolutions; padded positions
@@ -120,7 +150,7 @@ class LinearMixer(nn.Module):
             projected = [x * keep[..., None] for x in projected]
         new_caches = None
         if self.spec.use_short_conv:
-            convs = (self.q_conv1d, self.k_conv1d, self.v_conv1d)
+            convs = self._convs()
             caches = conv_caches or (None, None, None)
             results = [conv(x, cache) for conv, x, cache in zip(convs, projected, caches)]
             projected = [out for out, _ in results]

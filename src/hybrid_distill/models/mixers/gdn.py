@@ -49,8 +49,7 @@ class GatedDeltaNetMixer(LinearMixer):
             self.o_norm.weight.fill_(1.0)
 
     def _kernel_inputs(self, hidden_states, keep, conv_caches):
-        qkv, (a_logits, b_logits) = self._project_inputs(hidden_states)
-        q, k, v, conv_caches = self._project_qkv(qkv, keep, conv_caches)
+        q, k, v, (a_logits, b_logits), conv_caches = self._project_and_convolve(hidden_states, keep, conv_caches)
         if not kernels.use_fla_qk_l2norm(q):  # else fla's kernel normalises them (HD_QK_L2NORM=fla)
             q, k = torch_ops.l2_normalize(q), torch_ops.l2_normalize(k)
         decay_log = -self.A_log.float().exp() * F.softplus(a_logits.float() + self.dt_bias.float())

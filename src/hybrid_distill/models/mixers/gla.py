@@ -41,8 +41,7 @@ class GatedLinearAttentionMixer(LinearMixer):
             self.g_norm.weight.fill_(1.0)
 
     def _kernel_inputs(self, hidden_states, keep, conv_caches):
-        qkv, (gate_low_rank,) = self._project_inputs(hidden_states)
-        q, k, v, conv_caches = self._project_qkv(qkv, keep, conv_caches)
+        q, k, v, (gate_low_rank,), conv_caches = self._project_and_convolve(hidden_states, keep, conv_caches)
         gate_logits = self.gk_proj[1](gate_low_rank).float()
         decay_log = F.logsigmoid(gate_logits) / self.spec.gate_logit_normalizer
         decay_log = decay_log.reshape(*hidden_states.shape[:2], self.spec.num_heads, self.spec.head_dim)

@@ -9,7 +9,9 @@ in eager and compiled-but-unrecorded steps, whose host issues every launch, fla'
 `triton` also runs CPU tensors under TRITON_INTERPRET=1, which is how the tests check it. Convs of more than
 KERNEL_CONV_MAX_TAPS taps always run PyTorch's code.
 `HD_QK_L2NORM=fla` (an experiment, off: +4% alone, nothing on top of fla's conv) has fla's GDN kernel normalise q
-and k itself (`use_qk_l2norm_in_kernel`) instead of the compiled code before it. Both switches are read from the
+and k itself (`use_qk_l2norm_in_kernel`) instead of the compiled code before it. `HD_CONV_GRADS_IN_PLACE=on` (an
+experiment, off, not yet measured) has our conv write q, k and v's gradients straight into the mixer's input-GEMM
+gradient (short_conv_triton.projected_convs) wherever our conv runs. The switches are read from the
 environment: set them before the process starts. fla is imported lazily: importing it costs seconds and it is
 useless on CPU.
 """
@@ -23,9 +25,10 @@ import torch
 
 from . import torch_ops
 
-MIXER_OP_SWITCHES = ("HD_MIXER_BACKEND", "HD_SHORT_CONV", "HD_QK_L2NORM")  # what a benchmark records beside its numbers
-FLA_OP_DEFAULTS = {"HD_SHORT_CONV": "auto", "HD_QK_L2NORM": "torch"}  # auto: a kernel inside graphed_steps, else torch
-OP_CHOICES = {"HD_SHORT_CONV": ("auto", "torch", "fla", "triton"), "HD_QK_L2NORM": ("torch", "fla")}
+MIXER_OP_SWITCHES = ("HD_MIXER_BACKEND", "HD_SHORT_CONV", "HD_QK_L2NORM", "HD_CONV_GRADS_IN_PLACE")  # what a benchmark records beside its numbers
+FLA_OP_DEFAULTS = {"HD_SHORT_CONV": "auto", "HD_QK_L2NORM": "torch", "HD_CONV_GRADS_IN_PLACE": "off"}  # auto: a kernel inside graphed_steps, else torch
+OP_CHOICES = {"HD_SHORT_CONV": ("auto", "torch", "fla", "triton"), "HD_QK_L2NORM": ("torch", "fla"),
+              "HD_CONV_GRADS_IN_PLACE": ("off", "on")}
 GRAPHED_SHORT_CONV = "triton"  # the short conv that `auto` records in graphed steps
 KERNEL_CONV_MAX_TAPS = 4  # the widest short conv sent to a kernel: the taps short_conv_triton is written for
 DECODE_MAX_TOKENS = 64  # below this and without grad, fla's fused recurrent kernel beats the chunked one
@@ -89,6 +92,22 @@ def use_kernel_short_conv(x: torch.Tensor) -> bool:
 def use_fla_qk_l2norm(x: torch.Tensor) -> bool:
     """Whether fla's GDN kernel normalises q and k itself (HD_QK_L2NORM=fla, CUDA)."""
     return op_choice("HD_QK_L2NORM") == "fla" and use_fla(x)
+
+
+def conv_grads_in_place(x: torch.Tensor) -> bool:
+    """Whether a mixer's q, k and v convs over the sequence `x` run as one call of ours that writes their gradients
+    into the input GEMM's (HD_CONV_GRADS_IN_PLACE=on, where our conv runs)."""
+    return op_choice("HD_CONV_GRADS_IN_PLACE") == "on" and op_choice("HD_SHORT_CONV") == "triton" \
+        and use_kernel_short_conv(x)
+
+
+@torch.compiler.disable  # a compiled layer breaks its graph here, as at the mixer's kernel
+def projected_short_convs(projected: torch.Tensor, widths: list[int], weights: list[torch.Tensor]):
+    """short_conv_triton.projected_convs: the convs over the first len(weights) column blocks of `projected`,
+    copies of the rest."""
+    from .short_conv_triton import projected_convs
+
+    return projected_convs(projected, widths, weights)
 
 
 @torch.compiler.disable  # a compiled layer breaks its graph here, as at the mixer's kernel

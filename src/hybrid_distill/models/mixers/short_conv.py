@@ -48,7 +48,8 @@ class ShortConvolution(nn.Conv1d):
     def _last_inputs(self, x: torch.Tensor) -> torch.Tensor:
         """The decoding cache after a sequence read from zero history: its last kernel_size - 1 inputs, [B, D, k-1]."""
         history = self.kernel_size[0] - 1
-        return F.pad(x, (0, 0, history, 0))[:, x.shape[1]:].transpose(1, 2).contiguous()
+        last = x[:, max(x.shape[1] - history, 0):]  # sliced before padding: the pad copies what it is given
+        return F.pad(last, (0, 0, history - last.shape[1], 0)).transpose(1, 2).contiguous()
 
     def _shifted_sums(self, x: torch.Tensor, cache: torch.Tensor | None):
         """The same conv as kernel_size shifted multiply-adds over [B, T, D], for compiled code: Inductor fuses

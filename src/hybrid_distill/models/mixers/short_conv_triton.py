@@ -20,6 +20,8 @@ from zero history, taps summed in float32 and rounded once.
 """
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -168,43 +170,91 @@ def _channels_last(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+def _forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    if not 1 <= weight.shape[1] <= TAPS:
+        raise ValueError(f"our Triton short conv takes 1 to {TAPS} taps, not {weight.shape[1]}")
+    length, channels = x.shape[1:]
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    _launch("forward", x, lambda block: triton.cdiv(length, block), x, weight,
+            bias if bias is not None else weight, y, length, channels, x.stride(0), x.stride(1), y.stride(0),
+            y.stride(1), HAS_BIAS=bias is not None, WIDTH=weight.shape[1])
+    return y
+
+
+def _backward_into(dx: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                   dy: torch.Tensor):
+    """Writes the input's gradient into dx (channels with stride 1, any batch and token strides); returns the taps'
+    and the bias's gradients."""
+    dy = _channels_last(dy)
+    batch, length, channels = x.shape
+    width = weight.shape[1]
+    taps = F.pad(weight, (TAPS - width, 0))  # a narrower conv is this one with leading zero taps
+    programs = batch * triton.cdiv(length, ROWS_PER_PROGRAM)
+    g = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    dw = torch.empty(programs, channels, TAPS, dtype=torch.float32, device=x.device)
+    db = torch.empty(programs, channels, dtype=torch.float32, device=x.device) if bias is not None else dw
+    _launch("grad_pre", x, lambda block: triton.cdiv(length, ROWS_PER_PROGRAM), x, taps,
+            bias if bias is not None else weight, dy, g, dw, db, length, channels, x.stride(0), x.stride(1),
+            dy.stride(0), dy.stride(1), HAS_BIAS=bias is not None, ROWS=ROWS_PER_PROGRAM)
+    _launch("grad_input", x, lambda block: triton.cdiv(length, block), g, weight, dx, length, channels,
+            dx.stride(0), dx.stride(1), WIDTH=width)
+    weight_grad = dw.sum(0)[:, TAPS - width:].to(weight.dtype)
+    bias_grad = db.sum(0).to(bias.dtype) if bias is not None else None
+    return weight_grad, bias_grad
+
+
 class _ShortConvSilu(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias):
-        if not 1 <= weight.shape[1] <= TAPS:
-            raise ValueError(f"our Triton short conv takes 1 to {TAPS} taps, not {weight.shape[1]}")
         x, weight = _channels_last(x), weight.contiguous()
-        length, channels = x.shape[1:]
-        y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-        _launch("forward", x, lambda block: triton.cdiv(length, block), x, weight,
-                bias if bias is not None else weight, y, length, channels, x.stride(0), x.stride(1), y.stride(0),
-                y.stride(1), HAS_BIAS=bias is not None, WIDTH=weight.shape[1])
         ctx.save_for_backward(x, weight, bias)
-        return y
+        return _forward(x, weight, bias)
 
     @staticmethod
     def backward(ctx, dy):
         x, weight, bias = ctx.saved_tensors
-        dy = _channels_last(dy)
-        batch, length, channels = x.shape
-        width = weight.shape[1]
-        taps = F.pad(weight, (TAPS - width, 0))  # a narrower conv is this one with leading zero taps
-        programs = batch * triton.cdiv(length, ROWS_PER_PROGRAM)
-        g = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-        dw = torch.empty(programs, channels, TAPS, dtype=torch.float32, device=x.device)
-        db = torch.empty(programs, channels, dtype=torch.float32, device=x.device) if bias is not None else dw
-        _launch("grad_pre", x, lambda block: triton.cdiv(length, ROWS_PER_PROGRAM), x, taps,
-                bias if bias is not None else weight, dy, g, dw, db, length, channels, x.stride(0), x.stride(1),
-                dy.stride(0), dy.stride(1), HAS_BIAS=bias is not None, ROWS=ROWS_PER_PROGRAM)
         dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-        _launch("grad_input", x, lambda block: triton.cdiv(length, block), g, weight, dx, length, channels,
-                dx.stride(0), dx.stride(1), WIDTH=width)
-        weight_grad = dw.sum(0)[:, TAPS - width:].to(weight.dtype)
-        bias_grad = db.sum(0).to(bias.dtype) if bias is not None else None
-        return dx, weight_grad, bias_grad
+        return dx, *_backward_into(dx, x, weight, bias, dy)
+
+
+class _ProjectedConvs(torch.autograd.Function):
+    """The q, k and v convs of a mixer read in place from its fused input GEMM's output, whose other columns (the
+    gates' projections, the padding) pass through as copies. Backward writes every column's gradient into one
+    buffer of the GEMM output's shape, so nothing concatenates the per-projection gradients (a `split`'s
+    backward: 99 us per layer in a graphed all-GDN step on an H200, session 20)."""
+
+    @staticmethod
+    def forward(ctx, projected, widths, *weights):
+        bounds = list(itertools.accumulate(widths))
+        columns = [projected[..., stop - width:stop] for width, stop in zip(widths, bounds)]
+        convolved = [_forward(x, weight.contiguous(), None) for x, weight in zip(columns, weights)]
+        passed = [x.clone() for x in columns[len(weights):]]
+        ctx.save_for_backward(projected, *weights)
+        ctx.widths, ctx.bounds = widths, bounds
+        return (*convolved, *passed)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        projected, *weights = ctx.saved_tensors
+        d_projected = torch.empty_like(projected)
+        d_columns = [d_projected[..., stop - width:stop] for width, stop in zip(ctx.widths, ctx.bounds)]
+        weight_grads = []
+        for index, weight in enumerate(weights):
+            x = projected[..., ctx.bounds[index] - ctx.widths[index]:ctx.bounds[index]]
+            weight_grads.append(_backward_into(d_columns[index], x, weight.contiguous(), None, grads[index])[0])
+        for d_column, grad in zip(d_columns[len(weights):], grads[len(weights):]):
+            d_column.copy_(grad)  # autograd gives zeros for an output nobody used (the padding)
+        return d_projected, None, *weight_grads
 
 
 def conv_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """silu(causal depthwise conv(x)) over [B, T, D] (channels with stride 1, any batch and token strides) from zero
     history; weight [D, taps], the last tap on the current token. Returns a contiguous [B, T, D] in x's dtype."""
     return _ShortConvSilu.apply(x, weight, bias)
+
+
+def projected_convs(projected: torch.Tensor, widths: list[int], weights: list[torch.Tensor]) -> list[torch.Tensor]:
+    """[silu(conv(column block)) for the first len(weights) column blocks of `projected` [B, T, sum(widths)], then
+    copies of the other blocks]: convs without bias, from zero history; one gradient buffer for all (see
+    _ProjectedConvs)."""
+    return list(_ProjectedConvs.apply(projected, tuple(widths), *weights))
