@@ -25,8 +25,10 @@ import torch
 
 from . import torch_ops
 
-MIXER_OP_SWITCHES = ("HD_MIXER_BACKEND", "HD_SHORT_CONV", "HD_QK_L2NORM", "HD_CONV_GRADS_IN_PLACE")  # what a benchmark records beside its numbers
-FLA_OP_DEFAULTS = {"HD_SHORT_CONV": "auto", "HD_QK_L2NORM": "torch", "HD_CONV_GRADS_IN_PLACE": "off"}  # auto: a kernel inside graphed_steps, else torch
+# what a benchmark records beside its numbers
+MIXER_OP_SWITCHES = ("HD_MIXER_BACKEND", "HD_SHORT_CONV", "HD_QK_L2NORM", "HD_CONV_GRADS_IN_PLACE")
+# auto: a kernel inside graphed_steps, else torch
+FLA_OP_DEFAULTS = {"HD_SHORT_CONV": "auto", "HD_QK_L2NORM": "torch", "HD_CONV_GRADS_IN_PLACE": "off"}
 OP_CHOICES = {"HD_SHORT_CONV": ("auto", "torch", "fla", "triton"), "HD_QK_L2NORM": ("torch", "fla"),
               "HD_CONV_GRADS_IN_PLACE": ("off", "on")}
 GRAPHED_SHORT_CONV = "triton"  # the short conv that `auto` records in graphed steps
@@ -68,9 +70,9 @@ def graphed_steps():
 
 
 def op_choice(variable: str, graphed: bool | None = None) -> str:
-    """What the switch `variable` (HD_SHORT_CONV, HD_QK_L2NORM) picks for CUDA tensors here, or in a recorded step
-    if `graphed` is given: torch, fla, or (the short conv) triton; unset, the switch takes its FLA_OP_DEFAULTS
-    value."""
+    """What the switch `variable` (HD_SHORT_CONV, HD_QK_L2NORM, HD_CONV_GRADS_IN_PLACE) picks for CUDA tensors here,
+    or in a recorded step if `graphed` is given: torch, fla, (the short conv) triton, or off/on; unset, the switch
+    takes its FLA_OP_DEFAULTS value."""
     choice = os.environ.get(variable, FLA_OP_DEFAULTS[variable])
     allowed = OP_CHOICES[variable]
     if choice not in allowed:
