@@ -1,7 +1,6 @@
 """What GDN and GLA mixers share: the HF attention call signature, padding, the decoding cache, output norm."""
 from __future__ import annotations
 
-import itertools
 
 import torch
 import torch.nn.functional as F
@@ -132,13 +131,13 @@ class LinearMixer(nn.Module):
             q, k, v, new_caches = self._project_qkv(qkv, keep, conv_caches)
             return q, k, v, gates, new_caches
         projected, widths = self._fused_projection(hidden_states)
+        widths = widths[:3 + len(self._gate_linears())]  # the padding's columns get a zero gradient
         outputs = kernels.projected_short_convs(projected, widths, [conv.weight[:, 0] for conv in self._convs()])
-        bounds = list(itertools.accumulate(widths))
-        new_caches = tuple(conv._last_inputs(projected[..., stop - width:stop])
-                           for conv, width, stop in zip(self._convs(), widths, bounds))
+        inputs = kernels.column_blocks(projected, widths)
+        new_caches = tuple(conv._last_inputs(x) for conv, x in zip(self._convs(), inputs))
         shape = (*hidden_states.shape[:2], self.spec.num_heads, self.spec.head_dim)
         q, k, v = (x.reshape(shape) for x in outputs[:3])
-        return q, k, v, list(outputs[3:3 + len(self._gate_linears())]), new_caches
+        return q, k, v, list(outputs[3:]), new_caches
 
     def _convs(self) -> tuple[ShortConvolution, ...]:
         return (self.q_conv1d, self.k_conv1d, self.v_conv1d)

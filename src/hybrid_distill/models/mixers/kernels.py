@@ -103,10 +103,20 @@ def conv_grads_in_place(x: torch.Tensor) -> bool:
         and use_kernel_short_conv(x)
 
 
+def column_blocks(tensor: torch.Tensor, widths) -> list[torch.Tensor]:
+    """Views of the consecutive column blocks of `tensor` [..., columns] of the given widths, from column 0: the
+    projections inside a mixer's fused input-GEMM output (columns past sum(widths) are left out)."""
+    blocks, start = [], 0
+    for width in widths:
+        blocks.append(tensor[..., start:start + width])
+        start += width
+    return blocks
+
+
 @torch.compiler.disable  # a compiled layer breaks its graph here, as at the mixer's kernel
 def projected_short_convs(projected: torch.Tensor, widths: list[int], weights: list[torch.Tensor]):
     """short_conv_triton.projected_convs: the convs over the first len(weights) column blocks of `projected`,
-    copies of the rest."""
+    copies of the other listed blocks."""
     from .short_conv_triton import projected_convs
 
     return projected_convs(projected, widths, weights)

@@ -20,14 +20,12 @@ from zero history, taps summed in float32 and rounded once.
 """
 from __future__ import annotations
 
-import itertools
-
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .kernels import KERNEL_CONV_MAX_TAPS as TAPS  # the backward's first pass is written for 4 taps
+from .kernels import KERNEL_CONV_MAX_TAPS as TAPS, column_blocks  # the backward's first pass is written for 4 taps
 
 BLOCK_T = 32  # the default tile (CPU, and the first autotune candidate): tokens x channels per program
 BLOCK_D = 128
@@ -218,32 +216,33 @@ class _ShortConvSilu(torch.autograd.Function):
 
 
 class _ProjectedConvs(torch.autograd.Function):
-    """The q, k and v convs of a mixer read in place from its fused input GEMM's output, whose other columns (the
-    gates' projections, the padding) pass through as copies. Backward writes every column's gradient into one
-    buffer of the GEMM output's shape, so nothing concatenates the per-projection gradients (a `split`'s
-    backward: 99 us per layer in a graphed all-GDN step on an H200, session 20)."""
+    """The q, k and v convs of a mixer read in place from its fused input GEMM's output; the gates' projections,
+    the next listed column blocks, pass through as copies. Backward writes every column's gradient into one buffer
+    of the GEMM output's shape (zeros past the listed blocks: the padding), so nothing concatenates the
+    per-projection gradients (a `split`'s backward: 99 us per layer in a graphed all-GDN step on an H200, session
+    20)."""
 
     @staticmethod
     def forward(ctx, projected, widths, *weights):
-        bounds = list(itertools.accumulate(widths))
-        columns = [projected[..., stop - width:stop] for width, stop in zip(widths, bounds)]
-        convolved = [_forward(x, weight.contiguous(), None) for x, weight in zip(columns, weights)]
-        passed = [x.clone() for x in columns[len(weights):]]
+        weights = [weight.contiguous() for weight in weights]
+        blocks = column_blocks(projected, widths)
+        convolved = [_forward(x, weight, None) for x, weight in zip(blocks, weights)]
+        passed = [x.clone() for x in blocks[len(weights):]]
         ctx.save_for_backward(projected, *weights)
-        ctx.widths, ctx.bounds = widths, bounds
+        ctx.widths = widths
         return (*convolved, *passed)
 
     @staticmethod
     def backward(ctx, *grads):
         projected, *weights = ctx.saved_tensors
         d_projected = torch.empty_like(projected)
-        d_columns = [d_projected[..., stop - width:stop] for width, stop in zip(ctx.widths, ctx.bounds)]
-        weight_grads = []
-        for index, weight in enumerate(weights):
-            x = projected[..., ctx.bounds[index] - ctx.widths[index]:ctx.bounds[index]]
-            weight_grads.append(_backward_into(d_columns[index], x, weight.contiguous(), None, grads[index])[0])
-        for d_column, grad in zip(d_columns[len(weights):], grads[len(weights):]):
-            d_column.copy_(grad)  # autograd gives zeros for an output nobody used (the padding)
+        d_projected[..., sum(ctx.widths):].zero_()
+        d_blocks = column_blocks(d_projected, ctx.widths)
+        x_blocks = column_blocks(projected, ctx.widths)
+        weight_grads = [_backward_into(d_x, x, weight, None, grad)[0]
+                        for d_x, x, weight, grad in zip(d_blocks, x_blocks, weights, grads)]
+        for d_block, grad in zip(d_blocks[len(weights):], grads[len(weights):]):
+            d_block.copy_(grad)  # autograd gives zeros for an output nobody used
         return d_projected, None, *weight_grads
 
 
@@ -254,7 +253,7 @@ def conv_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
 
 
 def projected_convs(projected: torch.Tensor, widths: list[int], weights: list[torch.Tensor]) -> list[torch.Tensor]:
-    """[silu(conv(column block)) for the first len(weights) column blocks of `projected` [B, T, sum(widths)], then
-    copies of the other blocks]: convs without bias, from zero history; one gradient buffer for all (see
-    _ProjectedConvs)."""
+    """[silu(conv(column block)) for the first len(weights) column blocks of `projected` [B, T, columns], then
+    copies of the other blocks that `widths` lists]: convs without bias, from zero history; one gradient buffer for
+    all, zero in the columns past sum(widths) (see _ProjectedConvs)."""
     return list(_ProjectedConvs.apply(projected, tuple(widths), *weights))
