@@ -42,8 +42,8 @@ def run(mixer, hidden, backend, monkeypatch):
 
 
 FLA_OPS = (("HD_SHORT_CONV", "fla"), ("HD_QK_L2NORM", "fla"))  # more of a GDN mixer in fla's kernels
-OUR_CONV = (("HD_SHORT_CONV", "triton"),)  # the short convs in our Triton kernels
-OUR_CONV_IN_PLACE = OUR_CONV + (("HD_CONV_GRADS_IN_PLACE", "on"),)  # ... writing into the input GEMM's gradient
+OUR_CONV = (("HD_SHORT_CONV", "triton"), ("HD_CONV_GRADS_IN_PLACE", "off"))  # the short convs in our kernels
+OUR_CONV_IN_PLACE = (("HD_SHORT_CONV", "triton"), ("HD_CONV_GRADS_IN_PLACE", "on"))  # ... writing into the GEMM's grad
 
 
 @pytest.mark.parametrize("kind,fla_ops", [("gdn", ()), ("gla", ()), ("gdn", FLA_OPS), ("gdn", OUR_CONV),

@@ -122,8 +122,8 @@ class LinearMixer(nn.Module):
 
     def _project_and_convolve(self, hidden_states, keep, conv_caches):
         """(q, k, v as [B, T, H, D] after the optional short convolutions, [gate projections], new conv caches).
-        With HD_CONV_GRADS_IN_PLACE=on, a training sequence's three convs read the fused GEMM's output in place
-        and write their gradients into its gradient (kernels.projected_short_convs)."""
+        Where our conv runs (HD_CONV_GRADS_IN_PLACE=on, the default), a training sequence's three convs read the
+        fused GEMM's output in place and write their gradients into its gradient (kernels.projected_short_convs)."""
         if not (self.spec.use_short_conv and keep is None and conv_caches is None and hidden_states.shape[1] > 1
                 and self.spec.conv_size <= kernels.KERNEL_CONV_MAX_TAPS and kernels.conv_grads_in_place(hidden_states)
                 and all(conv.bias is None for conv in self._convs())):
