@@ -79,11 +79,11 @@ def _conv_silu_forward(x_ptr, w_ptr, b_ptr, y_ptr, T, D, stride_xb, stride_xt, s
 
 @triton.jit
 def _conv_silu_grad_pre(x_ptr, w_ptr, b_ptr, dy_ptr, g_ptr, dw_ptr, db_ptr, T, D, stride_xb, stride_xt,
-                        stride_dyb, stride_dyt, HAS_BIAS: tl.constexpr, ROWS: tl.constexpr, BLOCK_T: tl.constexpr,
+                        stride_dyb, stride_dyt, stride_dw, HAS_BIAS: tl.constexpr, ROWS: tl.constexpr, BLOCK_T: tl.constexpr,
                         BLOCK_D: tl.constexpr):
     """First backward pass over ROWS tokens of a 4-tap conv: g = dy * silu'(pre) into the contiguous g, and this
     program's row of the partial sums dw[j] = sum_t x[t-3+j] g[t] and db = sum_t g[t] (float32, from g before
-    rounding). The four shifted x tiles are loaded once per tile and kept for both uses; the sums stay whole tiles
+    rounding; dw's rows stride_dw elements apart, so that several convs can share one buffer). The four shifted x tiles are loaded once per tile and kept for both uses; the sums stay whole tiles
     until the end (one reduction each per program, none per tile)."""
     pid_t, pid_d, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -119,7 +119,7 @@ def _conv_silu_grad_pre(x_ptr, w_ptr, b_ptr, dy_ptr, g_ptr, dw_ptr, db_ptr, T, D
         dw3 += x3 * g
         db += g
     program = pid_b * tl.num_programs(0) + pid_t
-    partial = dw_ptr + program * D * 4 + cols * 4
+    partial = dw_ptr + program * stride_dw + cols * 4
     tl.store(partial, tl.sum(dw0, axis=0), mask=col_mask)
     tl.store(partial + 1, tl.sum(dw1, axis=0), mask=col_mask)
     tl.store(partial + 2, tl.sum(dw2, axis=0), mask=col_mask)
@@ -179,26 +179,46 @@ def _forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -
     return y
 
 
+def _partial_sums(x: torch.Tensor, columns: int | None = None) -> torch.Tensor:
+    """The float32 buffer of the first backward pass's partial sums over x's [B, T, D]: one row per program, 4 taps
+    per channel, over `columns` channels (default D; more when several convs share the buffer)."""
+    batch, length, channels = x.shape
+    programs = batch * triton.cdiv(length, ROWS_PER_PROGRAM)
+    return torch.empty(programs, (columns or channels) * TAPS, dtype=torch.float32, device=x.device)
+
+
+def _backward_partials(dx: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, dy: torch.Tensor,
+                       dw: torch.Tensor, db: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> None:
+    """Both backward passes of one conv (contiguous weight [D, taps]): writes the input's gradient into dx
+    (channels with stride 1, any batch and token strides) and the taps' (and bias's) partial sums into the rows of
+    dw (and db)."""
+    dy = _channels_last(dy)
+    length, channels = x.shape[1:]
+    width = weight.shape[1]
+    taps = weight if width == TAPS else F.pad(weight, (TAPS - width, 0))  # leading zero taps for a narrower conv
+    g = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    _launch("grad_pre", x, lambda block: triton.cdiv(length, ROWS_PER_PROGRAM), x, taps,
+            bias if bias is not None else taps, dy, g, dw, db if db is not None else dw, length, channels,
+            x.stride(0), x.stride(1), dy.stride(0), dy.stride(1), dw.stride(0), HAS_BIAS=bias is not None,
+            ROWS=ROWS_PER_PROGRAM)
+    _launch("grad_input", x, lambda block: triton.cdiv(length, block), g, weight, dx, length, channels,
+            dx.stride(0), dx.stride(1), WIDTH=width)
+
+
+def _taps_grad(dw: torch.Tensor, width: int) -> torch.Tensor:
+    """[columns, width] float32: the taps' gradients summed from the partial-sum rows of dw (4 taps per column)."""
+    return dw.sum(0).view(-1, TAPS)[:, TAPS - width:]
+
+
 def _backward_into(dx: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                    dy: torch.Tensor):
     """Writes the input's gradient into dx (channels with stride 1, any batch and token strides); returns the taps'
     and the bias's gradients."""
-    dy = _channels_last(dy)
-    batch, length, channels = x.shape
-    width = weight.shape[1]
-    taps = F.pad(weight, (TAPS - width, 0))  # a narrower conv is this one with leading zero taps
-    programs = batch * triton.cdiv(length, ROWS_PER_PROGRAM)
-    g = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    dw = torch.empty(programs, channels, TAPS, dtype=torch.float32, device=x.device)
-    db = torch.empty(programs, channels, dtype=torch.float32, device=x.device) if bias is not None else dw
-    _launch("grad_pre", x, lambda block: triton.cdiv(length, ROWS_PER_PROGRAM), x, taps,
-            bias if bias is not None else weight, dy, g, dw, db, length, channels, x.stride(0), x.stride(1),
-            dy.stride(0), dy.stride(1), HAS_BIAS=bias is not None, ROWS=ROWS_PER_PROGRAM)
-    _launch("grad_input", x, lambda block: triton.cdiv(length, block), g, weight, dx, length, channels,
-            dx.stride(0), dx.stride(1), WIDTH=width)
-    weight_grad = dw.sum(0)[:, TAPS - width:].to(weight.dtype)
+    dw = _partial_sums(x)
+    db = torch.empty(dw.shape[0], x.shape[-1], dtype=torch.float32, device=x.device) if bias is not None else None
+    _backward_partials(dx, x, weight, dy, dw, db, bias)
     bias_grad = db.sum(0).to(bias.dtype) if bias is not None else None
-    return weight_grad, bias_grad
+    return _taps_grad(dw, weight.shape[1]).to(weight.dtype), bias_grad
 
 
 class _ShortConvSilu(torch.autograd.Function):
@@ -220,7 +240,7 @@ class _ProjectedConvs(torch.autograd.Function):
     the next listed column blocks, pass through as copies. Backward writes every column's gradient into one buffer
     of the GEMM output's shape (zeros past the listed blocks: the padding), so nothing concatenates the
     per-projection gradients (a `split`'s backward: 99 us per layer in a graphed all-GDN step on an H200, session
-    20)."""
+    20). The three convs' partial tap sums share one buffer, so one reduction and one cast serve them all."""
 
     @staticmethod
     def forward(ctx, projected, widths, *weights):
@@ -239,10 +259,16 @@ class _ProjectedConvs(torch.autograd.Function):
         d_projected[..., sum(ctx.widths):].zero_()
         d_blocks = column_blocks(d_projected, ctx.widths)
         x_blocks = column_blocks(projected, ctx.widths)
-        weight_grads = [_backward_into(d_x, x, weight, None, grad)[0]
-                        for d_x, x, weight, grad in zip(d_blocks, x_blocks, weights, grads)]
+        convolved = ctx.widths[:len(weights)]
+        dw = _partial_sums(projected, sum(convolved))  # the three convs' partial sums: one reduction, one cast
+        for d_x, x, weight, grad, dw_block in zip(d_blocks, x_blocks, weights, grads,
+                                                  column_blocks(dw, [width * TAPS for width in convolved])):
+            _backward_partials(d_x, x, weight, grad, dw_block)
         for d_block, grad in zip(d_blocks[len(weights):], grads[len(weights):]):
             d_block.copy_(grad)  # autograd gives zeros for an output nobody used
+        summed = dw.sum(0).view(-1, TAPS).to(weights[0].dtype)
+        weight_grads = [block[:, TAPS - weight.shape[1]:].to(weight.dtype)
+                        for block, weight in zip(summed.split(convolved), weights)]
         return d_projected, None, *weight_grads
 
 
