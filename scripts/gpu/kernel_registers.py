@@ -47,9 +47,10 @@ def resource_use(kernel, constants: dict, warps: int) -> tuple[int, int]:
 
 def main() -> None:
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    rows = [("forward", conv._conv_silu_forward, config, {"HAS_BIAS": False, "WIDTH": 4})
+    rows = [("forward", conv._conv_silu_forward, config, {"HAS_BIAS": False, "WIDTH": 4, "FAST": True})
             for config in conv._configs(conv._TILES)]
-    rows += [("grad_pre", conv._conv_silu_grad_pre, config, {"HAS_BIAS": False, "ROWS": conv.ROWS_PER_PROGRAM})
+    first_pass = {"HAS_BIAS": False, "ROWS": conv.ROWS_PER_PROGRAM, "FAST": True}
+    rows += [("grad_pre", conv._conv_silu_grad_pre, config, first_pass)
              for config in conv._configs(conv._FIRST_PASS_TILES)]
     rows += [("grad_input", conv._conv_silu_grad_input, config, {"WIDTH": 4}) for config in conv._configs(conv._TILES)]
     print(f"{'kernel':10}  {'tile settings':24}  {'warps':>5}  {'regs':>4}  {'stack':>5}  {'elements/SM':>11}")

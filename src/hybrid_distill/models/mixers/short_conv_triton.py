@@ -53,6 +53,20 @@ def _tap(w_ptr, cols, col_mask, j, WIDTH: tl.constexpr):
 
 
 @triton.jit
+def _sigmoid(x, FAST: tl.constexpr):
+    """1 / (1 + 2^(-x log2(e))) in float32. FAST (CUDA): PTX's approximate exp2 and reciprocal that flush
+    denormals, so a sigmoid below about 1e-38 is 0. They drop the IEEE versions' range checks: our forward runs 24%
+    fewer instructions and the first backward pass 17% (SASS for sm_90, session 21). Otherwise tl.sigmoid (the
+    interpreter runs no PTX)."""
+    if FAST:
+        return tl.inline_asm_elementwise(
+            "{ .reg .f32 e; ex2.approx.ftz.f32 e, $1; add.ftz.f32 e, e, 0f3F800000; rcp.approx.ftz.f32 $0, e; }",
+            "=r,r", [x * -1.4426950408889634], dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        return tl.sigmoid(x)
+
+
+@triton.jit
 def _pre_activation(x_base, rows, cols, col_mask, stride_t, w_ptr, b_ptr, T, HAS_BIAS: tl.constexpr,
                     WIDTH: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
     acc = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
@@ -66,7 +80,8 @@ def _pre_activation(x_base, rows, cols, col_mask, stride_t, w_ptr, b_ptr, T, HAS
 
 @triton.jit
 def _conv_silu_forward(x_ptr, w_ptr, b_ptr, y_ptr, T, D, stride_xb, stride_xt, stride_yb, stride_yt,
-                       HAS_BIAS: tl.constexpr, WIDTH: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+                       HAS_BIAS: tl.constexpr, WIDTH: tl.constexpr, FAST: tl.constexpr, BLOCK_T: tl.constexpr,
+                       BLOCK_D: tl.constexpr):
     pid_t, pid_d, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -74,17 +89,18 @@ def _conv_silu_forward(x_ptr, w_ptr, b_ptr, y_ptr, T, D, stride_xb, stride_xt, s
     pre = _pre_activation(x_ptr + pid_b * stride_xb, rows, cols, col_mask, stride_xt, w_ptr, b_ptr, T, HAS_BIAS,
                           WIDTH, BLOCK_T, BLOCK_D)
     tl.store(y_ptr + pid_b * stride_yb + rows[:, None] * stride_yt + cols[None, :],
-             (pre * tl.sigmoid(pre)).to(y_ptr.dtype.element_ty), mask=(rows < T)[:, None] & col_mask[None, :])
+             (pre * _sigmoid(pre, FAST)).to(y_ptr.dtype.element_ty), mask=(rows < T)[:, None] & col_mask[None, :])
 
 
 @triton.jit
 def _conv_silu_grad_pre(x_ptr, w_ptr, b_ptr, dy_ptr, g_ptr, dw_ptr, db_ptr, T, D, stride_xb, stride_xt,
-                        stride_dyb, stride_dyt, stride_dw, HAS_BIAS: tl.constexpr, ROWS: tl.constexpr, BLOCK_T: tl.constexpr,
-                        BLOCK_D: tl.constexpr):
+                        stride_dyb, stride_dyt, stride_dw, HAS_BIAS: tl.constexpr, ROWS: tl.constexpr,
+                        FAST: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
     """First backward pass over ROWS tokens of a 4-tap conv: g = dy * silu'(pre) into the contiguous g, and this
     program's row of the partial sums dw[j] = sum_t x[t-3+j] g[t] and db = sum_t g[t] (float32, from g before
-    rounding; dw's rows stride_dw elements apart, so that several convs can share one buffer). The four shifted x tiles are loaded once per tile and kept for both uses; the sums stay whole tiles
-    until the end (one reduction each per program, none per tile)."""
+    rounding; dw's rows stride_dw elements apart, so that several convs can share one buffer). The four shifted x
+    tiles are loaded once per tile and kept for both uses; the sums stay whole tiles until the end (one reduction
+    each per program, none per tile)."""
     pid_t, pid_d, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     col_mask = cols < D
@@ -108,7 +124,7 @@ def _conv_silu_grad_pre(x_ptr, w_ptr, b_ptr, dy_ptr, g_ptr, dw_ptr, db_ptr, T, D
         x2 = _shifted(x_base, rows, -1, cols, T, stride_xt, col_mask)
         x3 = _shifted(x_base, rows, 0, cols, T, stride_xt, col_mask)
         pre = bias[None, :] + w0 * x0 + w1 * x1 + w2 * x2 + w3 * x3
-        gate = tl.sigmoid(pre)
+        gate = _sigmoid(pre, FAST)
         g = _shifted(dy_ptr + pid_b * stride_dyb, rows, 0, cols, T, stride_dyt, col_mask) * \
             gate * (1.0 + pre * (1.0 - gate))  # zero past T, where dy loads as zero
         tl.store(g_ptr + (pid_b * T + rows[:, None]) * D + cols[None, :], g.to(g_ptr.dtype.element_ty),
@@ -175,7 +191,7 @@ def _forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     _launch("forward", x, lambda block: triton.cdiv(length, block), x, weight,
             bias if bias is not None else weight, y, length, channels, x.stride(0), x.stride(1), y.stride(0),
-            y.stride(1), HAS_BIAS=bias is not None, WIDTH=weight.shape[1])
+            y.stride(1), HAS_BIAS=bias is not None, WIDTH=weight.shape[1], FAST=x.is_cuda)
     return y
 
 
@@ -200,7 +216,7 @@ def _backward_partials(dx: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, 
     _launch("grad_pre", x, lambda block: triton.cdiv(length, ROWS_PER_PROGRAM), x, taps,
             bias if bias is not None else taps, dy, g, dw, db if db is not None else dw, length, channels,
             x.stride(0), x.stride(1), dy.stride(0), dy.stride(1), dw.stride(0), HAS_BIAS=bias is not None,
-            ROWS=ROWS_PER_PROGRAM)
+            ROWS=ROWS_PER_PROGRAM, FAST=x.is_cuda)
     _launch("grad_input", x, lambda block: triton.cdiv(length, block), g, weight, dx, length, channels,
             dx.stride(0), dx.stride(1), WIDTH=width)
 
