@@ -19,8 +19,9 @@
 # float32 weights; live and cached teacher), `torch_conv` and `fla_l2norm` (all-GDN at 64 x 512 graphed, every kernel
 # listed, with the short convs as compiled PyTorch code, HD_SHORT_CONV=torch, in place of the graphed steps' default
 # fla conv; or with fla's kernel normalising q and k as well, HD_QK_L2NORM=fla), `conv_grads_split` (all-GDN at
-# 64 x 512 graphed, every kernel listed, HD_CONV_GRADS_IN_PLACE=off: q, k and v's conv gradients concatenated), `compiled_conv` (all-GDN at
-# 64 x 512 compiled and not graphed, with fla's conv and with PyTorch's). 32k tokens per step unless said.
+# 64 x 512 graphed, every kernel listed, HD_CONV_GRADS_IN_PLACE=off: q, k and v's conv gradients concatenated, as
+# before session 21), `compiled_conv` (all-GDN at 64 x 512 compiled and not graphed, with fla's conv and with
+# PyTorch's). 32k tokens per step unless said.
 # Each bench writes its JSON into $OUT and its log into $OUT/bench.log (bench_lib.sh).
 # Usage: bash scripts/gpu/bench_step_profile.sh [kl] [bf16] [gdn] [softmax] [recompute] [graph] [short] [short_graph]
 #        [paper_graph] [micro_softmax] [micro_gdn] [kl_chunks] [budget_softmax] [budget_gdn] [scoring_shape]

@@ -1,7 +1,6 @@
 """What GDN and GLA mixers share: the HF attention call signature, padding, the decoding cache, output norm."""
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 from torch import nn

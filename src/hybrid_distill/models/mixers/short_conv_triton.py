@@ -282,7 +282,7 @@ class _ProjectedConvs(torch.autograd.Function):
             _backward_partials(d_x, x, weight, grad, dw_block)
         for d_block, grad in zip(d_blocks[len(weights):], grads[len(weights):]):
             d_block.copy_(grad)  # autograd gives zeros for an output nobody used
-        summed = dw.sum(0).view(-1, TAPS).to(weights[0].dtype)
+        summed = _taps_grad(dw, TAPS).to(weights[0].dtype)
         weight_grads = [block[:, TAPS - weight.shape[1]:].to(weight.dtype)
                         for block, weight in zip(summed.split(convolved), weights)]
         return d_projected, None, *weight_grads
