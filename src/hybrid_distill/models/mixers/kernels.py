@@ -106,11 +106,7 @@ def conv_grads_in_place(x: torch.Tensor) -> bool:
 def column_blocks(tensor: torch.Tensor, widths) -> list[torch.Tensor]:
     """Views of the consecutive column blocks of `tensor` [..., columns] of the given widths, from column 0: the
     projections inside a mixer's fused input-GEMM output (columns past sum(widths) are left out)."""
-    blocks, start = [], 0
-    for width in widths:
-        blocks.append(tensor[..., start:start + width])
-        start += width
-    return blocks
+    return list(tensor[..., :sum(widths)].split(list(widths), dim=-1))
 
 
 @torch.compiler.disable  # a compiled layer breaks its graph here, as at the mixer's kernel

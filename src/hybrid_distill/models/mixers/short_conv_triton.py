@@ -275,16 +275,16 @@ class _ProjectedConvs(torch.autograd.Function):
         d_projected[..., sum(ctx.widths):].zero_()
         d_blocks = column_blocks(d_projected, ctx.widths)
         x_blocks = column_blocks(projected, ctx.widths)
-        convolved = ctx.widths[:len(weights)]
-        dw = _partial_sums(projected, sum(convolved))  # the three convs' partial sums: one reduction, one cast
+        conv_widths = ctx.widths[:len(weights)]
+        dw = _partial_sums(projected, sum(conv_widths))  # the three convs' partial sums: one reduction, one cast
         for d_x, x, weight, grad, dw_block in zip(d_blocks, x_blocks, weights, grads,
-                                                  column_blocks(dw, [width * TAPS for width in convolved])):
+                                                  column_blocks(dw, [width * TAPS for width in conv_widths])):
             _backward_partials(d_x, x, weight, grad, dw_block)
         for d_block, grad in zip(d_blocks[len(weights):], grads[len(weights):]):
             d_block.copy_(grad)  # autograd gives zeros for an output nobody used
         summed = _taps_grad(dw, TAPS).to(weights[0].dtype)
         weight_grads = [block[:, TAPS - weight.shape[1]:].to(weight.dtype)
-                        for block, weight in zip(summed.split(convolved), weights)]
+                        for block, weight in zip(summed.split(conv_widths), weights)]
         return d_projected, None, *weight_grads
 
 
