@@ -20,12 +20,14 @@
 # listed, with the short convs as compiled PyTorch code, HD_SHORT_CONV=torch, in place of the graphed steps' default
 # fla conv; or with fla's kernel normalising q and k as well, HD_QK_L2NORM=fla), `conv_grads_split` (all-GDN at
 # 64 x 512 graphed, every kernel listed, HD_CONV_GRADS_IN_PLACE=off: q, k and v's conv gradients concatenated, as
-# before session 21), `compiled_conv` (all-GDN at 64 x 512 compiled and not graphed, with fla's conv and with
-# PyTorch's). 32k tokens per step unless said.
+# before session 21), `conv_tiles` (the same with HD_CONV_KERNELS=tiles: our conv's tiled kernels and two-pass
+# backward, as before session 22), `compiled_conv` (all-GDN at 64 x 512 compiled and not graphed, with fla's conv
+# and with PyTorch's). 32k tokens per step unless said.
 # Each bench writes its JSON into $OUT and its log into $OUT/bench.log (bench_lib.sh).
 # Usage: bash scripts/gpu/bench_step_profile.sh [kl] [bf16] [gdn] [softmax] [recompute] [graph] [short] [short_graph]
 #        [paper_graph] [micro_softmax] [micro_gdn] [kl_chunks] [budget_softmax] [budget_gdn] [scoring_shape]
-#        [profile_gdn] [cached_graph] [plain_scoring] [torch_conv] [conv_grads_split] [fla_l2norm] [compiled_conv]
+#        [profile_gdn] [cached_graph] [plain_scoring] [torch_conv] [conv_grads_split] [conv_tiles] [fla_l2norm]
+#        [compiled_conv]
 set -uo pipefail
 out=${OUT:-bench-out}
 mkdir -p "$out"
@@ -98,6 +100,8 @@ for part in "${@:-kl}"; do
       HD_SHORT_CONV=torch bench torch_conv_graph_gdn_bf16 200 "${graphed_gdn[@]}" ;;
     conv_grads_split)  # before session 21: our convs' gradients concatenated by the projection's split backward
       HD_CONV_GRADS_IN_PLACE=off bench conv_grads_split_graph_gdn_bf16 200 "${graphed_gdn[@]}" ;;
+    conv_tiles)  # before session 22: our conv's tiled kernels, the backward in two passes
+      HD_CONV_KERNELS=tiles bench conv_tiles_graph_gdn_bf16 200 "${graphed_gdn[@]}" ;;
     fla_l2norm)  # fla's GDN kernel normalises q and k itself, besides the default fla conv
       HD_QK_L2NORM=fla bench fla_l2norm_graph_gdn_bf16 200 "${graphed_gdn[@]}" ;;
     compiled_conv)  # not graphed: the host issues every launch
@@ -112,7 +116,7 @@ for part in "${@:-kl}"; do
       common=("${common_before[@]}") ;;
     *) echo "usage: $0 [kl] [bf16] [gdn] [softmax] [recompute] [graph] [short] [short_graph] [paper_graph]" \
          "[micro_softmax] [micro_gdn] [kl_chunks] [budget_softmax] [budget_gdn] [scoring_shape] [profile_gdn]" \
-         "[cached_graph] [plain_scoring] [torch_conv] [conv_grads_split] [fla_l2norm] [compiled_conv]" >&2; exit 2 ;;
+         "[cached_graph] [plain_scoring] [torch_conv] [conv_grads_split] [conv_tiles] [fla_l2norm] [compiled_conv]" >&2; exit 2 ;;
   esac
 done
 true

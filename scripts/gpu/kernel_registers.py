@@ -18,7 +18,8 @@ from hybrid_distill.models.mixers import short_conv_triton as conv
 
 SM90 = GPUTarget("cuda", 90, 32)
 REGISTERS_PER_SM = 65536
-POINTERS = {"x_ptr", "w_ptr", "b_ptr", "dy_ptr", "g_ptr", "y_ptr", "dx_ptr"}
+MAX_PROGRAMS_PER_SM = 32  # sm_90's limit on resident blocks
+POINTERS = {"x_ptr", "w_ptr", "b_ptr", "dy_ptr", "g_ptr", "y_ptr", "dx_ptr"}  # bf16
 
 
 def signature(kernel, constants) -> dict:
@@ -53,12 +54,16 @@ def main() -> None:
     rows += [("grad_pre", conv._conv_silu_grad_pre, config, first_pass)
              for config in conv._configs(conv._FIRST_PASS_TILES)]
     rows += [("grad_input", conv._conv_silu_grad_input, config, {"WIDTH": 4}) for config in conv._configs(conv._TILES)]
+    by_rows = {"HAS_BIAS": False, "ROWS": conv.ROWS_PER_PROGRAM, "FAST": True}
+    rows += [(name, kernel, config, by_rows) for name, kernel in (("fwd_rows", conv._conv_silu_forward_rows),
+                                                                  ("bwd_rows", conv._conv_silu_backward_rows))
+             for config in conv._row_configs(conv._ROW_TILES)]
     print(f"{'kernel':10}  {'tile settings':24}  {'warps':>5}  {'regs':>4}  {'stack':>5}  {'elements/SM':>11}")
     for name, kernel, config, constants in rows:
         registers, stack = resource_use(kernel, {**constants, **config.kwargs}, config.num_warps)
         threads = 32 * config.num_warps
-        programs = REGISTERS_PER_SM // (registers * threads)
-        in_flight = programs * config.kwargs["BLOCK_T"] * config.kwargs["BLOCK_D"]
+        programs = min(REGISTERS_PER_SM // (registers * threads), MAX_PROGRAMS_PER_SM)
+        in_flight = programs * config.kwargs.get("BLOCK_T", 4) * config.kwargs["BLOCK_D"]  # row kernels: 4 rows
         settings = ", ".join(f"{key}={value}" for key, value in config.kwargs.items())
         print(f"{name:10}  {settings:24}  {config.num_warps:5}  {registers:4}  {stack:5}  {in_flight:11}")
 

@@ -134,13 +134,26 @@ def test_student_on_cuda_generates_with_cache_and_matches_torch_logits(kind, mon
     assert relative_error(fla_logits, torch_logits) <= TOLERANCE
 
 
-@pytest.mark.parametrize("kernel", ["fla", "triton"])
+KERNEL_CONVS = ["fla", "triton rows", "triton tiles"]  # HD_SHORT_CONV, and for ours HD_CONV_KERNELS
+
+
+def use_conv(kernel: str, monkeypatch) -> str:
+    """Sets the switches for `kernel` (one of KERNEL_CONVS); returns its HD_SHORT_CONV choice."""
+    choice, _, kernels = kernel.partition(" ")
+    if kernels:
+        monkeypatch.setenv("HD_CONV_KERNELS", kernels)
+    return choice
+
+
+@pytest.mark.parametrize("kernel", KERNEL_CONVS)
 @pytest.mark.parametrize("length", [3, 64, 1000])
 @pytest.mark.parametrize("bias", [False, True])
 def test_kernel_short_conv_equals_the_torch_conv(kernel, length, bias, monkeypatch):
-    """HD_SHORT_CONV=fla or triton: fla's Triton conv, or ours, gives the PyTorch conv's outputs, decoding cache and
-    gradients (input, taps, bias), fp32."""
+    """HD_SHORT_CONV=fla or triton: fla's Triton conv, or ours (row or tiled kernels), gives the PyTorch conv's
+    outputs, decoding cache and gradients (input, taps, bias), fp32."""
     from hybrid_distill.models.mixers.short_conv import ShortConvolution
+
+    kernel = use_conv(kernel, monkeypatch)
 
     torch.manual_seed(0)
     conv = ShortConvolution(256, kernel_size=4, bias=bias).cuda()
@@ -161,15 +174,18 @@ def test_kernel_short_conv_equals_the_torch_conv(kernel, length, bias, monkeypat
         assert relative_error(candidate, reference) <= 1e-5
 
 
-@pytest.mark.parametrize("kernel", ["fla", "triton"])
+@pytest.mark.parametrize("kernel", KERNEL_CONVS)
 def test_kernel_short_conv_in_bf16_is_as_close_to_the_function_as_the_torch_conv(kernel, monkeypatch):
     """In bf16, as graphed steps run it, the kernel's output, input gradient and tap gradient are no further from the
-    float64 function (same bf16 weights and inputs) than PyTorch's own bf16 conv, give or take 1.5x. Our kernel
-    stores g = dy * silu'(pre) in bf16 between its two backward passes, as PyTorch's silu backward does. (On CPU,
-    Triton's interpreter truncates float32 to bf16 instead of rounding, so this can only be checked on a GPU.)"""
+    float64 function (same bf16 weights and inputs) than PyTorch's own bf16 conv, give or take 1.5x. Our tiled
+    kernels store g = dy * silu'(pre) in bf16 between their two backward passes, as PyTorch's silu backward does;
+    the row kernels keep it in float32. (On CPU, Triton's interpreter truncates float32 to bf16 instead of rounding,
+    so this can only be checked on a GPU.)"""
     import copy
 
     from hybrid_distill.models.mixers.short_conv import ShortConvolution
+
+    kernel = use_conv(kernel, monkeypatch)
 
     torch.manual_seed(0)
     conv = ShortConvolution(576, kernel_size=4, bias=True).cuda().bfloat16()
@@ -214,6 +230,7 @@ def test_every_first_pass_candidate_gives_the_torch_conv_gradients(tile, monkeyp
     only = triton.autotune(short_conv_triton._configs([tile]), key=["T", "D", "HAS_BIAS"])(
         short_conv_triton._conv_silu_grad_pre)
     monkeypatch.setitem(short_conv_triton._TUNED, "grad_pre", only)
+    monkeypatch.setenv("HD_CONV_KERNELS", "tiles")
     torch.manual_seed(0)
     conv = ShortConvolution(200, kernel_size=4, bias=True).cuda()
     with torch.no_grad():
@@ -228,5 +245,45 @@ def test_every_first_pass_candidate_gives_the_torch_conv_gradients(tile, monkeyp
             out, _ = conv(inputs)
             results[choice] = torch.autograd.grad(out, [inputs, conv.weight, conv.bias], torch.cos(out * 7))
         assert only.best_config.kwargs["BLOCK_T"] == tile[0]  # the candidate under test ran
+        for candidate, reference in zip(results["triton"], results["torch"], strict=True):
+            assert relative_error(candidate, reference) <= 1e-5, (length, tile)
+
+
+def _row_candidates():
+    from hybrid_distill.models.mixers import short_conv_triton
+
+    return short_conv_triton._ROW_TILES
+
+
+@pytest.mark.parametrize("tile", _row_candidates(), ids=str)
+def test_every_row_kernel_candidate_gives_the_torch_conv(tile, monkeypatch):
+    """Each autotune candidate of the row kernels, run alone, gives the PyTorch conv's output and its input, tap and
+    bias gradients (fp32), at lengths that end inside a program's rows and a group of 4, across programs whose last
+    rows' input gradients need the next program's first rows."""
+    import triton
+
+    from hybrid_distill.models.mixers import short_conv_triton
+    from hybrid_distill.models.mixers.short_conv import ShortConvolution
+
+    tuned = {name: triton.autotune(short_conv_triton._row_configs([tile]), key=["T", "D", "HAS_BIAS"])(kernel)
+             for name, kernel in (("forward_rows", short_conv_triton._conv_silu_forward_rows),
+                                  ("backward_rows", short_conv_triton._conv_silu_backward_rows))}
+    for name, kernel in tuned.items():
+        monkeypatch.setitem(short_conv_triton._TUNED, name, kernel)
+    monkeypatch.setenv("HD_CONV_KERNELS", "rows")
+    torch.manual_seed(0)
+    conv = ShortConvolution(200, kernel_size=4, bias=True).cuda()
+    with torch.no_grad():
+        conv.weight.normal_()
+        conv.bias.normal_()
+    for length in (5, 133, 258):
+        x = torch.randn(3, length, 200, device="cuda")
+        results = {}
+        for choice in ("triton", "torch"):
+            monkeypatch.setenv("HD_SHORT_CONV", choice)
+            inputs = x.clone().requires_grad_()
+            out, _ = conv(inputs)
+            results[choice] = [out, *torch.autograd.grad(out, [inputs, conv.weight, conv.bias], torch.cos(out * 7))]
+        assert all(kernel.best_config.kwargs["BLOCK_D"] == tile[0] for kernel in tuned.values())  # it ran
         for candidate, reference in zip(results["triton"], results["torch"], strict=True):
             assert relative_error(candidate, reference) <= 1e-5, (length, tile)

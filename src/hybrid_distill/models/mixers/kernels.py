@@ -12,7 +12,8 @@ KERNEL_CONV_MAX_TAPS taps always run PyTorch's code.
 and k itself (`use_qk_l2norm_in_kernel`) instead of the compiled code before it. Wherever our conv runs, it writes
 q, k and v's gradients straight into the mixer's input-GEMM gradient (short_conv_triton.projected_convs; graphed
 all-GDN steps 1.2% faster on an H200, session 21); `HD_CONV_GRADS_IN_PLACE=off` runs the three convs apart
-instead. The switches are read from the environment: set them before the process starts. fla is imported lazily:
+instead. Our conv's kernels walk the sequence row by row (`HD_CONV_KERNELS=rows`: one-pass backward) or in tiles
+(`tiles`: the two-pass backward of sessions 19-21). The switches are read from the environment: set them before the process starts. fla is imported lazily:
 importing it costs seconds and it is useless on CPU.
 """
 from __future__ import annotations
@@ -26,11 +27,13 @@ import torch
 from . import torch_ops
 
 # what a benchmark records beside its numbers
-MIXER_OP_SWITCHES = ("HD_MIXER_BACKEND", "HD_SHORT_CONV", "HD_QK_L2NORM", "HD_CONV_GRADS_IN_PLACE")
+MIXER_OP_SWITCHES = ("HD_MIXER_BACKEND", "HD_SHORT_CONV", "HD_QK_L2NORM", "HD_CONV_GRADS_IN_PLACE",
+                     "HD_CONV_KERNELS")
 # auto: a kernel inside graphed_steps, else torch
-FLA_OP_DEFAULTS = {"HD_SHORT_CONV": "auto", "HD_QK_L2NORM": "torch", "HD_CONV_GRADS_IN_PLACE": "on"}
+FLA_OP_DEFAULTS = {"HD_SHORT_CONV": "auto", "HD_QK_L2NORM": "torch", "HD_CONV_GRADS_IN_PLACE": "on",
+                   "HD_CONV_KERNELS": "rows"}
 OP_CHOICES = {"HD_SHORT_CONV": ("auto", "torch", "fla", "triton"), "HD_QK_L2NORM": ("torch", "fla"),
-              "HD_CONV_GRADS_IN_PLACE": ("off", "on")}
+              "HD_CONV_GRADS_IN_PLACE": ("off", "on"), "HD_CONV_KERNELS": ("rows", "tiles")}
 GRAPHED_SHORT_CONV = "triton"  # the short conv that `auto` records in graphed steps
 KERNEL_CONV_MAX_TAPS = 4  # the widest short conv sent to a kernel: the taps short_conv_triton is written for
 DECODE_MAX_TOKENS = 64  # below this and without grad, fla's fused recurrent kernel beats the chunked one
@@ -70,7 +73,7 @@ def graphed_steps():
 
 
 def op_choice(variable: str, graphed: bool | None = None) -> str:
-    """What the switch `variable` (HD_SHORT_CONV, HD_QK_L2NORM, HD_CONV_GRADS_IN_PLACE) picks for CUDA tensors here,
+    """What the switch `variable` (HD_SHORT_CONV, HD_QK_L2NORM, HD_CONV_GRADS_IN_PLACE, HD_CONV_KERNELS) picks for CUDA tensors here,
     or in a recorded step if `graphed` is given: torch, fla, (the short conv) triton, or off/on; unset, the switch
     takes its FLA_OP_DEFAULTS value."""
     choice = os.environ.get(variable, FLA_OP_DEFAULTS[variable])

@@ -25,17 +25,22 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .kernels import KERNEL_CONV_MAX_TAPS as TAPS, column_blocks  # the backward's first pass is written for 4 taps
+from .kernels import KERNEL_CONV_MAX_TAPS as TAPS, column_blocks, op_choice  # the backward is written for 4 taps
 
 BLOCK_T = 32  # the default tile (CPU, and the first autotune candidate): tokens x channels per program
 BLOCK_D = 128
 ROWS_PER_PROGRAM = 128  # tokens one first-pass program sums the taps' gradients over: one partial-sum row each
 _TILES = [(32, 128, 4), (64, 64, 4), (64, 128, 8)]  # (tokens, channels, warps): the autotune candidates
 _FIRST_PASS_TILES = [(16, 64, 4), (32, 64, 4), (16, 128, 4), (32, 128, 8)]
+_ROW_TILES = [(64, 1), (64, 2), (128, 1), (128, 2), (128, 4), (256, 2), (256, 4)]  # (channels, warps): row kernels
 
 
 def _configs(tiles):
     return [triton.Config({"BLOCK_T": t, "BLOCK_D": d}, num_warps=w) for t, d, w in tiles]
+
+
+def _row_configs(tiles):
+    return [triton.Config({"BLOCK_D": d}, num_warps=w) for d, w in tiles]
 
 
 @triton.jit
@@ -160,24 +165,169 @@ def _conv_silu_grad_input(g_ptr, w_ptr, dx_ptr, T, D, stride_dxb, stride_dxt,
              dx.to(dx_ptr.dtype.element_ty), mask=(rows < T)[:, None] & col_mask[None, :])
 
 
+@triton.jit
+def _in_rows(col_mask, t, low, high):
+    """col_mask where low <= t < high, else all false (a vector: the interpreter takes no scalar masks)."""
+    rows = tl.full(col_mask.shape, t, tl.int32)
+    return col_mask & (rows >= low) & (rows < high)
+
+
+@triton.jit
+def _row(base, t, stride_t, cols, col_mask, T):
+    """Row t of a [T, D] view, float32, zeros outside [0, T)."""
+    return tl.load(base + t * stride_t + cols, mask=_in_rows(col_mask, t, 0, T), other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _rows4(base, t, stride_t, cols, col_mask, T):
+    """Rows t..t+3, loaded together so that their reads are in flight at once."""
+    return (_row(base, t, stride_t, cols, col_mask, T), _row(base, t + 1, stride_t, cols, col_mask, T),
+            _row(base, t + 2, stride_t, cols, col_mask, T), _row(base, t + 3, stride_t, cols, col_mask, T))
+
+
+@triton.jit
+def _store_row(base, t, stride_t, cols, col_mask, value, low, T):
+    tl.store(base + t * stride_t + cols, value.to(base.dtype.element_ty), mask=_in_rows(col_mask, t, low, T))
+
+
+@triton.jit
+def _silu_grad(pre, dy, FAST: tl.constexpr):
+    """dy * silu'(pre)."""
+    gate = _sigmoid(pre, FAST)
+    return dy * gate * (1.0 + pre * (1.0 - gate))
+
+
+@triton.jit
+def _conv_silu_forward_rows(x_ptr, w_ptr, b_ptr, y_ptr, T, D, stride_xb, stride_xt, stride_yb, stride_yt,
+                            HAS_BIAS: tl.constexpr, FAST: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The forward of a 4-tap conv, row after row over ROWS tokens of BLOCK_D channels: each thread keeps its
+    channels' last 3 inputs in registers, so every input is read once (the tiled forward loads 4 shifted tiles),
+    and the next 4 rows are read while the current 4 are computed."""
+    pid_t, pid_d, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    col_mask = cols < D
+    x_base, y_base = x_ptr + pid_b * stride_xb, y_ptr + pid_b * stride_yb
+    w0, w1 = _tap(w_ptr, cols, col_mask, 0, 4), _tap(w_ptr, cols, col_mask, 1, 4)
+    w2, w3 = _tap(w_ptr, cols, col_mask, 2, 4), _tap(w_ptr, cols, col_mask, 3, 4)
+    bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    if HAS_BIAS:
+        bias += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    start = pid_t * ROWS
+    end = tl.minimum(start + ROWS, T)
+    xm3, xm2, xm1 = (_row(x_base, start - 3, stride_xt, cols, col_mask, T),
+                     _row(x_base, start - 2, stride_xt, cols, col_mask, T),
+                     _row(x_base, start - 1, stride_xt, cols, col_mask, T))
+    xa, xb, xc, xd = _rows4(x_base, start, stride_xt, cols, col_mask, T)
+    for base in range(start, end, 4):
+        na, nb, nc, nd = _rows4(x_base, base + 4, stride_xt, cols, col_mask, T)  # the next 4 rows, early
+        pa = bias + w0 * xm3 + w1 * xm2 + w2 * xm1 + w3 * xa
+        pb = bias + w0 * xm2 + w1 * xm1 + w2 * xa + w3 * xb
+        pc = bias + w0 * xm1 + w1 * xa + w2 * xb + w3 * xc
+        pd = bias + w0 * xa + w1 * xb + w2 * xc + w3 * xd
+        _store_row(y_base, base, stride_yt, cols, col_mask, pa * _sigmoid(pa, FAST), start, end)
+        _store_row(y_base, base + 1, stride_yt, cols, col_mask, pb * _sigmoid(pb, FAST), start, end)
+        _store_row(y_base, base + 2, stride_yt, cols, col_mask, pc * _sigmoid(pc, FAST), start, end)
+        _store_row(y_base, base + 3, stride_yt, cols, col_mask, pd * _sigmoid(pd, FAST), start, end)
+        xm3, xm2, xm1 = xb, xc, xd
+        xa, xb, xc, xd = na, nb, nc, nd
+
+
+@triton.jit
+def _conv_silu_backward_rows(x_ptr, w_ptr, b_ptr, dy_ptr, dx_ptr, dw_ptr, db_ptr, T, D, stride_xb, stride_xt,
+                             stride_dyb, stride_dyt, stride_dxb, stride_dxt, stride_dw, HAS_BIAS: tl.constexpr,
+                             FAST: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The whole backward of a 4-tap conv in one pass, row after row over ROWS tokens of BLOCK_D channels:
+    g[t] = dy[t] silu'(pre[t]) from the last 4 inputs kept in registers; dx[t-3] = sum_j w[j] g[t-j] as soon as
+    g[t] is known (the last 3 rows' g of the next program's rows recomputed here, not summed); this program's row
+    of the partial sums dw[j] = sum_t x[t-3+j] g[t] and db = sum_t g[t], per thread, so no reduction crosses
+    threads. Reads x and dy once, writes dx: no g buffer and no second pass."""
+    pid_t, pid_d, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    col_mask = cols < D
+    x_base, dy_base, dx_base = x_ptr + pid_b * stride_xb, dy_ptr + pid_b * stride_dyb, dx_ptr + pid_b * stride_dxb
+    w0, w1 = _tap(w_ptr, cols, col_mask, 0, 4), _tap(w_ptr, cols, col_mask, 1, 4)
+    w2, w3 = _tap(w_ptr, cols, col_mask, 2, 4), _tap(w_ptr, cols, col_mask, 3, 4)
+    bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    if HAS_BIAS:
+        bias += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    start = pid_t * ROWS
+    end = tl.minimum(start + ROWS, T)
+    xm3, xm2, xm1 = (_row(x_base, start - 3, stride_xt, cols, col_mask, T),
+                     _row(x_base, start - 2, stride_xt, cols, col_mask, T),
+                     _row(x_base, start - 1, stride_xt, cols, col_mask, T))
+    gm3 = tl.zeros((BLOCK_D,), dtype=tl.float32)  # g before this program's rows: only for dx rows it skips
+    gm2, gm1 = gm3, gm3
+    dw0, dw1, dw2, dw3, dbias = gm3, gm3, gm3, gm3, gm3
+    xa, xb, xc, xd = _rows4(x_base, start, stride_xt, cols, col_mask, T)
+    da, db, dc, dd = _rows4(dy_base, start, stride_dyt, cols, col_mask, T)  # zero past T, so is g there
+    for base in range(start, end, 4):
+        na, nb, nc, nd = _rows4(x_base, base + 4, stride_xt, cols, col_mask, T)  # the next 4 rows, early
+        ea, eb, ec, ed = _rows4(dy_base, base + 4, stride_dyt, cols, col_mask, T)
+        ga = _silu_grad(bias + w0 * xm3 + w1 * xm2 + w2 * xm1 + w3 * xa, da, FAST)
+        gb = _silu_grad(bias + w0 * xm2 + w1 * xm1 + w2 * xa + w3 * xb, db, FAST)
+        gc = _silu_grad(bias + w0 * xm1 + w1 * xa + w2 * xb + w3 * xc, dc, FAST)
+        gd = _silu_grad(bias + w0 * xa + w1 * xb + w2 * xc + w3 * xd, dd, FAST)
+        dw0 += xm3 * ga + xm2 * gb + xm1 * gc + xa * gd
+        dw1 += xm2 * ga + xm1 * gb + xa * gc + xb * gd
+        dw2 += xm1 * ga + xa * gb + xb * gc + xc * gd
+        dw3 += xa * ga + xb * gb + xc * gc + xd * gd
+        dbias += ga + gb + gc + gd
+        _store_row(dx_base, base - 3, stride_dxt, cols, col_mask, w3 * gm3 + w2 * gm2 + w1 * gm1 + w0 * ga, start, T)
+        _store_row(dx_base, base - 2, stride_dxt, cols, col_mask, w3 * gm2 + w2 * gm1 + w1 * ga + w0 * gb, start, T)
+        _store_row(dx_base, base - 1, stride_dxt, cols, col_mask, w3 * gm1 + w2 * ga + w1 * gb + w0 * gc, start, T)
+        _store_row(dx_base, base, stride_dxt, cols, col_mask, w3 * ga + w2 * gb + w1 * gc + w0 * gd, start, T)
+        xm3, xm2, xm1, gm3, gm2, gm1 = xb, xc, xd, gb, gc, gd
+        xa, xb, xc, xd, da, db, dc, dd = na, nb, nc, nd, ea, eb, ec, ed
+    # the last 3 rows' dx need g of the 3 rows after them (the next program's; zero past T): recomputed, not summed
+    last = start + tl.cdiv(end - start, 4) * 4  # the first row after the loop's
+    ga = _silu_grad(bias + w0 * xm3 + w1 * xm2 + w2 * xm1 + w3 * xa, da, FAST)
+    gb = _silu_grad(bias + w0 * xm2 + w1 * xm1 + w2 * xa + w3 * xb, db, FAST)
+    gc = _silu_grad(bias + w0 * xm1 + w1 * xa + w2 * xb + w3 * xc, dc, FAST)
+    _store_row(dx_base, last - 3, stride_dxt, cols, col_mask, w3 * gm3 + w2 * gm2 + w1 * gm1 + w0 * ga, start, T)
+    _store_row(dx_base, last - 2, stride_dxt, cols, col_mask, w3 * gm2 + w2 * gm1 + w1 * ga + w0 * gb, start, T)
+    _store_row(dx_base, last - 1, stride_dxt, cols, col_mask, w3 * gm1 + w2 * ga + w1 * gb + w0 * gc, start, T)
+    program = pid_b * tl.num_programs(0) + pid_t
+    partial = dw_ptr + program * stride_dw + cols * 4
+    tl.store(partial, dw0, mask=col_mask)
+    tl.store(partial + 1, dw1, mask=col_mask)
+    tl.store(partial + 2, dw2, mask=col_mask)
+    tl.store(partial + 3, dw3, mask=col_mask)
+    if HAS_BIAS:
+        tl.store(db_ptr + program * D + cols, dbias, mask=col_mask)
+
+
 _TUNED = {
     "forward": triton.autotune(_configs(_TILES), key=["T", "D", "HAS_BIAS"])(_conv_silu_forward),
     "grad_pre": triton.autotune(_configs(_FIRST_PASS_TILES), key=["T", "D", "HAS_BIAS"])(_conv_silu_grad_pre),
     "grad_input": triton.autotune(_configs(_TILES), key=["T", "D"])(_conv_silu_grad_input),
+    "forward_rows": triton.autotune(_row_configs(_ROW_TILES), key=["T", "D", "HAS_BIAS"])(_conv_silu_forward_rows),
+    "backward_rows": triton.autotune(_row_configs(_ROW_TILES), key=["T", "D", "HAS_BIAS"])(_conv_silu_backward_rows),
 }
-_PLAIN = {"forward": _conv_silu_forward, "grad_pre": _conv_silu_grad_pre, "grad_input": _conv_silu_grad_input}
+_PLAIN = {"forward": _conv_silu_forward, "grad_pre": _conv_silu_grad_pre, "grad_input": _conv_silu_grad_input,
+          "forward_rows": _conv_silu_forward_rows, "backward_rows": _conv_silu_backward_rows}
+_PLAIN_TILES = {name: {"BLOCK_T": BLOCK_T, "BLOCK_D": BLOCK_D} for name in ("forward", "grad_pre", "grad_input")} | \
+    {name: {"BLOCK_D": BLOCK_D} for name in ("forward_rows", "backward_rows")}
 
 
 def _launch(name: str, x: torch.Tensor, grid_rows, *args, **constants) -> None:
     """Runs kernel `name` over x's [B, T, D]: autotuned tiles on CUDA, the default tiles elsewhere (the
-    interpreter); grid_rows(BLOCK_T) is the grid's first dimension."""
+    interpreter); grid_rows(tile's meta-parameters) is the grid's first dimension."""
     batch, _, channels = x.shape
     if x.is_cuda:
-        _TUNED[name][lambda meta: (grid_rows(meta["BLOCK_T"]), triton.cdiv(channels, meta["BLOCK_D"]), batch)](
-            *args, **constants)
+        _TUNED[name][lambda meta: (grid_rows(meta), triton.cdiv(channels, meta["BLOCK_D"]), batch)](*args, **constants)
     else:
-        _PLAIN[name][(grid_rows(BLOCK_T), triton.cdiv(channels, BLOCK_D), batch)](
-            *args, **constants, BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D)
+        tiles = _PLAIN_TILES[name]
+        _PLAIN[name][(grid_rows(tiles), triton.cdiv(channels, tiles["BLOCK_D"]), batch)](*args, **constants, **tiles)
+
+
+def _row_kernels() -> bool:
+    """Whether the row kernels run (HD_CONV_KERNELS=rows) rather than the tiled ones."""
+    return op_choice("HD_CONV_KERNELS") == "rows"
+
+
+def _four_taps(weight: torch.Tensor) -> torch.Tensor:
+    """weight [D, taps] as 4 taps: leading zero taps for a narrower conv."""
+    return weight if weight.shape[1] == TAPS else F.pad(weight, (TAPS - weight.shape[1], 0))
 
 
 def _channels_last(x: torch.Tensor) -> torch.Tensor:
@@ -189,9 +339,16 @@ def _forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -
         raise ValueError(f"our Triton short conv takes 1 to {TAPS} taps, not {weight.shape[1]}")
     length, channels = x.shape[1:]
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    _launch("forward", x, lambda block: triton.cdiv(length, block), x, weight,
-            bias if bias is not None else weight, y, length, channels, x.stride(0), x.stride(1), y.stride(0),
-            y.stride(1), HAS_BIAS=bias is not None, WIDTH=weight.shape[1], FAST=x.is_cuda)
+    strides = (x.stride(0), x.stride(1), y.stride(0), y.stride(1))
+    if _row_kernels():
+        taps = _four_taps(weight)
+        _launch("forward_rows", x, lambda meta: triton.cdiv(length, ROWS_PER_PROGRAM), x, taps,
+                bias if bias is not None else taps, y, length, channels, *strides, HAS_BIAS=bias is not None,
+                FAST=x.is_cuda, ROWS=ROWS_PER_PROGRAM)
+    else:
+        _launch("forward", x, lambda meta: triton.cdiv(length, meta["BLOCK_T"]), x, weight,
+                bias if bias is not None else weight, y, length, channels, *strides, HAS_BIAS=bias is not None,
+                WIDTH=weight.shape[1], FAST=x.is_cuda)
     return y
 
 
@@ -210,15 +367,20 @@ def _backward_partials(dx: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, 
     dw (and db)."""
     dy = _channels_last(dy)
     length, channels = x.shape[1:]
-    width = weight.shape[1]
-    taps = weight if width == TAPS else F.pad(weight, (TAPS - width, 0))  # leading zero taps for a narrower conv
+    taps = _four_taps(weight)
+    programs = lambda meta: triton.cdiv(length, ROWS_PER_PROGRAM)  # noqa: E731  one partial-sum row each
+    if _row_kernels():
+        _launch("backward_rows", x, programs, x, taps, bias if bias is not None else taps, dy, dx, dw,
+                db if db is not None else dw, length, channels, x.stride(0), x.stride(1), dy.stride(0), dy.stride(1),
+                dx.stride(0), dx.stride(1), dw.stride(0), HAS_BIAS=bias is not None, FAST=x.is_cuda,
+                ROWS=ROWS_PER_PROGRAM)
+        return
     g = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    _launch("grad_pre", x, lambda block: triton.cdiv(length, ROWS_PER_PROGRAM), x, taps,
-            bias if bias is not None else taps, dy, g, dw, db if db is not None else dw, length, channels,
-            x.stride(0), x.stride(1), dy.stride(0), dy.stride(1), dw.stride(0), HAS_BIAS=bias is not None,
-            ROWS=ROWS_PER_PROGRAM, FAST=x.is_cuda)
-    _launch("grad_input", x, lambda block: triton.cdiv(length, block), g, weight, dx, length, channels,
-            dx.stride(0), dx.stride(1), WIDTH=width)
+    _launch("grad_pre", x, programs, x, taps, bias if bias is not None else taps, dy, g, dw,
+            db if db is not None else dw, length, channels, x.stride(0), x.stride(1), dy.stride(0), dy.stride(1),
+            dw.stride(0), HAS_BIAS=bias is not None, ROWS=ROWS_PER_PROGRAM, FAST=x.is_cuda)
+    _launch("grad_input", x, lambda meta: triton.cdiv(length, meta["BLOCK_T"]), g, weight, dx, length, channels,
+            dx.stride(0), dx.stride(1), WIDTH=weight.shape[1])
 
 
 def _taps_grad(dw: torch.Tensor, width: int) -> torch.Tensor:
