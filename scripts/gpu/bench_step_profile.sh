@@ -102,7 +102,7 @@ for part in "${@:-kl}"; do
       HD_CONV_GRADS_IN_PLACE=off bench conv_grads_split_graph_gdn_bf16 200 "${graphed_gdn[@]}" ;;
     conv_tiles)  # before session 22: our conv's tiled kernels, the backward in two passes
       HD_CONV_KERNELS=tiles bench conv_tiles_graph_gdn_bf16 200 "${graphed_gdn[@]}" ;;
-    fla_l2norm)  # fla's GDN kernel normalises q and k itself, besides the default fla conv
+    fla_l2norm)  # fla's GDN kernel normalises q and k itself, besides the default conv (ours)
       HD_QK_L2NORM=fla bench fla_l2norm_graph_gdn_bf16 200 "${graphed_gdn[@]}" ;;
     compiled_conv)  # not graphed: the host issues every launch
       for conv in fla torch; do

@@ -55,15 +55,15 @@ def main() -> None:
              for config in conv._configs(conv._FIRST_PASS_TILES)]
     rows += [("grad_input", conv._conv_silu_grad_input, config, {"WIDTH": 4}) for config in conv._configs(conv._TILES)]
     by_rows = {"HAS_BIAS": False, "ROWS": conv.ROWS_PER_PROGRAM, "FAST": True}
-    rows += [(name, kernel, config, by_rows) for name, kernel in (("fwd_rows", conv._conv_silu_forward_rows),
-                                                                  ("bwd_rows", conv._conv_silu_backward_rows))
-             for config in conv._row_configs(conv._ROW_TILES)]
+    rows += [("fwd_rows", conv._conv_silu_forward_rows, config, by_rows)
+             for config in conv._row_configs(conv._FORWARD_ROW_TILES)]
+    rows += [("bwd_rows", conv._conv_silu_backward_rows, config, by_rows) for config in conv._row_configs(conv._ROW_TILES)]
     print(f"{'kernel':10}  {'tile settings':24}  {'warps':>5}  {'regs':>4}  {'stack':>5}  {'elements/SM':>11}")
     for name, kernel, config, constants in rows:
         registers, stack = resource_use(kernel, {**constants, **config.kwargs}, config.num_warps)
         threads = 32 * config.num_warps
         programs = min(REGISTERS_PER_SM // (registers * threads), MAX_PROGRAMS_PER_SM)
-        in_flight = programs * config.kwargs.get("BLOCK_T", 4) * config.kwargs["BLOCK_D"]  # row kernels: 4 rows
+        in_flight = programs * config.kwargs.get("BLOCK_T", 8) * config.kwargs["BLOCK_D"]  # row kernels: 8 rows
         settings = ", ".join(f"{key}={value}" for key, value in config.kwargs.items())
         print(f"{name:10}  {settings:24}  {config.num_warps:5}  {registers:4}  {stack:5}  {in_flight:11}")
 

@@ -250,13 +250,15 @@ def test_every_first_pass_candidate_gives_the_torch_conv_gradients(tile, monkeyp
 
 
 def _row_candidates():
+    """(forward tile, backward tile) pairs that run every candidate of each row kernel at least once."""
     from hybrid_distill.models.mixers import short_conv_triton
 
-    return short_conv_triton._ROW_TILES
+    forward, backward = short_conv_triton._FORWARD_ROW_TILES, short_conv_triton._ROW_TILES
+    return [(forward[i % len(forward)], backward[i % len(backward)]) for i in range(max(len(forward), len(backward)))]
 
 
-@pytest.mark.parametrize("tile", _row_candidates(), ids=str)
-def test_every_row_kernel_candidate_gives_the_torch_conv(tile, monkeypatch):
+@pytest.mark.parametrize("tiles", _row_candidates(), ids=str)
+def test_every_row_kernel_candidate_gives_the_torch_conv(tiles, monkeypatch):
     """Each autotune candidate of the row kernels, run alone, gives the PyTorch conv's output and its input, tap and
     bias gradients (fp32), at lengths that end inside a program's rows and a group of 4, across programs whose last
     rows' input gradients need the next program's first rows."""
@@ -266,8 +268,8 @@ def test_every_row_kernel_candidate_gives_the_torch_conv(tile, monkeypatch):
     from hybrid_distill.models.mixers.short_conv import ShortConvolution
 
     tuned = {name: triton.autotune(short_conv_triton._row_configs([tile]), key=["T", "D", "HAS_BIAS"])(kernel)
-             for name, kernel in (("forward_rows", short_conv_triton._conv_silu_forward_rows),
-                                  ("backward_rows", short_conv_triton._conv_silu_backward_rows))}
+             for name, kernel, tile in (("forward_rows", short_conv_triton._conv_silu_forward_rows, tiles[0]),
+                                        ("backward_rows", short_conv_triton._conv_silu_backward_rows, tiles[1]))}
     for name, kernel in tuned.items():
         monkeypatch.setitem(short_conv_triton._TUNED, name, kernel)
     monkeypatch.setenv("HD_CONV_KERNELS", "rows")
@@ -284,6 +286,7 @@ def test_every_row_kernel_candidate_gives_the_torch_conv(tile, monkeypatch):
             inputs = x.clone().requires_grad_()
             out, _ = conv(inputs)
             results[choice] = [out, *torch.autograd.grad(out, [inputs, conv.weight, conv.bias], torch.cos(out * 7))]
-        assert all(kernel.best_config.kwargs["BLOCK_D"] == tile[0] for kernel in tuned.values())  # it ran
+        ran = [tuned["forward_rows"].best_config.kwargs, tuned["backward_rows"].best_config.kwargs]
+        assert ran == [{"BLOCK_D": tiles[0][0], "ROWS": tiles[0][2]}, {"BLOCK_D": tiles[1][0]}]  # the candidates ran
         for candidate, reference in zip(results["triton"], results["torch"], strict=True):
-            assert relative_error(candidate, reference) <= 1e-5, (length, tile)
+            assert relative_error(candidate, reference) <= 1e-5, (length, tiles)

@@ -32,7 +32,10 @@ BLOCK_D = 128
 ROWS_PER_PROGRAM = 128  # tokens one first-pass program sums the taps' gradients over: one partial-sum row each
 _TILES = [(32, 128, 4), (64, 64, 4), (64, 128, 8)]  # (tokens, channels, warps): the autotune candidates
 _FIRST_PASS_TILES = [(16, 64, 4), (32, 64, 4), (16, 128, 4), (32, 128, 8)]
-_ROW_TILES = [(64, 1), (64, 2), (128, 1), (128, 2), (128, 4), (256, 2), (256, 4)]  # (channels, warps): row kernels
+_ROW_TILES = [(64, 1), (64, 2), (128, 1), (128, 2), (128, 4), (256, 2), (256, 4)]  # (channels, warps): row backward
+# (channels, warps, rows per program): the row forward, which sums nothing across rows, so its programs may be short
+_FORWARD_ROW_TILES = [(channels, warps, rows) for channels, warps in ((64, 1), (128, 1), (128, 2), (256, 2))
+                      for rows in (32, 64, ROWS_PER_PROGRAM)]
 
 
 def _configs(tiles):
@@ -40,7 +43,9 @@ def _configs(tiles):
 
 
 def _row_configs(tiles):
-    return [triton.Config({"BLOCK_D": d}, num_warps=w) for d, w in tiles]
+    """(channels, warps[, rows per program]) -> configs."""
+    return [triton.Config({"BLOCK_D": tile[0]} | ({"ROWS": tile[2]} if len(tile) > 2 else {}), num_warps=tile[1])
+            for tile in tiles]
 
 
 @triton.jit
@@ -202,7 +207,8 @@ def _conv_silu_forward_rows(x_ptr, w_ptr, b_ptr, y_ptr, T, D, stride_xb, stride_
                             HAS_BIAS: tl.constexpr, FAST: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
     """The forward of a 4-tap conv, row after row over ROWS tokens of BLOCK_D channels: each thread keeps its
     channels' last 3 inputs in registers, so every input is read once (the tiled forward loads 4 shifted tiles),
-    and the next 4 rows are read while the current 4 are computed."""
+    and the rows two groups of 4 ahead are read while the current 4 are computed (a walk of rows waits on memory
+    once per group: more reads in flight, fewer waits)."""
     pid_t, pid_d, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     col_mask = cols < D
@@ -217,9 +223,10 @@ def _conv_silu_forward_rows(x_ptr, w_ptr, b_ptr, y_ptr, T, D, stride_xb, stride_
     xm3, xm2, xm1 = (_row(x_base, start - 3, stride_xt, cols, col_mask, T),
                      _row(x_base, start - 2, stride_xt, cols, col_mask, T),
                      _row(x_base, start - 1, stride_xt, cols, col_mask, T))
-    xa, xb, xc, xd = _rows4(x_base, start, stride_xt, cols, col_mask, T)
+    xa, xb, xc, xd = _rows4(x_base, start, stride_xt, cols, col_mask, end)  # nothing past this program's rows
+    na, nb, nc, nd = _rows4(x_base, start + 4, stride_xt, cols, col_mask, end)
     for base in range(start, end, 4):
-        na, nb, nc, nd = _rows4(x_base, base + 4, stride_xt, cols, col_mask, T)  # the next 4 rows, early
+        fa, fb, fc, fd = _rows4(x_base, base + 8, stride_xt, cols, col_mask, end)  # two groups ahead, early
         pa = bias + w0 * xm3 + w1 * xm2 + w2 * xm1 + w3 * xa
         pb = bias + w0 * xm2 + w1 * xm1 + w2 * xa + w3 * xb
         pc = bias + w0 * xm1 + w1 * xa + w2 * xb + w3 * xc
@@ -230,6 +237,7 @@ def _conv_silu_forward_rows(x_ptr, w_ptr, b_ptr, y_ptr, T, D, stride_xb, stride_
         _store_row(y_base, base + 3, stride_yt, cols, col_mask, pd * _sigmoid(pd, FAST), start, end)
         xm3, xm2, xm1 = xb, xc, xd
         xa, xb, xc, xd = na, nb, nc, nd
+        na, nb, nc, nd = fa, fb, fc, fd
 
 
 @triton.jit
@@ -240,7 +248,8 @@ def _conv_silu_backward_rows(x_ptr, w_ptr, b_ptr, dy_ptr, dx_ptr, dw_ptr, db_ptr
     g[t] = dy[t] silu'(pre[t]) from the last 4 inputs kept in registers; dx[t-3] = sum_j w[j] g[t-j] as soon as
     g[t] is known (the last 3 rows' g of the next program's rows recomputed here, not summed); this program's row
     of the partial sums dw[j] = sum_t x[t-3+j] g[t] and db = sum_t g[t], per thread, so no reduction crosses
-    threads. Reads x and dy once, writes dx: no g buffer and no second pass."""
+    threads. Reads x and dy once (two groups of 4 rows ahead, as the forward), writes dx: no g buffer and no
+    second pass."""
     pid_t, pid_d, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     col_mask = cols < D
@@ -258,11 +267,14 @@ def _conv_silu_backward_rows(x_ptr, w_ptr, b_ptr, dy_ptr, dx_ptr, dw_ptr, db_ptr
     gm3 = tl.zeros((BLOCK_D,), dtype=tl.float32)  # g before this program's rows: only for dx rows it skips
     gm2, gm1 = gm3, gm3
     dw0, dw1, dw2, dw3, dbias = gm3, gm3, gm3, gm3, gm3
-    xa, xb, xc, xd = _rows4(x_base, start, stride_xt, cols, col_mask, T)
-    da, db, dc, dd = _rows4(dy_base, start, stride_dyt, cols, col_mask, T)  # zero past T, so is g there
+    stop = tl.minimum(end + 3, T)  # the rows read: this program's and the next one's first 3
+    xa, xb, xc, xd = _rows4(x_base, start, stride_xt, cols, col_mask, stop)
+    da, db, dc, dd = _rows4(dy_base, start, stride_dyt, cols, col_mask, stop)  # zero past T, so is g there
+    na, nb, nc, nd = _rows4(x_base, start + 4, stride_xt, cols, col_mask, stop)
+    ea, eb, ec, ed = _rows4(dy_base, start + 4, stride_dyt, cols, col_mask, stop)
     for base in range(start, end, 4):
-        na, nb, nc, nd = _rows4(x_base, base + 4, stride_xt, cols, col_mask, T)  # the next 4 rows, early
-        ea, eb, ec, ed = _rows4(dy_base, base + 4, stride_dyt, cols, col_mask, T)
+        fa, fb, fc, fd = _rows4(x_base, base + 8, stride_xt, cols, col_mask, stop)  # two groups ahead, early
+        ha, hb, hc, hd = _rows4(dy_base, base + 8, stride_dyt, cols, col_mask, stop)
         ga = _silu_grad(bias + w0 * xm3 + w1 * xm2 + w2 * xm1 + w3 * xa, da, FAST)
         gb = _silu_grad(bias + w0 * xm2 + w1 * xm1 + w2 * xa + w3 * xb, db, FAST)
         gc = _silu_grad(bias + w0 * xm1 + w1 * xa + w2 * xb + w3 * xc, dc, FAST)
@@ -278,6 +290,7 @@ def _conv_silu_backward_rows(x_ptr, w_ptr, b_ptr, dy_ptr, dx_ptr, dw_ptr, db_ptr
         _store_row(dx_base, base, stride_dxt, cols, col_mask, w3 * ga + w2 * gb + w1 * gc + w0 * gd, start, T)
         xm3, xm2, xm1, gm3, gm2, gm1 = xb, xc, xd, gb, gc, gd
         xa, xb, xc, xd, da, db, dc, dd = na, nb, nc, nd, ea, eb, ec, ed
+        na, nb, nc, nd, ea, eb, ec, ed = fa, fb, fc, fd, ha, hb, hc, hd
     # the last 3 rows' dx need g of the 3 rows after them (the next program's; zero past T): recomputed, not summed
     last = start + tl.cdiv(end - start, 4) * 4  # the first row after the loop's
     ga = _silu_grad(bias + w0 * xm3 + w1 * xm2 + w2 * xm1 + w3 * xa, da, FAST)
@@ -300,13 +313,14 @@ _TUNED = {
     "forward": triton.autotune(_configs(_TILES), key=["T", "D", "HAS_BIAS"])(_conv_silu_forward),
     "grad_pre": triton.autotune(_configs(_FIRST_PASS_TILES), key=["T", "D", "HAS_BIAS"])(_conv_silu_grad_pre),
     "grad_input": triton.autotune(_configs(_TILES), key=["T", "D"])(_conv_silu_grad_input),
-    "forward_rows": triton.autotune(_row_configs(_ROW_TILES), key=["T", "D", "HAS_BIAS"])(_conv_silu_forward_rows),
+    "forward_rows": triton.autotune(_row_configs(_FORWARD_ROW_TILES), key=["T", "D", "HAS_BIAS"])(
+        _conv_silu_forward_rows),
     "backward_rows": triton.autotune(_row_configs(_ROW_TILES), key=["T", "D", "HAS_BIAS"])(_conv_silu_backward_rows),
 }
 _PLAIN = {"forward": _conv_silu_forward, "grad_pre": _conv_silu_grad_pre, "grad_input": _conv_silu_grad_input,
           "forward_rows": _conv_silu_forward_rows, "backward_rows": _conv_silu_backward_rows}
 _PLAIN_TILES = {name: {"BLOCK_T": BLOCK_T, "BLOCK_D": BLOCK_D} for name in ("forward", "grad_pre", "grad_input")} | \
-    {name: {"BLOCK_D": BLOCK_D} for name in ("forward_rows", "backward_rows")}
+    {"forward_rows": {"BLOCK_D": BLOCK_D, "ROWS": ROWS_PER_PROGRAM}, "backward_rows": {"BLOCK_D": BLOCK_D}}
 
 
 def _launch(name: str, x: torch.Tensor, grid_rows, *args, **constants) -> None:
@@ -342,9 +356,9 @@ def _forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -
     strides = (x.stride(0), x.stride(1), y.stride(0), y.stride(1))
     if _row_kernels():
         taps = _four_taps(weight)
-        _launch("forward_rows", x, lambda meta: triton.cdiv(length, ROWS_PER_PROGRAM), x, taps,
+        _launch("forward_rows", x, lambda meta: triton.cdiv(length, meta["ROWS"]), x, taps,
                 bias if bias is not None else taps, y, length, channels, *strides, HAS_BIAS=bias is not None,
-                FAST=x.is_cuda, ROWS=ROWS_PER_PROGRAM)
+                FAST=x.is_cuda)
     else:
         _launch("forward", x, lambda meta: triton.cdiv(length, meta["BLOCK_T"]), x, weight,
                 bias if bias is not None else weight, y, length, channels, *strides, HAS_BIAS=bias is not None,
