@@ -63,7 +63,8 @@ def main() -> None:
         registers, stack = resource_use(kernel, {**constants, **config.kwargs}, config.num_warps)
         threads = 32 * config.num_warps
         programs = min(REGISTERS_PER_SM // (registers * threads), MAX_PROGRAMS_PER_SM)
-        in_flight = programs * config.kwargs.get("BLOCK_T", 8) * config.kwargs["BLOCK_D"]  # row kernels: 8 rows
+        rows = config.kwargs.get("BLOCK_T", 4 * config.kwargs.get("AHEAD", 1))  # row kernels: the rows read ahead
+        in_flight = programs * rows * config.kwargs["BLOCK_D"]
         settings = ", ".join(f"{key}={value}" for key, value in config.kwargs.items())
         print(f"{name:10}  {settings:24}  {config.num_warps:5}  {registers:4}  {stack:5}  {in_flight:11}")
 

@@ -29,9 +29,13 @@ os.environ["HD_CONV_GRADS_IN_PLACE"] = "off"  # the mixers' convs one call each,
 def record(name, got, want):
     worst[name] = max(worst.get(name, 0.0), (got - want).abs().max().item() / (want.abs().max().item() + 1e-12))
 
-# one token, one tile, across tiles and partial-sum rows; a 2-tap conv (run as 4 taps, the first two zero)
+# one token, one tile, across tiles and partial-sum rows; a 2-tap conv (run as 4 taps, the first two zero); the row
+# kernels reading 2 groups of 4 rows ahead, then 1 with the forward's programs 32 rows long
 CASES = [(bias, length, 4) for bias in (False, True) for length in (1, 5, BLOCK_T + 6, ROWS_PER_PROGRAM + 6)]
-for bias, length, taps in CASES + [(True, 9, 2)]:
+WALKS = [(2, ROWS_PER_PROGRAM), (1, 32)]
+for (bias, length, taps), (ahead, rows) in [(case, walk) for walk in WALKS for case in CASES + [(True, 9, 2)]]:
+    short_conv_triton._PLAIN_TILES["forward_rows"].update(AHEAD=ahead, ROWS=rows)
+    short_conv_triton._PLAIN_TILES["backward_rows"].update(AHEAD=ahead)
     conv = ShortConvolution(150, taps, bias=bias).double()
     with torch.no_grad():
         conv.weight.normal_()
@@ -43,10 +47,10 @@ for bias, length, taps in CASES + [(True, 9, 2)]:
     want, _ = conv(x)
     dy = torch.randn_like(want)
     got = conv_silu(x, conv.weight[:, 0], conv.bias)
-    record("output", got, want)
+    record(f"output, {ahead} ahead", got, want)
     for name, g, w in zip(("input", "taps", "bias"), torch.autograd.grad(got, params, dy),
                           torch.autograd.grad(want, params, dy)):
-        record(name, g, w)
+        record(f"{name}, {ahead} ahead", g, w)
 
 for kind in ("gdn", "gla"):
     for padded in (False, True):
@@ -116,7 +120,8 @@ def test_triton_short_conv_equals_the_torch_conv_alone_and_inside_mixers(tmp_pat
     worst = result["worst"]
     # each mixer's forward ran its q, k and v convs in our kernel (2 x 9 tokens, 32 channels each)
     assert result["mixer_calls"] == [[2, 9, 32]] * 12
-    assert set(worst) >= {"output", "input", "taps", "bias", "gdn mixer output", "gla q taps grad"}
+    assert set(worst) >= {f"{name}, {ahead} ahead" for name in ("output", "input", "taps", "bias") for ahead in (1, 2)}
+    assert {"gdn mixer output", "gla q taps grad"} <= set(worst)
     # float32 sums inside the kernel against float64 (alone) or float32 (mixers) references
     # HD_CONV_GRADS_IN_PLACE=on ran one call per mixer forward over q, k, v (32 each) and the gates' columns; the
     # GDN output's 12 padding columns are not listed

@@ -2,18 +2,20 @@
 
 Why not fla's: in a graphed all-GDN step at SmolLM2 shapes on an H200, fla's conv backward took 125 us per call (90
 calls, 11.3 ms of a 147 ms step), about 4x what reading x and dy and writing dx costs, and it runs the forward again
-first. A one-pass backward that recomputes the pre-activations at the 4 offsets each dx needs loaded 24 shifted
-tiles per output tile and was slower still (session 18, docs/performance.md). Here the backward is two passes:
-  1. per position, g = dy * silu'(pre), pre recomputed from the 4 shifted x tiles it loads once, stored in x's
-     dtype (as PyTorch's own silu backward returns it); the taps' and the bias's gradients summed from the same
-     registers in whole-tile accumulators, reduced once per program into its partial-sum row (deterministic: no
-     atomics). Written for 4 taps (the default conv_size); a narrower conv runs with leading zero taps;
-  2. dx[t] = sum_k w[W-1-k] * g[t+k] from 4 shifted tiles of g.
-In a graphed all-GDN step at 64 x 512 tokens on an H200 the three kernels took 13.0 ms against fla's 16.4 ms, and the
-step ran 2.7% faster (session 19).
-The kernels take x with any batch and token strides (the columns of the mixer's input GEMM pass without a copy).
-On CUDA the tile shapes are autotuned per (length, channels); on CPU the kernels run only under TRITON_INTERPRET=1
-(the tests), with the default tiles.
+first (session 18, docs/performance.md). Two kernel sets (HD_CONV_KERNELS):
+- rows (the default, session 22): each thread walks its channels down ROWS tokens, keeping the last 3 inputs (and
+  in backward the last 3 g = dy * silu'(pre)) in registers, so x and dy are read once. The backward is one pass:
+  dx[t-3] is written as soon as g[t] is known, the next program's first 3 rows' g are recomputed (not summed), and
+  the taps' and bias's gradients are summed per thread into the program's partial-sum row (deterministic: no
+  atomics, no cross-thread reduction, no g buffer). Reads run 1 or 2 groups of 4 rows ahead (autotuned): a walk
+  waits on memory once per group. Session 22, graphed all-GDN step at 64 x 512 on an H200: the backward 4.1-4.25 ms
+  per step against the tiles' 10.8 ms; the step 134.9-135.1 ms against 141.1 (+4.5%);
+- tiles (sessions 19-21): the forward loads 4 shifted tiles; the backward is two passes, g stored in x's dtype with
+  the partial sums from whole-tile accumulators, then dx[t] = sum_k w[W-1-k] g[t+k] from 4 shifted tiles of g.
+The row kernels and the tiled backward are written for 4 taps (the default conv_size): a narrower conv runs with
+leading zero taps. The kernels take x with any batch and token strides (the columns of the mixer's input GEMM pass
+without a copy). On CUDA the tiles are autotuned per (length, channels); on CPU the kernels run only under
+TRITON_INTERPRET=1 (the tests), with the default tiles.
 
 The function is the one torch_ops and ShortConvolution compute: y[t] = silu(bias + sum_j w[j] * x[t - (W-1) + j])
 from zero history, taps summed in float32 and rounded once.
@@ -32,20 +34,23 @@ BLOCK_D = 128
 ROWS_PER_PROGRAM = 128  # tokens one first-pass program sums the taps' gradients over: one partial-sum row each
 _TILES = [(32, 128, 4), (64, 64, 4), (64, 128, 8)]  # (tokens, channels, warps): the autotune candidates
 _FIRST_PASS_TILES = [(16, 64, 4), (32, 64, 4), (16, 128, 4), (32, 128, 8)]
-_ROW_TILES = [(64, 1), (64, 2), (128, 1), (128, 2), (128, 4), (256, 2), (256, 4)]  # (channels, warps): row backward
-# (channels, warps, rows per program): the row forward, which sums nothing across rows, so its programs may be short
-_FORWARD_ROW_TILES = [(channels, warps, rows) for channels, warps in ((64, 1), (128, 1), (128, 2), (256, 2))
-                      for rows in (32, 64, ROWS_PER_PROGRAM)]
-
+# (channels, warps, groups of 4 rows read ahead): the row backward, ROWS_PER_PROGRAM rows per program (its partial
+# sums' rows); reading 2 groups ahead keeps more in flight for more registers (1 was session 22's walk)
+_ROW_TILES = [(channels, warps, ahead) for channels, warps in ((64, 1), (64, 2), (128, 1), (128, 2), (128, 4),
+                                                              (256, 2), (256, 4)) for ahead in (1, 2)]
+# (channels, warps, groups ahead, rows per program): the row forward, which sums nothing across rows, so its programs
+# may be short
+_FORWARD_ROW_TILES = [(channels, warps, ahead, rows) for channels, warps in ((64, 1), (128, 1), (128, 2), (256, 2))
+                      for ahead in (1, 2) for rows in (32, ROWS_PER_PROGRAM)]
 
 def _configs(tiles):
     return [triton.Config({"BLOCK_T": t, "BLOCK_D": d}, num_warps=w) for t, d, w in tiles]
 
 
 def _row_configs(tiles):
-    """(channels, warps[, rows per program]) -> configs."""
-    return [triton.Config({"BLOCK_D": tile[0]} | ({"ROWS": tile[2]} if len(tile) > 2 else {}), num_warps=tile[1])
-            for tile in tiles]
+    """(channels, warps, groups ahead[, rows per program]) -> configs."""
+    return [triton.Config({"BLOCK_D": tile[0], "AHEAD": tile[2]} | ({"ROWS": tile[3]} if len(tile) > 3 else {}),
+                          num_warps=tile[1]) for tile in tiles]
 
 
 @triton.jit
@@ -204,11 +209,12 @@ def _silu_grad(pre, dy, FAST: tl.constexpr):
 
 @triton.jit
 def _conv_silu_forward_rows(x_ptr, w_ptr, b_ptr, y_ptr, T, D, stride_xb, stride_xt, stride_yb, stride_yt,
-                            HAS_BIAS: tl.constexpr, FAST: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+                            HAS_BIAS: tl.constexpr, FAST: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+                            AHEAD: tl.constexpr):
     """The forward of a 4-tap conv, row after row over ROWS tokens of BLOCK_D channels: each thread keeps its
     channels' last 3 inputs in registers, so every input is read once (the tiled forward loads 4 shifted tiles),
-    and the rows two groups of 4 ahead are read while the current 4 are computed (a walk of rows waits on memory
-    once per group: more reads in flight, fewer waits)."""
+    and the rows AHEAD (1 or 2) groups of 4 ahead are read while the current 4 are computed (a walk of rows waits
+    on memory once per group, so reads further ahead keep more in flight)."""
     pid_t, pid_d, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     col_mask = cols < D
@@ -224,9 +230,13 @@ def _conv_silu_forward_rows(x_ptr, w_ptr, b_ptr, y_ptr, T, D, stride_xb, stride_
                      _row(x_base, start - 2, stride_xt, cols, col_mask, T),
                      _row(x_base, start - 1, stride_xt, cols, col_mask, T))
     xa, xb, xc, xd = _rows4(x_base, start, stride_xt, cols, col_mask, end)  # nothing past this program's rows
-    na, nb, nc, nd = _rows4(x_base, start + 4, stride_xt, cols, col_mask, end)
+    if AHEAD == 2:
+        na, nb, nc, nd = _rows4(x_base, start + 4, stride_xt, cols, col_mask, end)
     for base in range(start, end, 4):
-        fa, fb, fc, fd = _rows4(x_base, base + 8, stride_xt, cols, col_mask, end)  # two groups ahead, early
+        if AHEAD == 2:
+            fa, fb, fc, fd = _rows4(x_base, base + 8, stride_xt, cols, col_mask, end)
+        else:
+            na, nb, nc, nd = _rows4(x_base, base + 4, stride_xt, cols, col_mask, end)
         pa = bias + w0 * xm3 + w1 * xm2 + w2 * xm1 + w3 * xa
         pb = bias + w0 * xm2 + w1 * xm1 + w2 * xa + w3 * xb
         pc = bias + w0 * xm1 + w1 * xa + w2 * xb + w3 * xc
@@ -237,18 +247,19 @@ def _conv_silu_forward_rows(x_ptr, w_ptr, b_ptr, y_ptr, T, D, stride_xb, stride_
         _store_row(y_base, base + 3, stride_yt, cols, col_mask, pd * _sigmoid(pd, FAST), start, end)
         xm3, xm2, xm1 = xb, xc, xd
         xa, xb, xc, xd = na, nb, nc, nd
-        na, nb, nc, nd = fa, fb, fc, fd
+        if AHEAD == 2:
+            na, nb, nc, nd = fa, fb, fc, fd
 
 
 @triton.jit
 def _conv_silu_backward_rows(x_ptr, w_ptr, b_ptr, dy_ptr, dx_ptr, dw_ptr, db_ptr, T, D, stride_xb, stride_xt,
                              stride_dyb, stride_dyt, stride_dxb, stride_dxt, stride_dw, HAS_BIAS: tl.constexpr,
-                             FAST: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+                             FAST: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr, AHEAD: tl.constexpr):
     """The whole backward of a 4-tap conv in one pass, row after row over ROWS tokens of BLOCK_D channels:
     g[t] = dy[t] silu'(pre[t]) from the last 4 inputs kept in registers; dx[t-3] = sum_j w[j] g[t-j] as soon as
     g[t] is known (the last 3 rows' g of the next program's rows recomputed here, not summed); this program's row
     of the partial sums dw[j] = sum_t x[t-3+j] g[t] and db = sum_t g[t], per thread, so no reduction crosses
-    threads. Reads x and dy once (two groups of 4 rows ahead, as the forward), writes dx: no g buffer and no
+    threads. Reads x and dy once (AHEAD groups of 4 rows ahead, as the forward), writes dx: no g buffer and no
     second pass."""
     pid_t, pid_d, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -270,11 +281,16 @@ def _conv_silu_backward_rows(x_ptr, w_ptr, b_ptr, dy_ptr, dx_ptr, dw_ptr, db_ptr
     stop = tl.minimum(end + 3, T)  # the rows read: this program's and the next one's first 3
     xa, xb, xc, xd = _rows4(x_base, start, stride_xt, cols, col_mask, stop)
     da, db, dc, dd = _rows4(dy_base, start, stride_dyt, cols, col_mask, stop)  # zero past T, so is g there
-    na, nb, nc, nd = _rows4(x_base, start + 4, stride_xt, cols, col_mask, stop)
-    ea, eb, ec, ed = _rows4(dy_base, start + 4, stride_dyt, cols, col_mask, stop)
+    if AHEAD == 2:
+        na, nb, nc, nd = _rows4(x_base, start + 4, stride_xt, cols, col_mask, stop)
+        ea, eb, ec, ed = _rows4(dy_base, start + 4, stride_dyt, cols, col_mask, stop)
     for base in range(start, end, 4):
-        fa, fb, fc, fd = _rows4(x_base, base + 8, stride_xt, cols, col_mask, stop)  # two groups ahead, early
-        ha, hb, hc, hd = _rows4(dy_base, base + 8, stride_dyt, cols, col_mask, stop)
+        if AHEAD == 2:
+            fa, fb, fc, fd = _rows4(x_base, base + 8, stride_xt, cols, col_mask, stop)
+            ha, hb, hc, hd = _rows4(dy_base, base + 8, stride_dyt, cols, col_mask, stop)
+        else:
+            na, nb, nc, nd = _rows4(x_base, base + 4, stride_xt, cols, col_mask, stop)
+            ea, eb, ec, ed = _rows4(dy_base, base + 4, stride_dyt, cols, col_mask, stop)
         ga = _silu_grad(bias + w0 * xm3 + w1 * xm2 + w2 * xm1 + w3 * xa, da, FAST)
         gb = _silu_grad(bias + w0 * xm2 + w1 * xm1 + w2 * xa + w3 * xb, db, FAST)
         gc = _silu_grad(bias + w0 * xm1 + w1 * xa + w2 * xb + w3 * xc, dc, FAST)
@@ -290,7 +306,8 @@ def _conv_silu_backward_rows(x_ptr, w_ptr, b_ptr, dy_ptr, dx_ptr, dw_ptr, db_ptr
         _store_row(dx_base, base, stride_dxt, cols, col_mask, w3 * ga + w2 * gb + w1 * gc + w0 * gd, start, T)
         xm3, xm2, xm1, gm3, gm2, gm1 = xb, xc, xd, gb, gc, gd
         xa, xb, xc, xd, da, db, dc, dd = na, nb, nc, nd, ea, eb, ec, ed
-        na, nb, nc, nd, ea, eb, ec, ed = fa, fb, fc, fd, ha, hb, hc, hd
+        if AHEAD == 2:
+            na, nb, nc, nd, ea, eb, ec, ed = fa, fb, fc, fd, ha, hb, hc, hd
     # the last 3 rows' dx need g of the 3 rows after them (the next program's; zero past T): recomputed, not summed
     last = start + tl.cdiv(end - start, 4) * 4  # the first row after the loop's
     ga = _silu_grad(bias + w0 * xm3 + w1 * xm2 + w2 * xm1 + w3 * xa, da, FAST)
@@ -320,7 +337,8 @@ _TUNED = {
 _PLAIN = {"forward": _conv_silu_forward, "grad_pre": _conv_silu_grad_pre, "grad_input": _conv_silu_grad_input,
           "forward_rows": _conv_silu_forward_rows, "backward_rows": _conv_silu_backward_rows}
 _PLAIN_TILES = {name: {"BLOCK_T": BLOCK_T, "BLOCK_D": BLOCK_D} for name in ("forward", "grad_pre", "grad_input")} | \
-    {"forward_rows": {"BLOCK_D": BLOCK_D, "ROWS": ROWS_PER_PROGRAM}, "backward_rows": {"BLOCK_D": BLOCK_D}}
+    {"forward_rows": {"BLOCK_D": BLOCK_D, "AHEAD": 2, "ROWS": ROWS_PER_PROGRAM},
+     "backward_rows": {"BLOCK_D": BLOCK_D, "AHEAD": 2}}
 
 
 def _launch(name: str, x: torch.Tensor, grid_rows, *args, **constants) -> None:
