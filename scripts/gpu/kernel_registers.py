@@ -57,7 +57,8 @@ def main() -> None:
     by_rows = {"HAS_BIAS": False, "ROWS": conv.ROWS_PER_PROGRAM, "FAST": True}
     rows += [("fwd_rows", conv._conv_silu_forward_rows, config, by_rows)
              for config in conv._row_configs(conv._FORWARD_ROW_TILES)]
-    rows += [("bwd_rows", conv._conv_silu_backward_rows, config, by_rows) for config in conv._row_configs(conv._ROW_TILES)]
+    rows += [("bwd_rows", conv._conv_silu_backward_rows, config, by_rows)
+             for config in conv._row_configs(conv._ROW_TILES)]
     print(f"{'kernel':10}  {'tile settings':24}  {'warps':>5}  {'regs':>4}  {'stack':>5}  {'elements/SM':>11}")
     for name, kernel, config, constants in rows:
         registers, stack = resource_use(kernel, {**constants, **config.kwargs}, config.num_warps)
