@@ -116,7 +116,8 @@ for part in "${@:-kl}"; do
       common=("${common_before[@]}") ;;
     *) echo "usage: $0 [kl] [bf16] [gdn] [softmax] [recompute] [graph] [short] [short_graph] [paper_graph]" \
          "[micro_softmax] [micro_gdn] [kl_chunks] [budget_softmax] [budget_gdn] [scoring_shape] [profile_gdn]" \
-         "[cached_graph] [plain_scoring] [torch_conv] [conv_grads_split] [conv_tiles] [fla_l2norm] [compiled_conv]" >&2; exit 2 ;;
+         "[cached_graph] [plain_scoring] [torch_conv] [conv_grads_split] [conv_tiles] [fla_l2norm]" \
+         "[compiled_conv]" >&2; exit 2 ;;
   esac
 done
 true

@@ -4,9 +4,10 @@ that Nsight Compute profiles only those kernels:
 
     ncu --profile-from-start off --set full -o OUT/short_conv python scripts/gpu/profile_short_conv.py
 
-Why: the backward's first pass takes 82-103 us per call against about 28 us of bytes, and changing registers,
-occupancy, prefetching or per-tile sums did not move it (session 20); the profiler's memory and stall charts say
-where the time goes."""
+It profiles the kernels HD_CONV_KERNELS picks (rows by default, tiles for the two-pass backward).
+Why: the tiled backward's first pass took 82-103 us per call against about 28 us of bytes (session 20); the row
+kernels still run at about half the memory bandwidth (session 23, docs/performance.md); the profiler's memory and
+stall charts say where the time goes."""
 from __future__ import annotations
 
 import torch
