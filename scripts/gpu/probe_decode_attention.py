@@ -3,11 +3,10 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from hybrid_distill.distill.bench import SMOLLM2_135M
-from hybrid_distill.evaluate.static_decode import StaticGreedyDecoder, _grouped_decode_attention
+from hybrid_distill.evaluate.static_decode import StaticGreedyDecoder
 from hybrid_distill.models.student import build_student
 from hybrid_distill.select.layer_sets import uniform_layers
 

@@ -212,6 +212,27 @@ def test_kernel_short_conv_in_bf16_is_as_close_to_the_function_as_the_torch_conv
     assert all(ours <= 1.5 * theirs for ours, theirs in zip(errors[kernel], errors["torch"])), errors
 
 
+def ours_and_torch_conv(channels: int, lengths, monkeypatch):
+    """For each length: (length, our conv's [output, input grad, taps grad, bias grad], PyTorch's), fp32, from one
+    randomised conv with bias on 3 random sequences."""
+    from hybrid_distill.models.mixers.short_conv import ShortConvolution
+
+    torch.manual_seed(0)
+    conv = ShortConvolution(channels, kernel_size=4, bias=True).cuda()
+    with torch.no_grad():
+        conv.weight.normal_()
+        conv.bias.normal_()
+    for length in lengths:
+        x = torch.randn(3, length, channels, device="cuda")
+        results = {}
+        for choice in ("triton", "torch"):
+            monkeypatch.setenv("HD_SHORT_CONV", choice)
+            inputs = x.clone().requires_grad_()
+            out, _ = conv(inputs)
+            results[choice] = [out, *torch.autograd.grad(out, [inputs, conv.weight, conv.bias], torch.cos(out * 7))]
+        yield length, results["triton"], results["torch"]
+
+
 def _first_pass_candidates():
     from hybrid_distill.models.mixers import short_conv_triton
 
@@ -221,32 +242,20 @@ def _first_pass_candidates():
 @pytest.mark.parametrize("tile", _first_pass_candidates(), ids=str)
 def test_every_first_pass_candidate_gives_the_torch_conv_gradients(tile, monkeypatch):
     """The autotuner may pick any first-pass candidate on another GPU or shape, so each one, run alone, gives the
-    PyTorch conv's input, tap and bias gradients (fp32), at lengths that end inside a program's rows."""
+    PyTorch conv's output and its input, tap and bias gradients (fp32), at lengths that end inside a program's
+    rows."""
     import triton
 
     from hybrid_distill.models.mixers import short_conv_triton
-    from hybrid_distill.models.mixers.short_conv import ShortConvolution
 
     only = triton.autotune(short_conv_triton._configs([tile]), key=["T", "D", "HAS_BIAS"])(
         short_conv_triton._conv_silu_grad_pre)
     monkeypatch.setitem(short_conv_triton._TUNED, "grad_pre", only)
     monkeypatch.setenv("HD_CONV_KERNELS", "tiles")
-    torch.manual_seed(0)
-    conv = ShortConvolution(200, kernel_size=4, bias=True).cuda()
-    with torch.no_grad():
-        conv.weight.normal_()
-        conv.bias.normal_()
-    for length in (5, 133):
-        x = torch.randn(3, length, 200, device="cuda")
-        results = {}
-        for choice in ("triton", "torch"):
-            monkeypatch.setenv("HD_SHORT_CONV", choice)
-            inputs = x.clone().requires_grad_()
-            out, _ = conv(inputs)
-            results[choice] = torch.autograd.grad(out, [inputs, conv.weight, conv.bias], torch.cos(out * 7))
+    for length, ours, reference in ours_and_torch_conv(200, (5, 133), monkeypatch):
         assert only.best_config.kwargs["BLOCK_T"] == tile[0]  # the candidate under test ran
-        for candidate, reference in zip(results["triton"], results["torch"], strict=True):
-            assert relative_error(candidate, reference) <= 1e-5, (length, tile)
+        for candidate, want in zip(ours, reference, strict=True):
+            assert relative_error(candidate, want) <= 1e-5, (length, tile)
 
 
 def _row_candidates():
@@ -265,7 +274,6 @@ def test_every_row_kernel_candidate_gives_the_torch_conv(tiles, monkeypatch):
     import triton
 
     from hybrid_distill.models.mixers import short_conv_triton
-    from hybrid_distill.models.mixers.short_conv import ShortConvolution
 
     tuned = {name: triton.autotune(short_conv_triton._row_configs([tile]), key=["T", "D", "HAS_BIAS"])(kernel)
              for name, kernel, tile in (("forward_rows", short_conv_triton._conv_silu_forward_rows, tiles[0]),
@@ -273,20 +281,8 @@ def test_every_row_kernel_candidate_gives_the_torch_conv(tiles, monkeypatch):
     for name, kernel in tuned.items():
         monkeypatch.setitem(short_conv_triton._TUNED, name, kernel)
     monkeypatch.setenv("HD_CONV_KERNELS", "rows")
-    torch.manual_seed(0)
-    conv = ShortConvolution(200, kernel_size=4, bias=True).cuda()
-    with torch.no_grad():
-        conv.weight.normal_()
-        conv.bias.normal_()
-    for length in (5, 133, 258):
-        x = torch.randn(3, length, 200, device="cuda")
-        results = {}
-        for choice in ("triton", "torch"):
-            monkeypatch.setenv("HD_SHORT_CONV", choice)
-            inputs = x.clone().requires_grad_()
-            out, _ = conv(inputs)
-            results[choice] = [out, *torch.autograd.grad(out, [inputs, conv.weight, conv.bias], torch.cos(out * 7))]
+    for length, ours, reference in ours_and_torch_conv(200, (5, 133, 258), monkeypatch):
         ran = [tuned[name].best_config.kwargs for name in ("forward_rows", "backward_rows")]
         assert ran == [short_conv_triton._row_configs([tile])[0].kwargs for tile in tiles]  # the candidates ran
-        for candidate, reference in zip(results["triton"], results["torch"], strict=True):
-            assert relative_error(candidate, reference) <= 1e-5, (length, tiles)
+        for candidate, want in zip(ours, reference, strict=True):
+            assert relative_error(candidate, want) <= 1e-5, (length, tiles)

@@ -13,8 +13,8 @@ and k itself (`use_qk_l2norm_in_kernel`) instead of the compiled code before it.
 q, k and v's gradients straight into the mixer's input-GEMM gradient (short_conv_triton.projected_convs; graphed
 all-GDN steps 1.2% faster on an H200, session 21); `HD_CONV_GRADS_IN_PLACE=off` runs the three convs apart
 instead. Our conv's kernels walk the sequence row by row (`HD_CONV_KERNELS=rows`: one-pass backward) or in tiles
-(`tiles`: the two-pass backward of sessions 19-21). The switches are read from the environment: set them before the process starts. fla is imported lazily:
-importing it costs seconds and it is useless on CPU.
+(`tiles`: the two-pass backward of sessions 19-21). The switches are read from the environment: set them before
+the process starts. fla is imported lazily: importing it costs seconds and it is useless on CPU.
 """
 from __future__ import annotations
 
@@ -73,9 +73,9 @@ def graphed_steps():
 
 
 def op_choice(variable: str, graphed: bool | None = None) -> str:
-    """What the switch `variable` (HD_SHORT_CONV, HD_QK_L2NORM, HD_CONV_GRADS_IN_PLACE, HD_CONV_KERNELS) picks for CUDA tensors here,
-    or in a recorded step if `graphed` is given: torch, fla, (the short conv) triton, or off/on; unset, the switch
-    takes its FLA_OP_DEFAULTS value."""
+    """What the switch `variable` (HD_SHORT_CONV, HD_QK_L2NORM, HD_CONV_GRADS_IN_PLACE, HD_CONV_KERNELS) picks for
+    CUDA tensors here, or in a recorded step if `graphed` is given: torch, fla, (the short conv) triton, off/on, or
+    rows/tiles; unset, the switch takes its FLA_OP_DEFAULTS value."""
     choice = os.environ.get(variable, FLA_OP_DEFAULTS[variable])
     allowed = OP_CHOICES[variable]
     if choice not in allowed:
