@@ -22,12 +22,13 @@
 # 64 x 512 graphed, every kernel listed, HD_CONV_GRADS_IN_PLACE=off: q, k and v's conv gradients concatenated, as
 # before session 21), `conv_tiles` (the same with HD_CONV_KERNELS=tiles: our conv's tiled kernels and two-pass
 # backward, as before session 22), `compiled_conv` (all-GDN at 64 x 512 compiled and not graphed, with fla's conv
-# and with PyTorch's). 32k tokens per step unless said.
+# and with PyTorch's), `teacher_stream` (all-GDN, every kernel listed, and all-softmax at 64 x 512 graphed, with the
+# live teacher's forward on its own CUDA stream: distill.teacher_stream). 32k tokens per step unless said.
 # Each bench writes its JSON into $OUT and its log into $OUT/bench.log (bench_lib.sh).
 # Usage: bash scripts/gpu/bench_step_profile.sh [kl] [bf16] [gdn] [softmax] [recompute] [graph] [short] [short_graph]
 #        [paper_graph] [micro_softmax] [micro_gdn] [kl_chunks] [budget_softmax] [budget_gdn] [scoring_shape]
 #        [profile_gdn] [cached_graph] [plain_scoring] [torch_conv] [conv_grads_split] [conv_tiles] [fla_l2norm]
-#        [compiled_conv]
+#        [compiled_conv] [teacher_stream]
 set -uo pipefail
 out=${OUT:-bench-out}
 mkdir -p "$out"
@@ -102,6 +103,10 @@ for part in "${@:-kl}"; do
       HD_CONV_GRADS_IN_PLACE=off bench conv_grads_split_graph_gdn_bf16 200 "${graphed_gdn[@]}" ;;
     conv_tiles)  # before session 22: our conv's tiled kernels, the backward in two passes
       HD_CONV_KERNELS=tiles bench conv_tiles_graph_gdn_bf16 200 "${graphed_gdn[@]}" ;;
+    teacher_stream)  # the live teacher's forward on its own CUDA stream beside the student's (session 23)
+      bench teacher_stream_graph_gdn_bf16 200 "${graphed_gdn[@]}" --teacher-stream
+      bench teacher_stream_graph_softmax_bf16 200 --students softmax --compile-kl --bf16-weights --batch-size 64 \
+        --seq-len 512 --cuda-graph --teacher-stream ;;
     fla_l2norm)  # fla's GDN kernel normalises q and k itself, besides the default conv (ours)
       HD_QK_L2NORM=fla bench fla_l2norm_graph_gdn_bf16 200 "${graphed_gdn[@]}" ;;
     compiled_conv)  # not graphed: the host issues every launch
@@ -117,7 +122,7 @@ for part in "${@:-kl}"; do
     *) echo "usage: $0 [kl] [bf16] [gdn] [softmax] [recompute] [graph] [short] [short_graph] [paper_graph]" \
          "[micro_softmax] [micro_gdn] [kl_chunks] [budget_softmax] [budget_gdn] [scoring_shape] [profile_gdn]" \
          "[cached_graph] [plain_scoring] [torch_conv] [conv_grads_split] [conv_tiles] [fla_l2norm]" \
-         "[compiled_conv]" >&2; exit 2 ;;
+         "[compiled_conv] [teacher_stream]" >&2; exit 2 ;;
   esac
 done
 true

@@ -94,7 +94,8 @@ def step_bench(args):
                            compile_blocks=args.compile_blocks, bf16_weights=args.bf16_weights,
                            compile_kl=args.compile_kl, profile_top=args.profile_top,
                            gemm_ceiling=args.gemm_ceiling, cuda_graph=args.cuda_graph,
-                           micro_batches=args.micro_batches, activation_memory_budget=args.activation_memory_budget)
+                           micro_batches=args.micro_batches, activation_memory_budget=args.activation_memory_budget,
+                           teacher_stream=args.teacher_stream)
     if result["rank"] != 0:
         return  # under `accelerate launch --num_processes N`, the first process reports for all
     print(format_table(result))
@@ -163,6 +164,9 @@ def add_steps(steps, add):
                         "(project steps only)")
     p.add_argument("--compile-kl", action="store_true",
                    help="compile the KL's per-chunk maths, as distill.compile_kl (project steps only)")
+    p.add_argument("--teacher-stream", action="store_true",
+                   help="run the live teacher's forward on a second CUDA stream beside the student's, as "
+                        "distill.teacher_stream (project steps only)")
     p.add_argument("--gemm-ceiling", action="store_true",
                    help="also time each stage-2 row's weight GEMMs alone at the step's shapes: the MFU the step "
                         "would reach if nothing else took time")

@@ -1,7 +1,7 @@
 """On CUDA, a stage-2 step replayed as one CUDA graph (step_graph.py) trains as the eager step does: the same
 losses on the same batches, each replay on its new batch, and the same weights after, with the paper configs'
 options (whole compiled layers with fla's kernel left out, compiled KL, bf16 weights + float32 masters, and
-with or without the recomputation)."""
+with or without the recomputation), and with the live teacher on its own stream."""
 import copy
 
 import pytest
@@ -23,17 +23,21 @@ OPTIONS = {"temperature": 1.0, "kl_chunk_tokens": 1024, "compile_blocks": True, 
            "bf16_weights": True}
 
 
-def objective_and_optimizer(teacher, student, recompute: bool, capturable: bool):
-    distill = {**validate_config({})["distill"], **OPTIONS, "activation_checkpointing": recompute}
+def objective_and_optimizer(teacher, student, recompute: bool, capturable: bool, teacher_stream: bool = False):
+    distill = {**validate_config({})["distill"], **OPTIONS, "activation_checkpointing": recompute,
+               "teacher_stream": teacher_stream}
     objective = stage2_objective(distill, student, copy.deepcopy(teacher), "all").cuda()
     params = [p for p in objective.parameters() if p.requires_grad]
     lr = torch.tensor(1e-3, device="cuda") if capturable else 1e-3  # a graph reads a tensor rate, as the trainer's
     return objective, adamw_for(params, lr=lr, fused=True, capturable=capturable)
 
 
-@pytest.mark.parametrize("recompute", [False, True], ids=["stored", "recomputed"])
+@pytest.mark.parametrize("recompute, teacher_stream", [(False, False), (True, False), (False, True)],
+                         ids=["stored", "recomputed", "teacher on its own stream"])
 @pytest.mark.usefixtures("one_short_conv")
-def test_a_replayed_step_trains_as_the_eager_step(recompute):
+def test_a_replayed_step_trains_as_the_eager_step(recompute, teacher_stream):
+    """The eager reference runs the teacher in line; with distill.teacher_stream the replayed step forks the
+    teacher onto its own stream and joins it before the KL, inside the graph."""
     torch._dynamo.reset()
     torch.manual_seed(0)
     teacher = LlamaForCausalLM(LlamaConfig(**SHAPE)).cuda().eval().requires_grad_(False)
@@ -46,7 +50,8 @@ def test_a_replayed_step_trains_as_the_eager_step(recompute):
     eager_losses = [train_step(eager, batch, eager_optimizer, {}, device, autocast_cache=False).item()
                     for batch in batches]
 
-    graphed, optimizer = objective_and_optimizer(teacher, copy.deepcopy(student), recompute, capturable=True)
+    graphed, optimizer = objective_and_optimizer(teacher, copy.deepcopy(student), recompute, capturable=True,
+                                                 teacher_stream=teacher_stream)
     step = GraphedStep(lambda inputs: train_step(graphed, inputs, optimizer, {}, device, zero_grad=False,
                                                  autocast_cache=False), optimizer, warmup=1)
     graphed_losses = [step(batch).item() for batch in batches]  # one eager warm-up, then capture and replays

@@ -11,10 +11,11 @@ from hybrid_distill.models.student import build_student, decoder_layers
 from tiny_models import tiny_teacher
 
 
-def options(compile_blocks=False, checkpointing=False, bf16_weights=False, memory_budget=1.0) -> dict:
+def options(compile_blocks=False, checkpointing=False, bf16_weights=False, memory_budget=1.0,
+            teacher_stream=False) -> dict:
     return {"temperature": 1.0, "kl_chunk_tokens": 16, "activation_checkpointing": checkpointing,
             "compile_blocks": compile_blocks, "bf16_weights": bf16_weights, "compile_kl": False,
-            "activation_memory_budget": memory_budget}
+            "activation_memory_budget": memory_budget, "teacher_stream": teacher_stream}
 
 
 def compiled(function) -> bool:
@@ -114,3 +115,30 @@ def test_the_activation_memory_budget_reaches_the_compilers_partitioner(monkeypa
     for budget in (0.6, 1.0):
         stage2_objective(options(memory_budget=budget), build_student(teacher, [0], "gdn"), teacher, "all")
         assert torch._functorch.config.activation_memory_budget == budget
+
+
+def test_teacher_stream_runs_the_live_teacher_through_it_and_keeps_the_loss(monkeypatch):
+    """distill.teacher_stream hands the live teacher's body to TeacherStream (on CPU it runs in line) and joins its
+    output before the KL: the same loss and gradients; a batch with cached teacher rows runs no teacher there."""
+    from hybrid_distill.distill.teacher_stream import TeacherStream
+
+    calls = []
+    start, join = TeacherStream.start, TeacherStream.join
+    monkeypatch.setattr(TeacherStream, "start",
+                        lambda self, fn, device: calls.append("start") or start(self, fn, device))
+    monkeypatch.setattr(TeacherStream, "join", lambda self, tensor: calls.append("join") or join(self, tensor))
+    teacher = tiny_teacher("llama")
+    student = build_student(teacher, [0], "gdn")
+    input_ids = torch.randint(0, teacher.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    results = {}
+    for beside in (False, True):
+        objective = stage2_objective(options(teacher_stream=beside), copy.deepcopy(student), teacher, "all")
+        loss, _ = objective(input_ids)
+        loss.backward()
+        results[beside] = [loss] + [param.grad for param in objective.student.parameters()]
+    assert calls == ["start", "join"]
+    assert all(torch.equal(got, want) for got, want in zip(results[True], results[False], strict=True))
+    with torch.no_grad():
+        teacher_hidden = teacher.model(input_ids=input_ids).last_hidden_state
+    objective(input_ids, teacher_hidden=teacher_hidden)
+    assert calls == ["start", "join"]

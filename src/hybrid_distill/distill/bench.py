@@ -105,6 +105,7 @@ class BenchSettings:
     cuda_graph: bool = False
     micro_batches: int = 1
     activation_memory_budget: float = 1.0
+    teacher_stream: bool = False
 
 
 def build_objective(stage, step, teacher, softmax_layers, mixer, settings: BenchSettings, teacher_cache=None):
@@ -119,7 +120,8 @@ def build_objective(stage, step, teacher, softmax_layers, mixer, settings: Bench
                    "activation_checkpointing": settings.activation_checkpointing,
                    "compile_blocks": settings.compile_blocks, "bf16_weights": settings.bf16_weights,
                    "compile_kl": settings.compile_kl,  # the schema's defaults for any option the bench does not set
-                   "activation_memory_budget": settings.activation_memory_budget}
+                   "activation_memory_budget": settings.activation_memory_budget,
+                   "teacher_stream": settings.teacher_stream}
         # compile_blocks compiles the teacher in place: a copy keeps the rows after this one (naive ones) eager
         row_teacher = copy.deepcopy(teacher) if settings.compile_blocks else teacher
         objective = stage2_objective(distill, student, row_teacher, "all",
@@ -324,6 +326,7 @@ def _run_rows(settings: BenchSettings, rank, world, device) -> dict:
                         "compile_kl": settings.compile_kl, "cuda_graph": settings.cuda_graph,
                         "micro_batches": settings.micro_batches,
                         "activation_memory_budget": settings.activation_memory_budget,
+                        "teacher_stream": settings.teacher_stream,
                         **{name.lower(): os.environ[name] for name in mixer_ops.MIXER_OP_SWITCHES
                            if name in os.environ},
                         "short_conv": mixer_ops.op_choice("HD_SHORT_CONV", settings.cuda_graph)  # the project step's

@@ -75,7 +75,7 @@ def stage2_objective(distill: dict, student, teacher, trainable: str, cache=None
         compile_training_layers(teacher)  # its forward's layers: 2N of the step's 8N FLOPs
     objective = LogitDistillation(student, teacher, distill["temperature"], distill["kl_chunk_tokens"], trainable,
                                   teacher_cache=cache, activation_checkpointing=distill["activation_checkpointing"],
-                                  compile_kl=distill["compile_kl"])
+                                  compile_kl=distill["compile_kl"], teacher_stream=distill["teacher_stream"])
     return objective
 
 

@@ -1,6 +1,8 @@
 """The two RADLADS stages as nn.Modules (forward(input_ids) -> (loss, metrics)), so DDP wraps the whole loss."""
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -8,6 +10,7 @@ from hybrid_distill.distill.fused_kl import chunked_kl_from_hidden
 from hybrid_distill.distill.maskless_attention import maskless_causal_attention
 from hybrid_distill.distill.precision import to_device
 from hybrid_distill.distill.recompute import recompute_decoder_layers
+from hybrid_distill.distill.teacher_stream import TeacherStream
 from hybrid_distill.models.student import decoder_layers, mixers_of
 
 
@@ -76,16 +79,18 @@ class LogitDistillation(nn.Module):
     `teacher_cache` (distill/teacher_cache.py), batches whose rows it holds take the teacher's final hidden
     states from it instead of running the teacher's body; other batches run the live teacher.
     `activation_checkpointing` recomputes each student layer in backward (distill/recompute.py); `compile_kl`
-    compiles the KL's per-chunk maths (fused_kl.py).
+    compiles the KL's per-chunk maths (fused_kl.py); `teacher_stream` runs the live teacher's body on a second CUDA
+    stream beside the student's forward (teacher_stream.py).
     """
 
     def __init__(self, student: nn.Module, teacher: nn.Module, temperature: float, chunk_tokens: int,
                  trainable: str | None = "all", teacher_cache=None, activation_checkpointing: bool = False,
-                 compile_kl: bool = False):
+                 compile_kl: bool = False, teacher_stream: bool = False):
         super().__init__()
         self.student, self.teacher = student, teacher
         self.temperature, self.chunk_tokens, self.compile_kl = temperature, chunk_tokens, compile_kl
         self.teacher_cache = teacher_cache
+        self.teacher_stream = TeacherStream() if teacher_stream else None
         if trainable is not None:  # None: leave the student's flags alone (scoring a model mid-training)
             self.student.requires_grad_(trainable == "all")
         if trainable == "attention":  # every layer's attention or mixer module, nothing else
@@ -113,17 +118,24 @@ class LogitDistillation(nn.Module):
         """`teacher_hidden` (the cached rows `cached_inputs` read) skips the teacher's body; without it the live
         teacher runs."""
         cached = teacher_hidden is not None
+        beside = self.teacher_stream is not None and not cached
         if not cached:
-            with torch.no_grad(), maskless_causal_attention(self.teacher):
-                teacher_hidden = self.teacher.model(input_ids=input_ids, use_cache=False).last_hidden_state
+            run_teacher = functools.partial(self._teacher_hidden, input_ids)
+            teacher_hidden = self.teacher_stream.start(run_teacher, input_ids.device) if beside else run_teacher()
         with maskless_causal_attention(self.student):  # training rows: unpadded, from position 0
             student_hidden = self.student.model(input_ids=input_ids, use_cache=False).last_hidden_state
+        if beside:
+            teacher_hidden = self.teacher_stream.join(teacher_hidden)
         loss = chunked_kl_from_hidden(
             student_hidden, self.student.lm_head.weight, teacher_hidden, self.teacher.lm_head.weight,
             temperature=self.temperature, chunk_tokens=self.chunk_tokens,
             student_head_bias=self.student.lm_head.bias, teacher_head_bias=self.teacher.lm_head.bias,
             compiled=self.compile_kl)
         return loss, ({} if self.teacher_cache is None else {"teacher_cached": float(cached)})
+
+    def _teacher_hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad(), maskless_causal_attention(self.teacher):
+            return self.teacher.model(input_ids=input_ids, use_cache=False).last_hidden_state
 
 
 HELDOUT_TEACHER_MAX_BYTES = 1 << 30  # kept teacher rows of one job's held-out scores; above this they are recomputed
