@@ -2,9 +2,11 @@
 # On the lent GPU machine, after `source scripts/gpu/unpack.sh`: the stage-2 step with float32 weights under
 # autocast against bf16 weights with float32 master copies (distill.bf16_weights), each row with its GEMM
 # ceiling (the MFU if only the step's weight matmuls took time). Parts: `plain` (default; no compile, at 32k
-# tokens per step and at the workflow's scoring shapes), `wide` (Qwen2.5-3B's widths, 8 layers), `compile`.
+# tokens per step and at the workflow's scoring shapes), `wide` (Qwen2.5-3B's widths, 8 layers), `compile`,
+# `flash_qla` (all-GDN at those widths, bf16 weights, compiled KL, graphed then eager: fla's GDN kernels through its
+# FlashQLA backend, FLA_FLASH_QLA=1, against its Triton ones, FLA_FLASH_QLA=0; FlashQLA needs head_dim 128).
 # Each bench writes its JSON into $OUT and its log into $OUT/bench.log (bench_lib.sh).
-# Usage: bash scripts/gpu/bench_weight_precision.sh [plain] [wide] [compile]
+# Usage: bash scripts/gpu/bench_weight_precision.sh [plain] [wide] [compile] [flash_qla]
 set -uo pipefail
 out=${OUT:-bench-out}
 mkdir -p "$out"
@@ -28,7 +30,12 @@ for part in "${@:-plain}"; do
     compile)
       bench b16x2048_compile_fp32 200 "${long[@]}" --compile-blocks
       bench b16x2048_compile_bf16 200 "${long[@]}" --compile-blocks --bf16-weights ;;
-    *) echo "usage: $0 [plain] [wide] [compile]" >&2; exit 2 ;;
+    flash_qla)
+      wide_gdn=("${wide[@]}" --students gdn --bf16-weights --compile-kl --profile-top 30)
+      FLA_FLASH_QLA=0 bench wide_gdn_fla_triton_graph 200 "${wide_gdn[@]}" --cuda-graph
+      FLA_FLASH_QLA=1 bench wide_gdn_flash_qla_graph 200 "${wide_gdn[@]}" --cuda-graph
+      FLA_FLASH_QLA=1 bench wide_gdn_flash_qla_eager 150 "${wide_gdn[@]}" ;;
+    *) echo "usage: $0 [plain] [wide] [compile] [flash_qla]" >&2; exit 2 ;;
   esac
 done
 true

@@ -1,4 +1,6 @@
 """On CUDA, fla's kernels and the PyTorch twins compute the same mixer (outputs and gradients, fp32)."""
+import copy
+
 import pytest
 import torch
 
@@ -17,10 +19,10 @@ def relative_error(candidate: torch.Tensor, reference: torch.Tensor) -> float:
     return ((candidate - reference).norm() / reference.norm().clamp_min(1e-12)).item()
 
 
-def random_mixer(kind: str, seed: int = 0):
+def random_mixer(kind: str, seed: int = 0, num_heads: int = 4, head_dim: int = 64):
     """A mixer whose fresh parameters are randomised too, so gates and decays are far from their init."""
     torch.manual_seed(seed)
-    spec = MixerSpec(kind=kind, hidden_size=256, num_heads=4, head_dim=64)
+    spec = MixerSpec(kind=kind, hidden_size=256, num_heads=num_heads, head_dim=head_dim)
     mixer = make_mixer(spec, layer_idx=0).cuda()
     with torch.no_grad():
         for name, parameter in mixer.named_parameters():
@@ -71,6 +73,31 @@ def test_fla_and_torch_paths_agree_on_outputs_and_gradients(kind, fla_ops, lengt
     record_property("errors", errors)
     assert errors["output"] <= TOLERANCE, f"output relative error {errors['output']:.2e}"
     assert errors[worst] <= GRADIENT_TOLERANCE, f"{worst} relative error {errors[worst]:.2e}"
+
+
+@pytest.mark.parametrize("length", [64, 1000])
+def test_flash_qla_gdn_is_as_close_to_the_function_as_fla_triton(length, monkeypatch):
+    """Where FlashQLA is installed, fla sends a GDN mixer's chunked rule with bf16 q/k/v and head_dim 128 (3B
+    teachers) to its fused TileLang kernels. In bf16, as training runs them, their output and gradients are no
+    further from the float32 PyTorch twin than fla's Triton kernels' (FLA_FLASH_QLA=0), give or take 1.5x."""
+    flash_qla = pytest.importorskip("flash_qla")
+    calls = []
+    original = flash_qla.chunk_gated_delta_rule
+    monkeypatch.setattr(flash_qla, "chunk_gated_delta_rule", lambda *a, **k: calls.append(1) or original(*a, **k))
+    mixer = random_mixer("gdn", num_heads=2, head_dim=128)
+    hidden = torch.randn(2, length, 256, device="cuda")
+    reference = run(mixer, hidden, "torch", monkeypatch)
+    bf16 = copy.deepcopy(mixer).bfloat16()
+    errors = {}
+    for enabled in ("0", "1"):
+        monkeypatch.setenv("FLA_FLASH_QLA", enabled)
+        out, dx, grads = run(bf16, hidden.bfloat16(), "fla", monkeypatch)
+        errors[enabled] = [relative_error(out.float(), reference[0]), relative_error(dx.float(), reference[1])] + \
+            [relative_error(grads[name].float(), reference[2][name]) for name in reference[2]]
+        assert bool(calls) is (enabled == "1")  # FlashQLA ran, and only when enabled
+    print(f"T={length} bf16 distance from fp32 (output, input grad, parameter grads): {errors}")
+    assert max(errors["0"]) < 0.1  # bf16 rounding, not a different function
+    assert all(ours <= 1.5 * theirs + 1e-3 for ours, theirs in zip(errors["1"], errors["0"])), errors
 
 
 @pytest.mark.parametrize("kind", ["gdn", "gla"])
@@ -181,8 +208,6 @@ def test_kernel_short_conv_in_bf16_is_as_close_to_the_function_as_the_torch_conv
     kernels store g = dy * silu'(pre) in bf16 between their two backward passes, as PyTorch's silu backward does;
     the row kernels keep it in float32. (On CPU, Triton's interpreter truncates float32 to bf16 instead of rounding,
     so this can only be checked on a GPU.)"""
-    import copy
-
     from hybrid_distill.models.mixers.short_conv import ShortConvolution
 
     kernel = use_conv(kernel, monkeypatch)

@@ -32,15 +32,19 @@ def objective_and_optimizer(teacher, student, recompute: bool, capturable: bool,
     return objective, adamw_for(params, lr=lr, fused=True, capturable=capturable)
 
 
-@pytest.mark.parametrize("recompute, teacher_stream", [(False, False), (True, False), (False, True)],
-                         ids=["stored", "recomputed", "teacher on its own stream"])
+@pytest.mark.parametrize("recompute, teacher_stream, head_dim",
+                         [(False, False, 64), (True, False, 64), (False, True, 64), (False, False, 128)],
+                         ids=["stored", "recomputed", "teacher on its own stream", "head_dim 128"])
 @pytest.mark.usefixtures("one_short_conv")
-def test_a_replayed_step_trains_as_the_eager_step(recompute, teacher_stream):
+def test_a_replayed_step_trains_as_the_eager_step(recompute, teacher_stream, head_dim):
     """The eager reference runs the teacher in line; with distill.teacher_stream the replayed step forks the
-    teacher onto its own stream and joins it before the KL, inside the graph."""
+    teacher onto its own stream and joins it before the KL, inside the graph. At head_dim 128 (3B teachers) fla
+    runs GDN through FlashQLA where it is installed, so its kernels are captured too."""
     torch._dynamo.reset()
     torch.manual_seed(0)
-    teacher = LlamaForCausalLM(LlamaConfig(**SHAPE)).cuda().eval().requires_grad_(False)
+    shape = {**SHAPE, "num_attention_heads": SHAPE["hidden_size"] // head_dim, "num_key_value_heads": 1,
+             "head_dim": head_dim} if head_dim != SHAPE["head_dim"] else SHAPE
+    teacher = LlamaForCausalLM(LlamaConfig(**shape)).cuda().eval().requires_grad_(False)
     student = build_student(teacher, [1], "gdn").cuda()
     batches = [torch.randint(0, SHAPE["vocab_size"], (4, 512), device="cuda", generator=torch.Generator("cuda")
                              .manual_seed(seed)) for seed in range(4)]

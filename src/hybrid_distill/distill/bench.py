@@ -7,6 +7,7 @@ utilisation against a measured bf16 matmul rate, and peak memory.
 from __future__ import annotations
 
 import copy
+import importlib.metadata
 import json
 import os
 import statistics
@@ -331,6 +332,7 @@ def _run_rows(settings: BenchSettings, rank, world, device) -> dict:
                            if name in os.environ},
                         "short_conv": mixer_ops.op_choice("HD_SHORT_CONV", settings.cuda_graph)  # the project step's
                         if device.type == "cuda" else "torch",
+                        "flash_qla": _installed_version("flash_qla"),  # fla's GDN backend, where it applies
                         "torch": torch.__version__},
             "compiled_graphs": compiled_graph_counts(),
             "rows": [row.__dict__ for row in rows]}
@@ -375,6 +377,14 @@ def format_table(result: dict) -> str:
             lines += [f"   {group['ms']:8.2f} ms {group['share'] * 100:5.1f}% {group['kernels']:5} kernels  "
                       f"{group['group']}" for group in row["kernel_groups"]]
     return "\n".join(lines)
+
+
+def _installed_version(package: str) -> str | None:
+    """The installed version of `package`, None when it is not installed."""
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def _step_ms(result: dict, row: dict) -> float:

@@ -26,9 +26,9 @@ import torch
 
 from . import torch_ops
 
-# what a benchmark records beside its numbers
+# what a benchmark records beside its numbers: ours, and fla's switch for its FlashQLA backend of GDN
 MIXER_OP_SWITCHES = ("HD_MIXER_BACKEND", "HD_SHORT_CONV", "HD_QK_L2NORM", "HD_CONV_GRADS_IN_PLACE",
-                     "HD_CONV_KERNELS")
+                     "HD_CONV_KERNELS", "FLA_FLASH_QLA")
 # auto: a kernel inside graphed_steps, else torch
 FLA_OP_DEFAULTS = {"HD_SHORT_CONV": "auto", "HD_QK_L2NORM": "torch", "HD_CONV_GRADS_IN_PLACE": "on",
                    "HD_CONV_KERNELS": "rows"}
