@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# On the lent GPU machine, after `source scripts/gpu/unpack.sh`: the GPU checks and benches of what sessions 22-23
+# built without a GPU (docs/performance.md, "The next GPU lease"), one part per device call, each within about
+# 560 s, its logs and JSON under $OUT/<part>/ (a killed call keeps what finished; at most 8 files come back).
+# Parts, in the order to run them (the first three fit one 30-minute lease with staging):
+#   conv_tests    every conv GPU test: our row and tiled kernels against PyTorch's conv, every autotune candidate
+#                 (both read-ahead walks), the mixers with our conv; then one conv call timed (rows, tiles, fla)
+#   conv_bench    graphed all-GDN step at 64 x 512, every kernel listed: our conv's row kernels, then its tiles
+#   stream        graphed steps at 64 x 512 with the live teacher on its own stream (all-GDN, all-softmax), then
+#                 both students in line (`short_graph`): compare on the same machine
+#   stream_tests  the replayed-step tests: the teacher on its own stream, and head_dim 128 (FlashQLA captured)
+#   qla_tests     FlashQLA's mixer test against fla's Triton kernels
+#   qla_bench     all-GDN at Qwen2.5-3B widths with and without FlashQLA
+# Usage: bash scripts/gpu/untimed_changes.sh PART
+set -uo pipefail
+root=$(cd "$(dirname "$0")/../.." && pwd)
+out=${OUT:-bench-out}
+part=${1:?usage: $0 conv_tests|conv_bench|stream|stream_tests|qla_tests|qla_bench}
+mkdir -p "$out/$part"
+
+tests() {  # tests LIMIT LOG PYTEST-ARGS...: one pytest run, verbose and unbuffered, into $out/$part/LOG
+  local limit=$1 log=$2; shift 2
+  timeout "$limit" python -u -m pytest -v -p no:cacheprovider "$@" > "$out/$part/$log" 2>&1
+  echo "$log: exit $? $(tail -1 "$out/$part/$log")"
+}
+
+case $part in
+  conv_tests)
+    tests 330 conv_tests.log "$root/tests/gpu/test_mixer_kernels.py" \
+      -k "short_conv or candidate or (our_conv and not gla)"
+    timeout 150 python -u "$root/scripts/gpu/bench_short_conv.py" > "$out/$part/short_conv_call.log" 2>&1
+    head -5 "$out/$part/short_conv_call.log" ;;
+  conv_bench)
+    for kernels in rows tiles; do
+      HD_CONV_KERNELS=$kernels OUT="$out/$part/$kernels" bash "$root/scripts/gpu/bench_step_profile.sh" profile_gdn \
+        | grep -E "^(exit|stage2) "
+    done ;;
+  stream)
+    for bench_part in teacher_stream short_graph; do  # short_graph's all-GDN row repeats conv_bench's rows
+      OUT="$out/$part/$bench_part" bash "$root/scripts/gpu/bench_step_profile.sh" "$bench_part" \
+        | grep -E "^(exit|stage2) "
+    done ;;
+  stream_tests)
+    tests 500 step_graph_tests.log "$root/tests/gpu/test_step_graph_cuda.py" -k "stream or head_dim" ;;
+  qla_tests)
+    tests 500 flash_qla_test.log "$root/tests/gpu/test_mixer_kernels.py" -k flash_qla ;;
+  qla_bench)
+    OUT="$out/$part" bash "$root/scripts/gpu/bench_weight_precision.sh" flash_qla | grep -E "^(exit|stage2) " ;;
+  *) echo "usage: $0 conv_tests|conv_bench|stream|stream_tests|qla_tests|qla_bench" >&2; exit 2 ;;
+esac
+true
