@@ -11,11 +11,12 @@
 #   stream_tests  the replayed-step tests: the teacher on its own stream, and head_dim 128 (FlashQLA captured)
 #   qla_tests     FlashQLA's mixer test against fla's Triton kernels
 #   qla_bench     all-GDN at Qwen2.5-3B widths with and without FlashQLA
+#   kept_states   HD_GDN_KEEP_STATES: its tests against fla's own rule, then the graphed all-GDN step with it
 # Usage: bash scripts/gpu/untimed_changes.sh PART
 set -uo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 out=${OUT:-bench-out}
-part=${1:?usage: $0 conv_tests|conv_bench|stream|stream_tests|qla_tests|qla_bench}
+part=${1:?usage: $0 conv_tests|conv_bench|stream|stream_tests|qla_tests|qla_bench|kept_states}
 mkdir -p "$out/$part"
 
 tests() {  # tests LIMIT LOG PYTEST-ARGS...: one pytest run, verbose and unbuffered, into $out/$part/LOG
@@ -46,6 +47,9 @@ case $part in
     tests 500 flash_qla_test.log "$root/tests/gpu/test_mixer_kernels.py" -k flash_qla ;;
   qla_bench)
     OUT="$out/$part" bash "$root/scripts/gpu/bench_weight_precision.sh" flash_qla | grep -E "^(exit|stage2) " ;;
-  *) echo "usage: $0 conv_tests|conv_bench|stream|stream_tests|qla_tests|qla_bench" >&2; exit 2 ;;
+  kept_states)
+    tests 250 kept_states_tests.log "$root/tests/gpu/test_mixer_kernels.py" -k "kept_states"
+    OUT="$out/$part" bash "$root/scripts/gpu/bench_step_profile.sh" keep_states | grep -E "^(exit|stage2) " ;;
+  *) echo "usage: $0 conv_tests|conv_bench|stream|stream_tests|qla_tests|qla_bench|kept_states" >&2; exit 2 ;;
 esac
 true

@@ -46,11 +46,13 @@ def run(mixer, hidden, backend, monkeypatch):
 FLA_OPS = (("HD_SHORT_CONV", "fla"), ("HD_QK_L2NORM", "fla"))  # more of a GDN mixer in fla's kernels
 OUR_CONV = (("HD_SHORT_CONV", "triton"), ("HD_CONV_GRADS_IN_PLACE", "off"))  # the short convs in our kernels
 OUR_CONV_IN_PLACE = (("HD_SHORT_CONV", "triton"), ("HD_CONV_GRADS_IN_PLACE", "on"))  # ... writing into the GEMM's grad
+KEPT_STATES = (("HD_GDN_KEEP_STATES", "on"),)  # fla's GDN kernels, chunk states kept for backward
 
 
 @pytest.mark.parametrize("kind,fla_ops", [("gdn", ()), ("gla", ()), ("gdn", FLA_OPS), ("gdn", OUR_CONV),
-                                          ("gla", OUR_CONV), ("gdn", OUR_CONV_IN_PLACE)],
-                         ids=["gdn", "gla", "gdn-fla_ops", "gdn-our_conv", "gla-our_conv", "gdn-our_conv_in_place"])
+                                          ("gla", OUR_CONV), ("gdn", OUR_CONV_IN_PLACE), ("gdn", KEPT_STATES)],
+                         ids=["gdn", "gla", "gdn-fla_ops", "gdn-our_conv", "gla-our_conv", "gdn-our_conv_in_place",
+                              "gdn-kept_states"])
 @pytest.mark.parametrize("length", [64, 1000])
 def test_fla_and_torch_paths_agree_on_outputs_and_gradients(kind, fla_ops, length, monkeypatch, record_property):
     """fla_ops: the fla path also runs its short convolutions (fla's kernel or ours) and its q/k L2 norms in
@@ -73,6 +75,41 @@ def test_fla_and_torch_paths_agree_on_outputs_and_gradients(kind, fla_ops, lengt
     record_property("errors", errors)
     assert errors["output"] <= TOLERANCE, f"output relative error {errors['output']:.2e}"
     assert errors[worst] <= GRADIENT_TOLERANCE, f"{worst} relative error {errors[worst]:.2e}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("with_state", [False, True], ids=["from zero", "from a state"])
+def test_kept_states_rule_gives_flas_outputs_and_gradients(dtype, with_state):
+    """HD_GDN_KEEP_STATES=on runs fla's own kernels in fla's order without recomputing w, u and h in backward, so its
+    output, final state and every gradient (q, k, v, gates, beta, initial state) are fla's, at a length that ends
+    inside a chunk."""
+    from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+
+    from hybrid_distill.models.mixers.gdn_kept_states import gated_delta_rule_kept_states
+
+    torch.manual_seed(0)
+    batch, length, heads, dim = 2, 200, 3, 64
+    q = torch.randn(batch, length, heads, dim, device="cuda")
+    k = torch.nn.functional.normalize(torch.randn(batch, length, heads, dim, device="cuda"), dim=-1)
+    q = torch.nn.functional.normalize(q, dim=-1)
+    v = torch.randn(batch, length, heads, dim, device="cuda")
+    g = -torch.rand(batch, length, heads, device="cuda") * 0.2
+    beta = torch.rand(batch, length, heads, device="cuda")
+    state = torch.randn(batch, heads, dim, dim, device="cuda") if with_state else None
+    inputs = [x.to(dtype) for x in (q, k, v)] + [g, beta.to(dtype)] + ([state] if with_state else [])
+    d_out = torch.randn(batch, length, heads, dim, device="cuda").to(dtype)
+    results = []
+    for rule in (chunk_gated_delta_rule, gated_delta_rule_kept_states):
+        leaves = [x.clone().requires_grad_() for x in inputs]
+        q_, k_, v_, g_, beta_ = leaves[:5]
+        out, final = rule(q=q_, k=k_, v=v_, g=g_, beta=beta_, scale=dim ** -0.5,
+                          initial_state=leaves[5] if with_state else None, output_final_state=True)
+        grads = torch.autograd.grad((out.float() * d_out.float()).sum() + final.square().sum(), leaves)
+        results.append([out, final, *grads])
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-3  # bf16: a sum in another order may round apart
+    for name, ours, flas in zip(["output", "final state", "dq", "dk", "dv", "dg", "dbeta", "d state"],
+                                results[1], results[0]):
+        assert relative_error(ours.float(), flas.float()) <= tolerance, name
 
 
 @pytest.mark.parametrize("length", [64, 1000])

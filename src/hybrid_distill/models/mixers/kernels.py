@@ -13,8 +13,10 @@ and k itself (`use_qk_l2norm_in_kernel`) instead of the compiled code before it.
 q, k and v's gradients straight into the mixer's input-GEMM gradient (short_conv_triton.projected_convs; graphed
 all-GDN steps 1.2% faster on an H200, session 21); `HD_CONV_GRADS_IN_PLACE=off` runs the three convs apart
 instead. Our conv's kernels walk the sequence row by row (`HD_CONV_KERNELS=rows`: one-pass backward) or in tiles
-(`tiles`: the two-pass backward of sessions 19-21). The switches are read from the environment: set them before
-the process starts. fla is imported lazily: importing it costs seconds and it is useless on CPU.
+(`tiles`: the two-pass backward of sessions 19-21). `HD_GDN_KEEP_STATES=on` keeps fla's GDN chunk states for
+backward instead of recomputing them (gdn_kept_states.py; off by default, not yet timed). The switches are read
+from the environment: set them before the process starts. fla is imported lazily: importing it costs seconds and
+it is useless on CPU.
 """
 from __future__ import annotations
 
@@ -28,12 +30,13 @@ from . import torch_ops
 
 # what a benchmark records beside its numbers: ours, and fla's switch for its FlashQLA backend of GDN
 MIXER_OP_SWITCHES = ("HD_MIXER_BACKEND", "HD_SHORT_CONV", "HD_QK_L2NORM", "HD_CONV_GRADS_IN_PLACE",
-                     "HD_CONV_KERNELS", "FLA_FLASH_QLA")
+                     "HD_CONV_KERNELS", "HD_GDN_KEEP_STATES", "FLA_FLASH_QLA")
 # auto: a kernel inside graphed_steps, else torch
 FLA_OP_DEFAULTS = {"HD_SHORT_CONV": "auto", "HD_QK_L2NORM": "torch", "HD_CONV_GRADS_IN_PLACE": "on",
-                   "HD_CONV_KERNELS": "rows"}
+                   "HD_CONV_KERNELS": "rows", "HD_GDN_KEEP_STATES": "off"}
 OP_CHOICES = {"HD_SHORT_CONV": ("auto", "torch", "fla", "triton"), "HD_QK_L2NORM": ("torch", "fla"),
-              "HD_CONV_GRADS_IN_PLACE": ("off", "on"), "HD_CONV_KERNELS": ("rows", "tiles")}
+              "HD_CONV_GRADS_IN_PLACE": ("off", "on"), "HD_CONV_KERNELS": ("rows", "tiles"),
+              "HD_GDN_KEEP_STATES": ("off", "on")}
 GRAPHED_SHORT_CONV = "triton"  # the short conv that `auto` records in graphed steps
 KERNEL_CONV_MAX_TAPS = 4  # the widest short conv sent to a kernel: the taps short_conv_triton is written for
 DECODE_MAX_TOKENS = 64  # below this and without grad, fla's fused recurrent kernel beats the chunked one
@@ -73,9 +76,9 @@ def graphed_steps():
 
 
 def op_choice(variable: str, graphed: bool | None = None) -> str:
-    """What the switch `variable` (HD_SHORT_CONV, HD_QK_L2NORM, HD_CONV_GRADS_IN_PLACE, HD_CONV_KERNELS) picks for
-    CUDA tensors here, or in a recorded step if `graphed` is given: torch, fla, (the short conv) triton, off/on, or
-    rows/tiles; unset, the switch takes its FLA_OP_DEFAULTS value."""
+    """What the switch `variable` (HD_SHORT_CONV, HD_QK_L2NORM, HD_CONV_GRADS_IN_PLACE, HD_CONV_KERNELS,
+    HD_GDN_KEEP_STATES) picks for CUDA tensors here, or in a recorded step if `graphed` is given: torch, fla, (the
+    short conv) triton, off/on, or rows/tiles; unset, the switch takes its FLA_OP_DEFAULTS value."""
     choice = os.environ.get(variable, FLA_OP_DEFAULTS[variable])
     allowed = OP_CHOICES[variable]
     if choice not in allowed:
@@ -146,6 +149,10 @@ def gated_delta_rule(q, k, v, g, beta, scale, initial_state=None, output_final_s
         if normalize_qk:
             q, k = torch_ops.l2_normalize(q), torch_ops.l2_normalize(k)
         return torch_ops.gated_delta_rule_chunked(q, k, v, g, beta, scale, initial_state, output_final_state)
+    if not _decoding(q) and not normalize_qk and op_choice("HD_GDN_KEEP_STATES") == "on":
+        from .gdn_kept_states import gated_delta_rule_kept_states
+
+        return gated_delta_rule_kept_states(q, k, v, g, beta, scale, initial_state, output_final_state)
     chunk_op, recurrent_op, _, _ = _fla_ops()
     op = recurrent_op if _decoding(q) else chunk_op
     return op(q=q, k=k, v=v, g=g, beta=beta, scale=scale, initial_state=initial_state,
