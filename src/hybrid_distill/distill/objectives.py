@@ -72,6 +72,12 @@ class HiddenAlignment(nn.Module):
         return total, {f"mse_layer{i}": loss.detach() for i, loss in losses.items()}
 
 
+def teacher_final_hidden(teacher: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """The frozen teacher's final hidden states on unpadded rows from position 0 (the KL's teacher side)."""
+    with torch.no_grad(), maskless_causal_attention(teacher):
+        return teacher.model(input_ids=input_ids, use_cache=False).last_hidden_state
+
+
 class LogitDistillation(nn.Module):
     """Stage 2 (eq. 5): tau^2/T sum_t KL(softmax(teacher_t/tau) || softmax(student_t/tau)), all student weights.
 
@@ -120,7 +126,7 @@ class LogitDistillation(nn.Module):
         cached = teacher_hidden is not None
         beside = self.teacher_stream is not None and not cached
         if not cached:
-            run_teacher = functools.partial(self._teacher_hidden, input_ids)
+            run_teacher = functools.partial(teacher_final_hidden, self.teacher, input_ids)
             teacher_hidden = self.teacher_stream.start(run_teacher, input_ids.device) if beside else run_teacher()
         with maskless_causal_attention(self.student):  # training rows: unpadded, from position 0
             student_hidden = self.student.model(input_ids=input_ids, use_cache=False).last_hidden_state
@@ -132,10 +138,6 @@ class LogitDistillation(nn.Module):
             student_head_bias=self.student.lm_head.bias, teacher_head_bias=self.teacher.lm_head.bias,
             compiled=self.compile_kl)
         return loss, ({} if self.teacher_cache is None else {"teacher_cached": float(cached)})
-
-    def _teacher_hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad(), maskless_causal_attention(self.teacher):
-            return self.teacher.model(input_ids=input_ids, use_cache=False).last_hidden_state
 
 
 HELDOUT_TEACHER_MAX_BYTES = 1 << 30  # kept teacher rows of one job's held-out scores; above this they are recomputed
@@ -153,8 +155,7 @@ class HeldoutTeacher:
         kept_ids, kept_hidden = self.rows.get(first, (None, None))
         if kept_ids is not None and kept_ids.shape == input_ids.shape and torch.equal(kept_ids, input_ids):
             return kept_hidden
-        with torch.no_grad(), maskless_causal_attention(teacher):
-            hidden = teacher.model(input_ids=input_ids, use_cache=False).last_hidden_state
+        hidden = teacher_final_hidden(teacher, input_ids)
         self.teacher_passes += 1
         size = hidden.numel() * hidden.element_size()
         if first not in self.rows and self.kept_bytes + size <= self.max_bytes:

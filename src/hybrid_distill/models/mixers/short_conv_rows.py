@@ -57,6 +57,29 @@ def _silu_grad(pre, dy, FAST: tl.constexpr):
 
 
 @triton.jit
+def _taps_and_bias(w_ptr, b_ptr, cols, col_mask, HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The 4 taps of the channels `cols` and their bias (zeros without one), float32."""
+    bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    if HAS_BIAS:
+        bias += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    return (_tap(w_ptr, cols, col_mask, 0, 4), _tap(w_ptr, cols, col_mask, 1, 4), _tap(w_ptr, cols, col_mask, 2, 4),
+            _tap(w_ptr, cols, col_mask, 3, 4), bias)
+
+
+@triton.jit
+def _rows_before(base, start, stride_t, cols, col_mask, T):
+    """Rows start-3..start-1: the inputs before a program's first row (zeros before the sequence)."""
+    return (_row(base, start - 3, stride_t, cols, col_mask, T), _row(base, start - 2, stride_t, cols, col_mask, T),
+            _row(base, start - 1, stride_t, cols, col_mask, T))
+
+
+@triton.jit
+def _pre(bias, w0, w1, w2, w3, x0, x1, x2, x3):
+    """bias + the 4 taps on the 4 inputs ending at the current row."""
+    return bias + w0 * x0 + w1 * x1 + w2 * x2 + w3 * x3
+
+
+@triton.jit
 def _conv_silu_forward_rows(x_ptr, w_ptr, b_ptr, y_ptr, T, D, stride_xb, stride_xt, stride_yb, stride_yt,
                             HAS_BIAS: tl.constexpr, FAST: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
                             AHEAD: tl.constexpr):
@@ -68,16 +91,10 @@ def _conv_silu_forward_rows(x_ptr, w_ptr, b_ptr, y_ptr, T, D, stride_xb, stride_
     cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     col_mask = cols < D
     x_base, y_base = x_ptr + pid_b * stride_xb, y_ptr + pid_b * stride_yb
-    w0, w1 = _tap(w_ptr, cols, col_mask, 0, 4), _tap(w_ptr, cols, col_mask, 1, 4)
-    w2, w3 = _tap(w_ptr, cols, col_mask, 2, 4), _tap(w_ptr, cols, col_mask, 3, 4)
-    bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    if HAS_BIAS:
-        bias += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    w0, w1, w2, w3, bias = _taps_and_bias(w_ptr, b_ptr, cols, col_mask, HAS_BIAS, BLOCK_D)
     start = pid_t * ROWS
     end = tl.minimum(start + ROWS, T)
-    xm3, xm2, xm1 = (_row(x_base, start - 3, stride_xt, cols, col_mask, T),
-                     _row(x_base, start - 2, stride_xt, cols, col_mask, T),
-                     _row(x_base, start - 1, stride_xt, cols, col_mask, T))
+    xm3, xm2, xm1 = _rows_before(x_base, start, stride_xt, cols, col_mask, T)
     xa, xb, xc, xd = _rows4(x_base, start, stride_xt, cols, col_mask, end)  # nothing past this program's rows
     if AHEAD == 2:
         na, nb, nc, nd = _rows4(x_base, start + 4, stride_xt, cols, col_mask, end)
@@ -86,10 +103,10 @@ def _conv_silu_forward_rows(x_ptr, w_ptr, b_ptr, y_ptr, T, D, stride_xb, stride_
             fa, fb, fc, fd = _rows4(x_base, base + 8, stride_xt, cols, col_mask, end)
         else:
             na, nb, nc, nd = _rows4(x_base, base + 4, stride_xt, cols, col_mask, end)
-        pa = bias + w0 * xm3 + w1 * xm2 + w2 * xm1 + w3 * xa
-        pb = bias + w0 * xm2 + w1 * xm1 + w2 * xa + w3 * xb
-        pc = bias + w0 * xm1 + w1 * xa + w2 * xb + w3 * xc
-        pd = bias + w0 * xa + w1 * xb + w2 * xc + w3 * xd
+        pa = _pre(bias, w0, w1, w2, w3, xm3, xm2, xm1, xa)
+        pb = _pre(bias, w0, w1, w2, w3, xm2, xm1, xa, xb)
+        pc = _pre(bias, w0, w1, w2, w3, xm1, xa, xb, xc)
+        pd = _pre(bias, w0, w1, w2, w3, xa, xb, xc, xd)
         _store_row(y_base, base, stride_yt, cols, col_mask, pa * _sigmoid(pa, FAST), start, end)
         _store_row(y_base, base + 1, stride_yt, cols, col_mask, pb * _sigmoid(pb, FAST), start, end)
         _store_row(y_base, base + 2, stride_yt, cols, col_mask, pc * _sigmoid(pc, FAST), start, end)
@@ -114,16 +131,10 @@ def _conv_silu_backward_rows(x_ptr, w_ptr, b_ptr, dy_ptr, dx_ptr, dw_ptr, db_ptr
     cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     col_mask = cols < D
     x_base, dy_base, dx_base = x_ptr + pid_b * stride_xb, dy_ptr + pid_b * stride_dyb, dx_ptr + pid_b * stride_dxb
-    w0, w1 = _tap(w_ptr, cols, col_mask, 0, 4), _tap(w_ptr, cols, col_mask, 1, 4)
-    w2, w3 = _tap(w_ptr, cols, col_mask, 2, 4), _tap(w_ptr, cols, col_mask, 3, 4)
-    bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    if HAS_BIAS:
-        bias += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    w0, w1, w2, w3, bias = _taps_and_bias(w_ptr, b_ptr, cols, col_mask, HAS_BIAS, BLOCK_D)
     start = pid_t * ROWS
     end = tl.minimum(start + ROWS, T)
-    xm3, xm2, xm1 = (_row(x_base, start - 3, stride_xt, cols, col_mask, T),
-                     _row(x_base, start - 2, stride_xt, cols, col_mask, T),
-                     _row(x_base, start - 1, stride_xt, cols, col_mask, T))
+    xm3, xm2, xm1 = _rows_before(x_base, start, stride_xt, cols, col_mask, T)
     gm3 = tl.zeros((BLOCK_D,), dtype=tl.float32)  # g before this program's rows: only for dx rows it skips
     gm2, gm1 = gm3, gm3
     dw0, dw1, dw2, dw3, dbias = gm3, gm3, gm3, gm3, gm3
@@ -140,10 +151,10 @@ def _conv_silu_backward_rows(x_ptr, w_ptr, b_ptr, dy_ptr, dx_ptr, dw_ptr, db_ptr
         else:
             na, nb, nc, nd = _rows4(x_base, base + 4, stride_xt, cols, col_mask, stop)
             ea, eb, ec, ed = _rows4(dy_base, base + 4, stride_dyt, cols, col_mask, stop)
-        ga = _silu_grad(bias + w0 * xm3 + w1 * xm2 + w2 * xm1 + w3 * xa, da, FAST)
-        gb = _silu_grad(bias + w0 * xm2 + w1 * xm1 + w2 * xa + w3 * xb, db, FAST)
-        gc = _silu_grad(bias + w0 * xm1 + w1 * xa + w2 * xb + w3 * xc, dc, FAST)
-        gd = _silu_grad(bias + w0 * xa + w1 * xb + w2 * xc + w3 * xd, dd, FAST)
+        ga = _silu_grad(_pre(bias, w0, w1, w2, w3, xm3, xm2, xm1, xa), da, FAST)
+        gb = _silu_grad(_pre(bias, w0, w1, w2, w3, xm2, xm1, xa, xb), db, FAST)
+        gc = _silu_grad(_pre(bias, w0, w1, w2, w3, xm1, xa, xb, xc), dc, FAST)
+        gd = _silu_grad(_pre(bias, w0, w1, w2, w3, xa, xb, xc, xd), dd, FAST)
         dw0 += xm3 * ga + xm2 * gb + xm1 * gc + xa * gd
         dw1 += xm2 * ga + xm1 * gb + xa * gc + xb * gd
         dw2 += xm1 * ga + xa * gb + xb * gc + xc * gd
@@ -159,9 +170,9 @@ def _conv_silu_backward_rows(x_ptr, w_ptr, b_ptr, dy_ptr, dx_ptr, dw_ptr, db_ptr
             na, nb, nc, nd, ea, eb, ec, ed = fa, fb, fc, fd, ha, hb, hc, hd
     # the last 3 rows' dx need g of the 3 rows after them (the next program's; zero past T): recomputed, not summed
     last = start + tl.cdiv(end - start, 4) * 4  # the first row after the loop's
-    ga = _silu_grad(bias + w0 * xm3 + w1 * xm2 + w2 * xm1 + w3 * xa, da, FAST)
-    gb = _silu_grad(bias + w0 * xm2 + w1 * xm1 + w2 * xa + w3 * xb, db, FAST)
-    gc = _silu_grad(bias + w0 * xm1 + w1 * xa + w2 * xb + w3 * xc, dc, FAST)
+    ga = _silu_grad(_pre(bias, w0, w1, w2, w3, xm3, xm2, xm1, xa), da, FAST)
+    gb = _silu_grad(_pre(bias, w0, w1, w2, w3, xm2, xm1, xa, xb), db, FAST)
+    gc = _silu_grad(_pre(bias, w0, w1, w2, w3, xm1, xa, xb, xc), dc, FAST)
     _store_row(dx_base, last - 3, stride_dxt, cols, col_mask, w3 * gm3 + w2 * gm2 + w1 * gm1 + w0 * ga, start, T)
     _store_row(dx_base, last - 2, stride_dxt, cols, col_mask, w3 * gm2 + w2 * gm1 + w1 * ga + w0 * gb, start, T)
     _store_row(dx_base, last - 1, stride_dxt, cols, col_mask, w3 * gm1 + w2 * ga + w1 * gb + w0 * gc, start, T)
