@@ -57,7 +57,7 @@ for part in "${@:-kl}"; do
       bench softmax_graph_bf16 120 --students softmax --compile-kl --bf16-weights --cuda-graph ;;
     short|short_graph)
       graphed=(); [[ $part == short_graph ]] && graphed=(--cuda-graph)
-      for student in softmax gdn; do
+      for student in ${STUDENTS:-softmax gdn}; do  # STUDENTS=softmax runs one of them
         bench "${part}_${student}_bf16" 150 --students $student --compile-kl --bf16-weights --batch-size 64 \
           --seq-len 512 "${graphed[@]}"
       done ;;

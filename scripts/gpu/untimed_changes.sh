@@ -7,7 +7,7 @@
 #                 (both read-ahead walks), the mixers with our conv; then one conv call timed (rows, tiles, fla)
 #   conv_bench    graphed all-GDN step at 64 x 512, every kernel listed: our conv's row kernels, then its tiles
 #   stream        graphed steps at 64 x 512 with the live teacher on its own stream (all-GDN, all-softmax), then
-#                 both students in line (`short_graph`): compare on the same machine
+#                 all-softmax in line (`short_graph`; conv_bench's rows give all-GDN in line): compare on one machine
 #   stream_tests  the replayed-step tests: the teacher on its own stream, and head_dim 128 (FlashQLA captured)
 #   qla_tests     FlashQLA's mixer test against fla's Triton kernels
 #   qla_bench     all-GDN at Qwen2.5-3B widths with and without FlashQLA
@@ -37,8 +37,8 @@ case $part in
         | grep -E "^(exit|stage2) "
     done ;;
   stream)
-    for bench_part in teacher_stream short_graph; do  # short_graph's all-GDN row repeats conv_bench's rows
-      OUT="$out/$part/$bench_part" bash "$root/scripts/gpu/bench_step_profile.sh" "$bench_part" \
+    for bench_part in teacher_stream short_graph; do  # conv_bench's rows are the all-GDN step in line
+      STUDENTS=softmax OUT="$out/$part/$bench_part" bash "$root/scripts/gpu/bench_step_profile.sh" "$bench_part" \
         | grep -E "^(exit|stage2) "
     done ;;
   stream_tests)
