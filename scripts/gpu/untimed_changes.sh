@@ -12,11 +12,13 @@
 #   qla_tests     FlashQLA's mixer test against fla's Triton kernels
 #   qla_bench     all-GDN at Qwen2.5-3B widths with and without FlashQLA
 #   kept_states   HD_GDN_KEEP_STATES: its tests against fla's own rule, then the graphed all-GDN step with it
+#   decode_in_place  graphed decoding with GDN's state written in place and one copy of all conv caches: the
+#                 static-decode GPU tests, then decode at 8k x 16 at SmolLM2-135M and Llama-3.2-3B shapes
 # Usage: bash scripts/gpu/untimed_changes.sh PART
 set -uo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 out=${OUT:-bench-out}
-part=${1:?usage: $0 conv_tests|conv_bench|stream|stream_tests|qla_tests|qla_bench|kept_states}
+part=${1:?usage: $0 conv_tests|conv_bench|stream|stream_tests|qla_tests|qla_bench|kept_states|decode_in_place}
 mkdir -p "$out/$part"
 
 tests() {  # tests LIMIT LOG PYTEST-ARGS...: one pytest run, verbose and unbuffered, into $out/$part/LOG
@@ -50,6 +52,18 @@ case $part in
   kept_states)
     tests 250 kept_states_tests.log "$root/tests/gpu/test_mixer_kernels.py" -k "kept_states"
     OUT="$out/$part" bash "$root/scripts/gpu/bench_step_profile.sh" keep_states | grep -E "^(exit|stage2) " ;;
-  *) echo "usage: $0 conv_tests|conv_bench|stream|stream_tests|qla_tests|qla_bench|kept_states" >&2; exit 2 ;;
+  decode_in_place)
+    tests 150 static_decode_tests.log "$root/tests/gpu/test_static_decode_cuda.py"
+    llama3b=(hidden_size=3072 intermediate_size=8192 num_hidden_layers=28 num_attention_heads=24
+             num_key_value_heads=8 head_dim=128 vocab_size=128256)
+    for shapes in smollm2 llama3b; do
+      extra=(); [[ $shapes == llama3b ]] && extra=(--shape "${llama3b[@]}")
+      timeout 200 python -u "$root/scripts/bench_inference.py" --contexts 8192 --batches 16 --softmax-ratio 0.25 \
+        --compile --decode graph "${extra[@]}" --out "$out/$part/${shapes}_shapes.json" \
+        > "$out/$part/${shapes}_shapes.log" 2>&1
+      echo "$shapes: exit $?"; cat "$out/$part/${shapes}_shapes.log" | grep -E "cuda_graph|model"
+    done ;;
+  *) echo "usage: $0 conv_tests|conv_bench|stream|stream_tests|qla_tests|qla_bench|kept_states|decode_in_place" >&2
+     exit 2 ;;
 esac
 true

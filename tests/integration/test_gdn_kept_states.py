@@ -3,38 +3,10 @@ the updated values for backward: checked on CPU against fla's chunk_gated_delta_
 Triton kernels under Triton's interpreter (the GPU run is tests/gpu/test_mixer_kernels.py)."""
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
+from fla_interpreter import run_with_fla_interpreted
 
-# Two changes let fla's kernels run under the interpreter, neither touching what they compute: autotuning takes each
-# kernel's first config (the interpreter has no benchmarker), and `range` in fla's kernels yields interpreter
-# scalars (the kernels call .to() on their loop counters, which Python ints lack).
 CHECK = r"""
-import builtins, json, sys, torch
-import triton.language as tl
-from triton.runtime.autotuner import Autotuner
-
-
-def first_config(self, *args, **kwargs):
-    self.nargs = dict(zip(self.arg_names, args))
-    self.best_config = config = self.configs[0]
-    if config.pre_hook is not None:
-        config.pre_hook({**self.nargs, **kwargs, **config.all_kwargs()})
-    return self.fn.run(*args, **kwargs, **config.all_kwargs())
-
-
-def counter_range(*bounds):
-    for index in builtins.range(*[int(bound) for bound in bounds]):
-        yield tl.full((), index, tl.int32)
-
-
-Autotuner.run = first_config
-import fla.ops.gated_delta_rule
-for name, module in list(sys.modules.items()):
-    if name.startswith("fla.ops"):
-        module.range = counter_range
+import json, torch
 from fla.ops.gated_delta_rule import chunk_gated_delta_rule
 from hybrid_distill.models.mixers.gdn_kept_states import gated_delta_rule_kept_states
 
@@ -59,11 +31,7 @@ print(json.dumps({name: [(ours - flas).abs().max().item(), flas.abs().max().item
 
 
 def test_kept_states_rule_gives_flas_outputs_and_gradients_on_cpu(tmp_path):
-    environ = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run([sys.executable, "-c", CHECK], env=environ, capture_output=True, text=True, timeout=600,
-                          cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
-    differences = json.loads(done.stdout.strip().splitlines()[-1])
+    differences = run_with_fla_interpreted(CHECK, tmp_path)
     assert set(differences) == {"output", "final state", "dq", "dk", "dv", "dg", "dbeta", "d state"}
     for name, (difference, size) in differences.items():
         assert size > 0.1, name  # a real value, not an empty gradient

@@ -77,6 +77,29 @@ def test_hybrid_static_steps_match_the_dynamic_loop(mixer, softmax_layers):
         decoder.step()
 
 
+@pytest.mark.parametrize("mixer, in_place", [("gdn", True), ("gla", False)])
+def test_gdn_writes_its_state_into_the_buffer_and_conv_caches_are_copied_after_the_step(mixer, in_place,
+                                                                                        monkeypatch):
+    """GDN's kernel call returns the cache's own buffer, so `store` copies nothing; GLA's new state is a new tensor.
+    Every conv cache is listed for the one copy after the forward, and the list is empty after each step."""
+    model = hybrid_with_live_gates([1], mixer)
+    prompt = torch.randint(model.config.vocab_size, (2, PROMPT_LENGTH), generator=torch.Generator().manual_seed(4))
+    decoder = StaticGreedyDecoder.after_prefill(model, prompt, 2)
+    stored, listed = [], []
+    original_store = FixedAddressStateLayer.store
+
+    def recording_store(layer, conv_caches, recurrent_state, new_tokens):
+        stored.append(recurrent_state is layer.recurrent_state)
+        original_store(layer, conv_caches, recurrent_state, new_tokens)
+        listed.append(len(decoder.deferred_writes))
+
+    monkeypatch.setattr(FixedAddressStateLayer, "store", recording_store)
+    decoder.step()
+    assert stored == [in_place] * 3   # the three linear layers of the tiny hybrid
+    assert listed == [3, 6, 9]        # q, k and v conv caches per layer, none copied yet
+    assert decoder.deferred_writes == []
+
+
 def test_grouped_attention_equals_sdpa_with_repeated_kv_heads():
     generator = torch.Generator().manual_seed(3)
     query = torch.randn(2, 6, 1, 8, generator=generator)

@@ -21,7 +21,7 @@ from transformers import AttentionInterface
 
 from hybrid_distill.distill.maskless_attention import has_windowed_layers
 from hybrid_distill.models.cache_names import cache_keyword, output_cache
-from hybrid_distill.models.static_cache import fix_cache_addresses
+from hybrid_distill.models.static_cache import commit_deferred_writes, fix_cache_addresses
 
 GROUPED_DECODE = "hd_grouped_decode"
 GRAPH_WARMUP_STEPS = 2
@@ -79,7 +79,8 @@ class StaticGreedyDecoder:
         self.write_position = torch.tensor([prompt_length], device=device)
         self.cache = output_cache(prefill_output)
         self.cache_argument = {cache_keyword(model): self.cache}
-        self.small_state = fix_cache_addresses(self.cache, capacity, self.write_position)
+        self.deferred_writes = []  # the linear layers' new conv caches, copied together after each step's forward
+        self.small_state = fix_cache_addresses(self.cache, capacity, self.write_position, self.deferred_writes)
         self.input_ids = logits[:, -1].argmax(-1, keepdim=True)
         self.prefill_token = self.input_ids.clone()  # what the prefill predicted: the first step's input
         self.position_ids = torch.full((batch, 1), prompt_length, device=device)
@@ -108,6 +109,7 @@ class StaticGreedyDecoder:
         with grouped_decode_attention(self.model):
             output = self.model(input_ids=self.input_ids, position_ids=self.position_ids, attention_mask=self.mask,
                                 use_cache=True, **self.cache_argument)
+        commit_deferred_writes(self.deferred_writes)
         logits = output.logits[:, -1]
         self.last_logits.copy_(logits)
         next_token = logits.argmax(-1, keepdim=True)

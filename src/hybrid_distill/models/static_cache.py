@@ -2,8 +2,9 @@
 
 A graph replays kernels on the addresses seen at capture time. HF's dynamic cache concatenates (new address
 every step) and our recurrent layers swap in new state tensors; here softmax layers write keys and values in place
-into buffers of the final length, at a position held in a device tensor, and linear layers copy each new state
-into the buffer of the previous one.
+into buffers of the final length, at a position held in a device tensor, and linear layers keep their states in
+fixed buffers: a GDN mixer's recurrent kernel writes its new state over the old one (recurrent_in_place.py), other
+states are copied into their buffers, the conv caches of all layers by one multi-tensor copy after the step.
 """
 from __future__ import annotations
 
@@ -58,9 +59,17 @@ class FixedAddressKVLayer(DynamicLayer):
 
 
 class FixedAddressStateLayer(RecurrentStateLayer):
-    """A linear layer's conv and recurrent states, copied into the same buffers at every step."""
+    """A linear layer's conv and recurrent states in buffers that every step overwrites.
 
-    def __init__(self, source: RecurrentStateLayer):
+    A mixer that can writes its new recurrent state into the buffer itself (`state_in_place`); any other new state
+    is copied in at `store`. New conv caches are copied at once, or, given `deferred_writes`, listed there for
+    `commit_deferred_writes` to copy together with the other layers' after the step (each conv cache is read only
+    at its own layer's next step).
+    """
+
+    state_in_place = True
+
+    def __init__(self, source: RecurrentStateLayer, deferred_writes: list | None = None):
         super().__init__()
         if source.recurrent_state is None:
             raise ValueError("a linear layer's state must be filled by a prefill before it is fixed in place")
@@ -69,21 +78,38 @@ class FixedAddressStateLayer(RecurrentStateLayer):
         self.tokens_seen = source.tokens_seen
         self.is_initialized = True
         self.device, self.dtype = source.device, source.dtype
+        self.deferred_writes = deferred_writes
 
     def store(self, conv_caches, recurrent_state, new_tokens: int) -> None:
-        self.recurrent_state.copy_(recurrent_state)
-        for buffer, new in zip(self.conv_caches or (), conv_caches or ()):
-            buffer.copy_(new)
+        if recurrent_state is not self.recurrent_state:  # else the mixer's kernel wrote it in place
+            self.recurrent_state.copy_(recurrent_state)
+        pairs = list(zip(self.conv_caches or (), conv_caches or ()))
+        if self.deferred_writes is None:
+            for buffer, new in pairs:
+                buffer.copy_(new)
+        else:
+            self.deferred_writes.extend(pairs)
         self.tokens_seen += new_tokens
 
 
-def fix_cache_addresses(cache, capacity: int, write_position: torch.Tensor) -> list[torch.Tensor]:
-    """Swap every layer of a prefilled HF cache for its fixed-address twin; returns the tensors a step mutates
-    besides the KV buffers (which a step writes only at `write_position`)."""
+def commit_deferred_writes(deferred_writes: list) -> None:
+    """Copy every (buffer, new value) pair that the layers' `store` listed, in one multi-tensor copy (on a GPU a few
+    kernels in all instead of one per conv cache), and empty the list."""
+    if deferred_writes:
+        buffers, values = zip(*deferred_writes)
+        torch._foreach_copy_(list(buffers), list(values))
+        deferred_writes.clear()
+
+
+def fix_cache_addresses(cache, capacity: int, write_position: torch.Tensor,
+                        deferred_writes: list | None = None) -> list[torch.Tensor]:
+    """Swap every layer of a prefilled HF cache for its fixed-address twin (linear layers list their conv-cache
+    writes in `deferred_writes` if given); returns the tensors a step mutates besides the KV buffers (which a
+    step writes only at `write_position`)."""
     small_state = []
     for index, layer in enumerate(cache.layers):
         if isinstance(layer, RecurrentStateLayer):
-            fixed = FixedAddressStateLayer(layer)
+            fixed = FixedAddressStateLayer(layer, deferred_writes)
             small_state += [fixed.recurrent_state, *(fixed.conv_caches or ())]
         elif isinstance(layer, DynamicLayer) and type(layer) is DynamicLayer and layer.is_initialized:
             fixed = FixedAddressKVLayer(layer.keys, layer.values, capacity, write_position)

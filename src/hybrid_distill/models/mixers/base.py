@@ -56,7 +56,8 @@ class LinearMixer(nn.Module):
         keep = self._keep_mask(hidden_states)
         conv_caches, recurrent_state = self._load_state(cache)
         kernel_inputs, conv_caches = self._kernel_inputs(hidden_states, keep, conv_caches)
-        output, recurrent_state = self._kernel(kernel_inputs, recurrent_state, cache is not None)
+        in_place = cache is not None and state_layer(cache, self.layer_idx).state_in_place
+        output, recurrent_state = self._kernel(kernel_inputs, recurrent_state, cache is not None, in_place)
         self._store_state(cache, hidden_states, conv_caches, recurrent_state)
         return self._finish(output, hidden_states), None
 
@@ -65,8 +66,9 @@ class LinearMixer(nn.Module):
         """(tuple of the kernel's tensor inputs, new conv caches)."""
         raise NotImplementedError
 
-    def _kernel(self, kernel_inputs, recurrent_state, output_final_state: bool):
-        """(output [B, T, H, V], final state or None) of the mixer's recurrence."""
+    def _kernel(self, kernel_inputs, recurrent_state, output_final_state: bool, state_in_place: bool = False):
+        """(output [B, T, H, V], final state or None) of the mixer's recurrence; with `state_in_place` the final
+        state may be written into `recurrent_state` (a fixed-address cache's buffer) and returned as it."""
         raise NotImplementedError
 
     # -- pieces the subclasses combine ---------------------------------------------------------------

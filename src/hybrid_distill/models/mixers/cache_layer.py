@@ -12,6 +12,8 @@ class RecurrentStateLayer(DynamicLayer):
     layer of the right length, while its memory stays constant in the sequence length.
     """
 
+    state_in_place = False  # whether a mixer may write its new recurrent state into `recurrent_state` itself
+
     def __init__(self):
         super().__init__()
         self.tokens_seen = 0

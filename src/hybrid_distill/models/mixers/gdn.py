@@ -70,8 +70,8 @@ class GatedDeltaNetMixer(LinearMixer):
         both = (hidden_states.unsqueeze(-2) * torch.cat([self.a_proj.weight, self.b_proj.weight])).sum(-1)
         return list(both.split(self.spec.num_heads, dim=-1))
 
-    def _kernel(self, kernel_inputs, recurrent_state, output_final_state: bool):
+    def _kernel(self, kernel_inputs, recurrent_state, output_final_state: bool, state_in_place: bool = False):
         q, k, v, decay_log, beta = kernel_inputs
         return kernels.gated_delta_rule(q, k, v, decay_log, beta, scale=self.spec.head_dim ** -0.5,
                                         initial_state=recurrent_state, output_final_state=output_final_state,
-                                        normalize_qk=kernels.use_fla_qk_l2norm(q))
+                                        normalize_qk=kernels.use_fla_qk_l2norm(q), state_in_place=state_in_place)

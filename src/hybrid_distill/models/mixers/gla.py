@@ -52,7 +52,9 @@ class GatedLinearAttentionMixer(LinearMixer):
     def _gate_linears(self):
         return (self.gk_proj[0],)
 
-    def _kernel(self, kernel_inputs, recurrent_state, output_final_state: bool):
+    def _kernel(self, kernel_inputs, recurrent_state, output_final_state: bool, state_in_place: bool = False):
+        """The cache copies GLA's new state: fla's GLA kernel autotunes, so its first call runs the step more than
+        once, which a state written in place would not survive (`state_in_place` is ignored)."""
         q, k, v, decay_log = kernel_inputs
         return gated_linear_attention(q, k, v, decay_log, scale=self.spec.head_dim ** -0.5,
                                       initial_state=recurrent_state, output_final_state=output_final_state)

@@ -142,9 +142,22 @@ def _decoding(q: torch.Tensor) -> bool:
     return not torch.is_grad_enabled() and q.shape[1] <= DECODE_MAX_TOKENS
 
 
-def gated_delta_rule(q, k, v, g, beta, scale, initial_state=None, output_final_state=False, normalize_qk=False):
+def gated_delta_rule(q, k, v, g, beta, scale, initial_state=None, output_final_state=False, normalize_qk=False,
+                     state_in_place=False):
     """Gated delta rule; q and k arrive L2-normalised, or raw with normalize_qk (then normalised here, inside fla's
-    kernel on CUDA). Returns (output [B,T,H,V], final state [B,H,K,V] or None)."""
+    kernel on CUDA). Returns (output [B,T,H,V], final state [B,H,K,V] or None). With `state_in_place` the final
+    state is written into `initial_state` and returned as that tensor (a fixed-address decode cache's buffer): by
+    fla's recurrent kernel itself when it decodes (recurrent_in_place.py), else copied there."""
+    if state_in_place:
+        if initial_state is None:
+            raise ValueError("state_in_place needs the initial state's buffer")
+        fits_kernel = initial_state.dtype == torch.float32 and initial_state.is_contiguous()
+        if use_fla(q) and _decoding(q) and fits_kernel:
+            from .recurrent_in_place import gated_delta_step_in_place
+
+            return gated_delta_step_in_place(q, k, v, g, beta, scale, initial_state, normalize_qk), initial_state
+        output, final_state = gated_delta_rule(q, k, v, g, beta, scale, initial_state, True, normalize_qk)
+        return output, initial_state.copy_(final_state)
     if not use_fla(q):
         if normalize_qk:
             q, k = torch_ops.l2_normalize(q), torch_ops.l2_normalize(k)
