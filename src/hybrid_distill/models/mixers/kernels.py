@@ -14,7 +14,9 @@ q, k and v's gradients straight into the mixer's input-GEMM gradient (short_conv
 all-GDN steps 1.2% faster on an H200, session 21); `HD_CONV_GRADS_IN_PLACE=off` runs the three convs apart
 instead. Our conv's kernels walk the sequence row by row (`HD_CONV_KERNELS=rows`: one-pass backward) or in tiles
 (`tiles`: the two-pass backward of sessions 19-21). `HD_GDN_KEEP_STATES=on` keeps fla's GDN chunk states for
-backward instead of recomputing them (gdn_kept_states.py; off by default, not yet timed). The switches are read
+backward instead of recomputing them (gdn_kept_states.py; off by default, not yet timed). A decode step into a
+fixed-address cache has fla's recurrent GDN kernel write its new state over the old one (recurrent_in_place.py).
+The switches are read
 from the environment: set them before the process starts. fla is imported lazily: importing it costs seconds and
 it is useless on CPU.
 """
