@@ -16,9 +16,8 @@ instead. Our conv's kernels walk the sequence row by row (`HD_CONV_KERNELS=rows`
 (`tiles`: the two-pass backward of sessions 19-21). `HD_GDN_KEEP_STATES=on` keeps fla's GDN chunk states for
 backward instead of recomputing them (gdn_kept_states.py; off by default, not yet timed). A decode step into a
 fixed-address cache has fla's recurrent GDN kernel write its new state over the old one (recurrent_in_place.py).
-The switches are read
-from the environment: set them before the process starts. fla is imported lazily: importing it costs seconds and
-it is useless on CPU.
+The switches are read from the environment: set them before the process starts. fla is imported lazily: importing
+it costs seconds and it is useless on CPU.
 """
 from __future__ import annotations
 
