@@ -61,7 +61,7 @@ case $part in
       timeout 200 python -u "$root/scripts/bench_inference.py" --contexts 8192 --batches 16 --softmax-ratio 0.25 \
         --compile --decode graph "${extra[@]}" --out "$out/$part/${shapes}_shapes.json" \
         > "$out/$part/${shapes}_shapes.log" 2>&1
-      echo "$shapes: exit $?"; cat "$out/$part/${shapes}_shapes.log" | grep -E "cuda_graph|model"
+      echo "$shapes: exit $?"; grep -E "cuda_graph|model" "$out/$part/${shapes}_shapes.log"
     done ;;
   *) echo "usage: $0 conv_tests|conv_bench|stream|stream_tests|qla_tests|qla_bench|kept_states|decode_in_place" >&2
      exit 2 ;;

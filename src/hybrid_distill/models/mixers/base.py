@@ -54,11 +54,13 @@ class LinearMixer(nn.Module):
         """The decoder layer passes its HF cache as `cache` (transformers >= 5.24) or `past_key_values` (before)."""
         cache = past_key_values if cache is None else cache
         keep = self._keep_mask(hidden_states)
-        conv_caches, recurrent_state = self._load_state(cache)
+        slot = None if cache is None else state_layer(cache, self.layer_idx)
+        conv_caches, recurrent_state = (None, None) if slot is None else (slot.conv_caches, slot.recurrent_state)
         kernel_inputs, conv_caches = self._kernel_inputs(hidden_states, keep, conv_caches)
-        in_place = cache is not None and state_layer(cache, self.layer_idx).state_in_place
-        output, recurrent_state = self._kernel(kernel_inputs, recurrent_state, cache is not None, in_place)
-        self._store_state(cache, hidden_states, conv_caches, recurrent_state)
+        output, recurrent_state = self._kernel(kernel_inputs, recurrent_state, slot is not None,
+                                               slot is not None and slot.state_in_place)
+        if slot is not None:
+            slot.store(conv_caches, recurrent_state, hidden_states.shape[1])
         return self._finish(output, hidden_states), None
 
     # -- what a subclass defines: tensor-only maths around its fla kernel (compile_mixers compiles these) ---
@@ -168,16 +170,6 @@ class LinearMixer(nn.Module):
             gate = self.g_proj(hidden_states).reshape(output.shape)
         output = self.output_norm(output.to(hidden_states.dtype), gate)
         return self.o_proj(output.flatten(-2))
-
-    def _load_state(self, cache):
-        if cache is None:
-            return None, None
-        slot = state_layer(cache, self.layer_idx)
-        return slot.conv_caches, slot.recurrent_state
-
-    def _store_state(self, cache, hidden_states, conv_caches, recurrent_state):
-        if cache is not None:
-            state_layer(cache, self.layer_idx).store(conv_caches, recurrent_state, hidden_states.shape[1])
 
     @property
     def output_norm(self) -> RMSNorm:
