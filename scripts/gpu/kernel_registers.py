@@ -1,4 +1,4 @@
-"""Registers and spills of our short conv's autotune candidates, compiled for sm_90 (H100/H200) on any machine:
+"""Registers and spills of our short conv's and KL kernel's autotune candidates, compiled for sm_90 (H100/H200) on any machine:
 Triton compiles to a cubin without a GPU, and its bundled cuobjdump reads the resource use. A candidate that
 spills (STACK > 0) or needs many registers per element keeps fewer tokens in flight per SM (session 20,
 docs/performance.md: registers did not predict the first backward pass's speed there).
@@ -14,19 +14,22 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from hybrid_distill.distill import kl_rows_triton as kl
 from hybrid_distill.models.mixers import short_conv_triton as conv
 
 SM90 = GPUTarget("cuda", 90, 32)
 REGISTERS_PER_SM = 65536
 MAX_PROGRAMS_PER_SM = 32  # sm_90's limit on resident blocks
-POINTERS = {"x_ptr", "w_ptr", "b_ptr", "dy_ptr", "g_ptr", "y_ptr", "dx_ptr"}  # bf16
+POINTERS = {"x_ptr", "w_ptr", "b_ptr", "dy_ptr", "g_ptr", "y_ptr", "dx_ptr", "s_ptr", "t_ptr", "grad_ptr"}  # bf16
+FLOAT32_POINTERS = {"dw_ptr", "db_ptr", "kl_ptr", "scale_ptr"}
+UNALIGNED = {"log2_scale", "scale_stride"}  # a float, and a stride of 0 or 1
 
 
 def signature(kernel, constants) -> dict:
     """Triton's signature of `kernel` for bf16 tensors, float32 partial sums and int32 sizes."""
     names = kernel.arg_names
     return {name: "constexpr" if name in constants else "*bf16" if name in POINTERS
-            else "*fp32" if name in ("dw_ptr", "db_ptr") else "i32" for name in names}
+            else "*fp32" if name in FLOAT32_POINTERS else "fp32" if name == "log2_scale" else "i32" for name in names}
 
 
 def resource_use(kernel, constants: dict, warps: int) -> tuple[int, int]:
@@ -34,7 +37,7 @@ def resource_use(kernel, constants: dict, warps: int) -> tuple[int, int]:
     SmolLM2 shapes is: every pointer and size divisible by 16 (64 x 512 tokens, 576 channels, rows of 1760)."""
     arguments = signature(kernel, constants)
     aligned = {(index,): [["tt.divisibility", 16]] for index, name in enumerate(kernel.arg_names)
-               if arguments[name] != "constexpr"}
+               if arguments[name] != "constexpr" and name not in UNALIGNED}
     compiled = triton.compile(ASTSource(kernel, arguments, constexprs=constants, attrs=aligned), target=SM90,
                               options={"num_warps": warps})
     with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
@@ -68,6 +71,13 @@ def main() -> None:
         in_flight = programs * rows * config.kwargs["BLOCK_D"]
         settings = ", ".join(f"{key}={value}" for key, value in config.kwargs.items())
         print(f"{name:10}  {settings:24}  {config.num_warps:5}  {registers:4}  {stack:5}  {in_flight:11}")
+    for config in kl._configs():  # elements/SM: each model's logits one iteration of the resident programs loads
+        registers, stack = resource_use(kl._kl_rows_kernel, {"WRITE_GRAD": True, "FAST": True, **config.kwargs},
+                                        config.num_warps)
+        programs = min(REGISTERS_PER_SM // (registers * 32 * config.num_warps), MAX_PROGRAMS_PER_SM)
+        settings = ", ".join(f"{key}={value}" for key, value in config.kwargs.items())
+        print(f"{'kl_rows':10}  {settings:24}  {config.num_warps:5}  {registers:4}  {stack:5}  "
+              f"{programs * config.kwargs['BLOCK']:11}")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# On the lent GPU machine, after `source scripts/gpu/unpack.sh`: the GPU checks and benches of what sessions 22-23
+# On the lent GPU machine, after `source scripts/gpu/unpack.sh`: the GPU checks and benches of what sessions 22-25
 # built without a GPU (docs/performance.md, "The next GPU lease"), one part per device call, each within about
 # 560 s, its logs and JSON under $OUT/<part>/ (a killed call keeps what finished; at most 8 files come back).
 # Parts, in the order to run them (the first three fit one 30-minute lease with staging):
@@ -8,17 +8,19 @@
 #   conv_bench    graphed all-GDN step at 64 x 512, every kernel listed: our conv's row kernels, then its tiles
 #   stream        graphed steps at 64 x 512 with the live teacher on its own stream (all-GDN, all-softmax), then
 #                 all-softmax in line (`short_graph`; conv_bench's rows give all-GDN in line): compare on one machine
+#   kept_states   HD_GDN_KEEP_STATES: its tests against fla's own rule, then the graphed all-GDN step with it
+#   kl_rows       HD_KL_ROWS=triton: the compiled-KL GPU tests (our kernel against Inductor's maths, every autotune
+#                 candidate, a graph replay), then the graphed all-GDN (every kernel listed) and all-softmax steps
 #   stream_tests  the replayed-step tests: the teacher on its own stream, and head_dim 128 (FlashQLA captured)
 #   qla_tests     FlashQLA's mixer test against fla's Triton kernels
 #   qla_bench     all-GDN at Qwen2.5-3B widths with and without FlashQLA
-#   kept_states   HD_GDN_KEEP_STATES: its tests against fla's own rule, then the graphed all-GDN step with it
 #   decode_in_place  graphed decoding with GDN's state written in place and one copy of all conv caches: the
 #                 static-decode GPU tests, then decode at 8k x 16 at SmolLM2-135M and Llama-3.2-3B shapes
 # Usage: bash scripts/gpu/untimed_changes.sh PART
 set -uo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 out=${OUT:-bench-out}
-part=${1:?usage: $0 conv_tests|conv_bench|stream|stream_tests|qla_tests|qla_bench|kept_states|decode_in_place}
+part=${1:?usage: $0 conv_tests|conv_bench|stream|kept_states|kl_rows|stream_tests|qla_tests|qla_bench|decode_in_place}
 mkdir -p "$out/$part"
 
 tests() {  # tests LIMIT LOG PYTEST-ARGS...: one pytest run, verbose and unbuffered, into $out/$part/LOG
@@ -52,6 +54,9 @@ case $part in
   kept_states)
     tests 250 kept_states_tests.log "$root/tests/gpu/test_mixer_kernels.py" -k "kept_states"
     OUT="$out/$part" bash "$root/scripts/gpu/bench_step_profile.sh" keep_states | grep -E "^(exit|stage2) " ;;
+  kl_rows)
+    tests 200 compiled_kl_tests.log "$root/tests/gpu/test_compiled_kl_cuda.py"
+    OUT="$out/$part" bash "$root/scripts/gpu/bench_step_profile.sh" kl_triton | grep -E "^(exit|stage2) " ;;
   decode_in_place)
     tests 150 static_decode_tests.log "$root/tests/gpu/test_static_decode_cuda.py"
     llama3b=(hidden_size=3072 intermediate_size=8192 num_hidden_layers=28 num_attention_heads=24
@@ -63,7 +68,7 @@ case $part in
         > "$out/$part/${shapes}_shapes.log" 2>&1
       echo "$shapes: exit $?"; grep -E "cuda_graph|model" "$out/$part/${shapes}_shapes.log"
     done ;;
-  *) echo "usage: $0 conv_tests|conv_bench|stream|stream_tests|qla_tests|qla_bench|kept_states|decode_in_place" >&2
+  *) echo "usage: $0 conv_tests|conv_bench|stream|kept_states|kl_rows|stream_tests|qla_tests|qla_bench|decode_in_place" >&2
      exit 2 ;;
 esac
 true

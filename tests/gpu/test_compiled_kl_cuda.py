@@ -1,15 +1,20 @@
 """On CUDA under bf16 autocast, the chunked KL with compiled per-chunk maths (distill.compile_kl) gives the eager
-chunked KL's loss and gradients: the compiled maths round the gradient logits to bf16 where autocast would."""
+chunked KL's loss and gradients: the compiled maths round the gradient logits to bf16 where autocast would. The
+maths run as Inductor's kernel or as ours (HD_KL_ROWS=triton, distill/kl_rows_triton.py); ours is also checked
+alone, each autotune candidate at SmolLM2's vocabulary, and replayed in a CUDA graph."""
 import pytest
 import torch
 
-from hybrid_distill.distill.fused_kl import chunked_kl_from_hidden
+from hybrid_distill.distill import kl_rows_triton
+from hybrid_distill.distill.fused_kl import _kl_rows, chunked_kl_from_hidden
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run on the lent GPU)")]
 
 
-def test_compiled_kl_matches_eager_under_autocast():
+@pytest.mark.parametrize("kl_rows", ["compiled", "triton"])
+def test_compiled_kl_matches_eager_under_autocast(kl_rows, monkeypatch):
+    monkeypatch.setenv("HD_KL_ROWS", kl_rows)
     generator = torch.Generator("cuda").manual_seed(0)
     tokens, hidden, vocab = 3000, 256, 8192  # chunks of 1024, 1024 and 952 tokens
 
@@ -33,3 +38,48 @@ def test_compiled_kl_matches_eager_under_autocast():
     print(f"loss eager {eager_loss:.6f}, compiled {loss:.6f}; relative gradient differences {errors}")
     assert loss == pytest.approx(eager_loss, rel=1e-4)
     assert max(errors) < 1e-2
+
+
+def smollm2_logits(rows=512, vocab=49152, seed=0):
+    generator = torch.Generator("cuda").manual_seed(seed)
+    ramp = torch.linspace(-20.0, 20.0, vocab, device="cuda")  # running maxima rise through the row
+    student = (4.0 * torch.randn(rows, vocab, device="cuda", generator=generator) + ramp).bfloat16()
+    teacher = (4.0 * torch.randn(rows, vocab, device="cuda", generator=generator) + 0.5 * ramp).bfloat16()
+    return student, teacher
+
+
+@pytest.mark.parametrize("config", kl_rows_triton._configs(), ids=lambda config: f"{config.kwargs['BLOCK']}x"
+                         f"{config.num_warps}")
+def test_every_kl_rows_candidate_gives_the_chunk_maths(config):
+    student, teacher = smollm2_logits()
+    rows, vocab = student.shape
+    scale = torch.rand(rows, 1, device="cuda")
+    want_loss, want_grad = _kl_rows(student.double(), teacher.double(), 2.0, None, scale.double(), torch.float64)
+    per_token = torch.empty(rows, device="cuda")
+    grad = torch.empty(rows, vocab, device="cuda", dtype=torch.bfloat16)
+    kl_rows_triton._kl_rows_kernel[(rows,)](student, teacher, per_token, grad, scale, vocab, vocab, vocab, vocab, 1,
+                                            1.4426950408889634 / 2.0, WRITE_GRAD=True, FAST=True,
+                                            num_warps=config.num_warps, **config.kwargs)
+    assert per_token.sum().item() == pytest.approx(want_loss.item(), rel=1e-5)
+    error = ((grad.double() - want_grad).norm() / want_grad.norm()).item()
+    assert error < 4e-3, error  # bf16 rounding of the gradient
+
+
+def test_kl_rows_replays_in_a_cuda_graph():
+    student, teacher = smollm2_logits(rows=256)
+    scale = torch.tensor(0.5, device="cuda")
+    static_student, static_teacher = student.clone(), teacher.clone()
+    for _ in range(2):  # autotuning and compilation happen here, outside the capture
+        kl_rows_triton.kl_rows(static_student, static_teacher, 1.0, None, scale, torch.bfloat16)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        graphed_loss, graphed_grad = kl_rows_triton.kl_rows(static_student, static_teacher, 1.0, None, scale,
+                                                            torch.bfloat16)
+    other_student, other_teacher = smollm2_logits(rows=256, seed=1)
+    static_student.copy_(other_student)
+    static_teacher.copy_(other_teacher)
+    graph.replay()
+    loss, grad = kl_rows_triton.kl_rows(other_student, other_teacher, 1.0, None, scale, torch.bfloat16)
+    assert graphed_loss.item() == loss.item()
+    assert torch.equal(graphed_grad, grad)

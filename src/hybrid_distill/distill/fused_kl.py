@@ -10,6 +10,7 @@ Because L is a sum over tokens, the forward pass computes each chunk's gradient 
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 from torch import Tensor
@@ -52,7 +53,8 @@ def chunked_kl_from_hidden(
     Hidden states may be [N, d] or [..., N, d] (flattened here); `token_mask` is bool or float with the same
     leading shape. Teacher tensors must not require grad: the teacher is frozen. `compiled` runs each chunk's
     softmax, ratio and gradient maths as one torch.compile'd function (`distill.compile_kl`): the same values,
-    in a few fused passes over the [chunk x vocab] logits instead of about twenty.
+    in a few fused passes over the [chunk x vocab] logits instead of about twenty (`HD_KL_ROWS=triton`: two passes,
+    our kernel).
     """
     _check_temperature(temperature)
     if not isinstance(chunk_tokens, int) or chunk_tokens < 1:
@@ -123,7 +125,7 @@ class _ChunkedKL(torch.autograd.Function):
                     row_scale = (row_scale * token_weights[rows]).unsqueeze(-1)
             chunk_weights = None if token_weights is None else token_weights[rows]
             if compiled:
-                chunk_loss, grad_logits = _compiled_kl_rows()(
+                chunk_loss, grad_logits = _fused_kl_rows(compute_dtype)(
                     _logits(wide_hidden, wide_student_weight, wide_student_bias),
                     _logits(teacher_hidden[rows].to(compute_dtype), wide_teacher_weight, wide_teacher_bias),
                     temperature, chunk_weights, row_scale, grad_dtype)
@@ -184,6 +186,29 @@ def _kl_rows(student_logits: Tensor, teacher_logits: Tensor, temperature: float,
     if row_scale is None:
         return per_token.sum(), None
     return per_token.sum(), ((log_p_student.exp() - p_teacher) * row_scale).to(grad_dtype)
+
+
+KL_ROWS_CHOICES = ("compiled", "triton")
+
+
+def kl_rows_choice() -> str:
+    """`HD_KL_ROWS`: whose kernel runs the chunk maths under `compiled` (distill.compile_kl): Inductor's
+    (`compiled`, the default) or ours (`triton`, kl_rows_triton.py: two passes over the logits where Inductor's made
+    four; not yet timed). Set it before the process starts."""
+    choice = os.environ.get("HD_KL_ROWS", "compiled")
+    if choice not in KL_ROWS_CHOICES:
+        raise ValueError(f"HD_KL_ROWS must be one of {', '.join(KL_ROWS_CHOICES)}, not {choice!r}")
+    return choice
+
+
+def _fused_kl_rows(compute_dtype: torch.dtype):
+    """The chunk maths `compiled` runs. Ours computes in float32 (on CUDA, or on CPU under TRITON_INTERPRET=1, as
+    the tests run it), so float64 logits keep Inductor's."""
+    if kl_rows_choice() == "triton" and compute_dtype != torch.float64:
+        from hybrid_distill.distill.kl_rows_triton import kl_rows
+
+        return kl_rows
+    return _compiled_kl_rows()
 
 
 @functools.cache

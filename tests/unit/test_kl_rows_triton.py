@@ -1,0 +1,101 @@
+"""Our two-pass KL kernel (distill/kl_rows_triton.py, `HD_KL_ROWS=triton`) computes fused_kl's chunk maths, alone and
+inside the chunked KL, checked on CPU with Triton's interpreter (tests/gpu/test_compiled_kl_cuda.py runs it on a GPU)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from hybrid_distill.distill.fused_kl import chunked_kl_from_hidden
+
+CHECK = r"""
+import json, os, torch
+from hybrid_distill.distill import kl_rows_triton
+from hybrid_distill.distill.fused_kl import _kl_rows, chunked_kl_from_hidden
+from hybrid_distill.distill.kl_rows_triton import _PLAIN_CONFIG, kl_rows
+
+block = _PLAIN_CONFIG["BLOCK"]
+generator = torch.Generator().manual_seed(0)
+worst = {}
+
+
+def record(name, got, want):
+    worst[name] = max(worst.get(name, 0.0), (got - want).abs().max().item() / (want.abs().max().item() + 1e-30))
+
+
+# vocabularies inside one block, ending inside the last of several, and a whole number of blocks; logits that rise
+# along the row (each block raises both running maxima) and that fall; scalar and per-row scales; token weights
+for case, (vocab, temperature, trend, weighted, per_row) in enumerate([
+        (7, 1.0, 0.0, False, False), (3 * block + 5, 2.0, 40.0, True, True), (2 * block, 0.5, -40.0, True, False)]):
+    rows = 5
+    ramp = torch.linspace(0.0, trend, vocab)
+    student = (3.0 * torch.randn(rows, vocab, generator=generator) + ramp).to(torch.bfloat16)
+    teacher = (3.0 * torch.randn(rows, vocab, generator=generator) + 0.5 * ramp).to(torch.bfloat16)
+    weights = torch.rand(rows, generator=generator) if weighted else None
+    scale = torch.rand(rows, 1, generator=generator) if per_row else torch.tensor(0.37)
+    want_loss, want_grad = _kl_rows(student.double(), teacher.double(), temperature,
+                                    None if weights is None else weights.double(), scale.double(), torch.float64)
+    loss, grad = kl_rows(student, teacher, temperature, weights, scale, torch.bfloat16)
+    record(f"loss {case}", loss.double(), want_loss)
+    record(f"grad {case}", grad.double(), want_grad)
+    worst[f"grad dtype {case}"] = str(grad.dtype)
+    loss_only, no_grad = kl_rows(student, teacher, temperature, weights, None, torch.bfloat16)
+    record(f"loss without grad {case}", loss_only.double(), want_loss)
+    worst[f"grad without scale {case}"] = no_grad
+
+# the chunked KL from hidden states with the kernel as its compiled maths, against its eager maths
+os.environ["HD_KL_ROWS"] = "triton"
+called = []
+kernel = kl_rows_triton.kl_rows
+
+
+def counted(*args):
+    called.append(tuple(args[0].shape))
+    return kernel(*args)
+
+kl_rows_triton.kl_rows = counted
+hidden = torch.randn(13, 6, generator=generator, requires_grad=True)
+weight = torch.randn(3 * block + 3, 6, generator=generator, requires_grad=True)
+teacher_hidden, teacher_weight = torch.randn(13, 7, generator=generator), torch.randn(3 * block + 3, 7, generator=generator)
+mask = (torch.arange(13) % 3 != 1).float()
+results = {}
+for compiled in (False, True):
+    loss = chunked_kl_from_hidden(hidden, weight, teacher_hidden, teacher_weight, temperature=2.0, chunk_tokens=5,
+                                  token_mask=mask, compiled=compiled)
+    results[compiled] = (loss, *torch.autograd.grad(loss, [hidden, weight]))
+for name, got, want in zip(("chunked loss", "chunked hidden grad", "chunked weight grad"), results[True],
+                           results[False]):
+    record(name, got, want)
+print(json.dumps({"worst": worst, "called": called}))
+"""
+
+
+def test_kernel_computes_the_chunk_maths_alone_and_inside_the_chunked_kl(tmp_path):
+    environ = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, "-c", CHECK], env=environ, capture_output=True, text=True, timeout=600,
+                          cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    worst = result["worst"]
+    for case in range(3):
+        assert worst.pop(f"grad dtype {case}") == "torch.bfloat16"
+        assert worst.pop(f"grad without scale {case}") is None
+    # the chunked KL's compiled maths went to the kernel once per chunk of 5, 5 and 3 tokens (vocab 3 blocks + 3)
+    assert result["called"] == [[5, 3075], [5, 3075], [3, 3075]]
+    assert {"loss 1", "grad 1", "loss without grad 2", "chunked weight grad"} <= set(worst)
+    # float32 sums in the kernel against float64 (alone, the gradient rounded to bf16) or float32 (chunked) maths
+    gradients = {name: error for name, error in worst.items() if name.startswith("grad")}
+    assert max(gradients.values()) < 8e-3, gradients  # bf16's half ulp is 3.9e-3 of the largest value
+    assert max(error for name, error in worst.items() if name not in gradients) < 2e-5, worst
+
+
+def test_an_unknown_kernel_choice_is_named(monkeypatch):
+    monkeypatch.setenv("HD_KL_ROWS", "fast")
+    hidden = torch.randn(4, 3, requires_grad=True)
+    weight = torch.randn(11, 3)
+    with pytest.raises(ValueError, match="HD_KL_ROWS must be one of compiled, triton, not 'fast'"):
+        chunked_kl_from_hidden(hidden, weight, torch.randn(4, 3), weight, compiled=True)
