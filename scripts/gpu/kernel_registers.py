@@ -1,6 +1,6 @@
-"""Registers and spills of our short conv's and KL kernel's autotune candidates, compiled for sm_90 (H100/H200) on any machine:
-Triton compiles to a cubin without a GPU, and its bundled cuobjdump reads the resource use. A candidate that
-spills (STACK > 0) or needs many registers per element keeps fewer tokens in flight per SM (session 20,
+"""Registers and spills of our short conv's and KL kernel's autotune candidates, compiled for sm_90 (H100/H200) on
+any machine: Triton compiles to a cubin without a GPU, and its bundled cuobjdump reads the resource use. A candidate
+that spills (STACK > 0) or needs many registers per element keeps fewer tokens in flight per SM (session 20,
 docs/performance.md: registers did not predict the first backward pass's speed there).
 Usage: python scripts/gpu/kernel_registers.py"""
 from __future__ import annotations

@@ -1,5 +1,6 @@
-"""Our two-pass KL kernel (distill/kl_rows_triton.py, `HD_KL_ROWS=triton`) computes fused_kl's chunk maths, alone and
-inside the chunked KL, checked on CPU with Triton's interpreter (tests/gpu/test_compiled_kl_cuda.py runs it on a GPU)."""
+"""Our two-pass KL kernel (distill/kl_rows_triton.py, `HD_KL_ROWS=triton`) computes fused_kl's chunk maths, alone
+and inside the chunked KL, checked on CPU with Triton's interpreter (tests/gpu/test_compiled_kl_cuda.py runs it on
+a GPU)."""
 from __future__ import annotations
 
 import json
@@ -60,7 +61,8 @@ def counted(*args):
 kl_rows_triton.kl_rows = counted
 hidden = torch.randn(13, 6, generator=generator, requires_grad=True)
 weight = torch.randn(3 * block + 3, 6, generator=generator, requires_grad=True)
-teacher_hidden, teacher_weight = torch.randn(13, 7, generator=generator), torch.randn(3 * block + 3, 7, generator=generator)
+teacher_hidden = torch.randn(13, 7, generator=generator)
+teacher_weight = torch.randn(3 * block + 3, 7, generator=generator)
 mask = (torch.arange(13) % 3 != 1).float()
 results = {}
 for compiled in (False, True):
@@ -99,3 +101,20 @@ def test_an_unknown_kernel_choice_is_named(monkeypatch):
     weight = torch.randn(11, 3)
     with pytest.raises(ValueError, match="HD_KL_ROWS must be one of compiled, triton, not 'fast'"):
         chunked_kl_from_hidden(hidden, weight, torch.randn(4, 3), weight, compiled=True)
+
+
+def test_a_cpu_without_the_interpreter_keeps_inductors_maths(monkeypatch):
+    from hybrid_distill.distill import kl_rows_triton
+
+    def unreachable(*args):
+        raise AssertionError("our kernel cannot run on a CPU without TRITON_INTERPRET=1")
+
+    monkeypatch.setattr(kl_rows_triton, "kl_rows", unreachable)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    hidden, weight = torch.randn(4, 3), torch.randn(11, 3)
+    losses = {}
+    for choice in ("compiled", "triton"):
+        monkeypatch.setenv("HD_KL_ROWS", choice)
+        losses[choice] = chunked_kl_from_hidden(hidden, weight, torch.randn(4, 3, generator=torch.Generator()
+                                                                           .manual_seed(1)), weight, compiled=True)
+    assert losses["triton"].item() == losses["compiled"].item() > 0

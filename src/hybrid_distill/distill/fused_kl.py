@@ -125,7 +125,7 @@ class _ChunkedKL(torch.autograd.Function):
                     row_scale = (row_scale * token_weights[rows]).unsqueeze(-1)
             chunk_weights = None if token_weights is None else token_weights[rows]
             if compiled:
-                chunk_loss, grad_logits = _fused_kl_rows(compute_dtype)(
+                chunk_loss, grad_logits = _fused_kl_rows(compute_dtype, device)(
                     _logits(wide_hidden, wide_student_weight, wide_student_bias),
                     _logits(teacher_hidden[rows].to(compute_dtype), wide_teacher_weight, wide_teacher_bias),
                     temperature, chunk_weights, row_scale, grad_dtype)
@@ -193,18 +193,19 @@ KL_ROWS_CHOICES = ("compiled", "triton")
 
 def kl_rows_choice() -> str:
     """`HD_KL_ROWS`: whose kernel runs the chunk maths under `compiled` (distill.compile_kl): Inductor's
-    (`compiled`, the default) or ours (`triton`, kl_rows_triton.py: two passes over the logits where Inductor's made
-    four; not yet timed). Set it before the process starts."""
+    (`compiled`, the default) or ours (`triton`, kl_rows_triton.py: two passes over the logits, where Inductor's
+    kernel took about four passes' time; not yet timed). Set it before the process starts."""
     choice = os.environ.get("HD_KL_ROWS", "compiled")
     if choice not in KL_ROWS_CHOICES:
         raise ValueError(f"HD_KL_ROWS must be one of {', '.join(KL_ROWS_CHOICES)}, not {choice!r}")
     return choice
 
 
-def _fused_kl_rows(compute_dtype: torch.dtype):
-    """The chunk maths `compiled` runs. Ours computes in float32 (on CUDA, or on CPU under TRITON_INTERPRET=1, as
-    the tests run it), so float64 logits keep Inductor's."""
-    if kl_rows_choice() == "triton" and compute_dtype != torch.float64:
+def _fused_kl_rows(compute_dtype: torch.dtype, device: torch.device):
+    """The chunk maths `compiled` runs. Ours runs on CUDA, and on CPU under TRITON_INTERPRET=1 (the tests); it
+    computes in float32, so float64 logits keep Inductor's, as does a CPU without the interpreter."""
+    runs_triton = device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    if kl_rows_choice() == "triton" and runs_triton and compute_dtype != torch.float64:
         from hybrid_distill.distill.kl_rows_triton import kl_rows
 
         return kl_rows
