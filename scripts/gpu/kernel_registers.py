@@ -49,6 +49,11 @@ def resource_use(kernel, constants: dict, warps: int) -> tuple[int, int]:
     return int(registers), int(stack)
 
 
+def resident_programs(registers: int, warps: int) -> int:
+    """Programs of this many registers per thread that one SM holds at once."""
+    return min(REGISTERS_PER_SM // (registers * 32 * warps), MAX_PROGRAMS_PER_SM)
+
+
 def main() -> None:
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     rows = [("forward", conv._conv_silu_forward, config, {"HAS_BIAS": False, "WIDTH": 4, "FAST": True})
@@ -65,8 +70,7 @@ def main() -> None:
     print(f"{'kernel':10}  {'tile settings':24}  {'warps':>5}  {'regs':>4}  {'stack':>5}  {'elements/SM':>11}")
     for name, kernel, config, constants in rows:
         registers, stack = resource_use(kernel, {**constants, **config.kwargs}, config.num_warps)
-        threads = 32 * config.num_warps
-        programs = min(REGISTERS_PER_SM // (registers * threads), MAX_PROGRAMS_PER_SM)
+        programs = resident_programs(registers, config.num_warps)
         rows = config.kwargs.get("BLOCK_T", 4 * config.kwargs.get("AHEAD", 1))  # row kernels: the rows read ahead
         in_flight = programs * rows * config.kwargs["BLOCK_D"]
         settings = ", ".join(f"{key}={value}" for key, value in config.kwargs.items())
@@ -74,7 +78,7 @@ def main() -> None:
     for config in kl._configs():  # elements/SM: each model's logits one iteration of the resident programs loads
         registers, stack = resource_use(kl._kl_rows_kernel, {"WRITE_GRAD": True, "FAST": True, **config.kwargs},
                                         config.num_warps)
-        programs = min(REGISTERS_PER_SM // (registers * 32 * config.num_warps), MAX_PROGRAMS_PER_SM)
+        programs = resident_programs(registers, config.num_warps)
         settings = ", ".join(f"{key}={value}" for key, value in config.kwargs.items())
         print(f"{'kl_rows':10}  {settings:24}  {config.num_warps:5}  {registers:4}  {stack:5}  "
               f"{programs * config.kwargs['BLOCK']:11}")
