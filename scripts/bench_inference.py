@@ -12,15 +12,9 @@ import sys
 import torch
 
 
-def main(argv=None):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
+def build_parser() -> argparse.ArgumentParser:
+    """The bench's arguments (also read by scripts/gpu/rehearse.py, which checks a lease's commands on a CPU)."""
     from hybrid_distill.cli_more import _shape_item
-    from hybrid_distill.distill.bench import SMOLLM2_135M
-    from hybrid_distill.distill.compiled_blocks import compile_dense_blocks, compile_student
-    from hybrid_distill.evaluate.efficiency import measure_inference
-    from hybrid_distill.models.student import build_student
-    from hybrid_distill.select.layer_sets import k_from_ratio, uniform_layers
 
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--contexts", type=int, nargs="+", default=[2048, 8192])
@@ -36,7 +30,19 @@ def main(argv=None):
                              "intermediate_size=8192 num_hidden_layers=28 num_attention_heads=24 "
                              "num_key_value_heads=8 head_dim=128 vocab_size=128256")
     parser.add_argument("--out", default=None)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from hybrid_distill.distill.bench import SMOLLM2_135M
+    from hybrid_distill.distill.compiled_blocks import compile_dense_blocks, compile_student
+    from hybrid_distill.evaluate.efficiency import measure_inference
+    from hybrid_distill.models.student import build_student
+    from hybrid_distill.select.layer_sets import k_from_ratio, uniform_layers
+
+    args = build_parser().parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     modes = {"both": [True, False], "graph": [True], "eager": [False]}[args.decode] if device == "cuda" else [False]

@@ -128,7 +128,8 @@ for part in "${@:-kl}"; do
       common_before=("${common[@]}"); common=("${plain[@]}")
       bench plain_scoring_gdn 200 --students gdn --stage2-steps project cached
       common=("${common_before[@]}") ;;
-    *) echo "usage: $0 [kl] [bf16] [gdn] [softmax] [recompute] [graph] [short] [short_graph] [paper_graph]" \
+    *) rehearsing unknown_part "$0" "$part"
+       echo "usage: $0 [kl] [bf16] [gdn] [softmax] [recompute] [graph] [short] [short_graph] [paper_graph]" \
          "[micro_softmax] [micro_gdn] [kl_chunks] [budget_softmax] [budget_gdn] [scoring_shape] [profile_gdn]" \
          "[cached_graph] [plain_scoring] [torch_conv] [conv_grads_split] [conv_tiles] [fla_l2norm]" \
          "[compiled_conv] [teacher_stream] [keep_states] [kl_triton]" >&2; exit 2 ;;

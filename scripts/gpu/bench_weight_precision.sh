@@ -35,7 +35,7 @@ for part in "${@:-plain}"; do
       FLA_FLASH_QLA=0 bench wide_gdn_fla_triton_graph 200 "${wide_gdn[@]}" --cuda-graph
       FLA_FLASH_QLA=1 bench wide_gdn_flash_qla_graph 200 "${wide_gdn[@]}" --cuda-graph
       FLA_FLASH_QLA=1 bench wide_gdn_flash_qla_eager 150 "${wide_gdn[@]}" ;;
-    *) echo "usage: $0 [plain] [wide] [compile] [flash_qla]" >&2; exit 2 ;;
+    *) rehearsing unknown_part "$0" "$part"; echo "usage: $0 [plain] [wide] [compile] [flash_qla]" >&2; exit 2 ;;
   esac
 done
 true

@@ -16,24 +16,33 @@
 #   qla_bench     all-GDN at Qwen2.5-3B widths with and without FlashQLA
 #   decode_in_place  graphed decoding with GDN's state written in place and one copy of all conv caches: the
 #                 static-decode GPU tests, then decode at 8k x 16 at SmolLM2-135M and Llama-3.2-3B shapes
-# Usage: bash scripts/gpu/untimed_changes.sh PART
+# Usage: bash scripts/gpu/untimed_changes.sh PART (HD_REHEARSE=FILE records the commands without running them:
+# scripts/gpu/rehearse.py)
 set -uo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 out=${OUT:-bench-out}
 part=${1:?usage: $0 conv_tests|conv_bench|stream|kept_states|kl_rows|stream_tests|qla_tests|qla_bench|decode_in_place}
 mkdir -p "$out/$part"
+source "$root/scripts/gpu/bench_lib.sh"
 
 tests() {  # tests LIMIT LOG PYTEST-ARGS...: one pytest run, verbose and unbuffered, into $out/$part/LOG
   local limit=$1 log=$2; shift 2
+  rehearsing tests "$@" && return
   timeout "$limit" python -u -m pytest -v -p no:cacheprovider "$@" > "$out/$part/$log" 2>&1
   echo "$log: exit $? $(tail -1 "$out/$part/$log")"
+}
+
+script() {  # script LIMIT LOG SCRIPT ARGS...: one Python script, unbuffered, into $out/$part/LOG
+  local limit=$1 log=$2; shift 2
+  rehearsing script "$@" && { : > "$out/$part/$log"; return; }
+  timeout "$limit" python -u "$@" > "$out/$part/$log" 2>&1
 }
 
 case $part in
   conv_tests)
     tests 330 conv_tests.log "$root/tests/gpu/test_mixer_kernels.py" \
       -k "short_conv or candidate or (our_conv and not gla)"
-    timeout 150 python -u "$root/scripts/gpu/bench_short_conv.py" > "$out/$part/short_conv_call.log" 2>&1
+    script 150 short_conv_call.log "$root/scripts/gpu/bench_short_conv.py"
     head -5 "$out/$part/short_conv_call.log" ;;
   conv_bench)
     for kernels in rows tiles; do
@@ -63,12 +72,12 @@ case $part in
              num_key_value_heads=8 head_dim=128 vocab_size=128256)
     for shapes in smollm2 llama3b; do
       extra=(); [[ $shapes == llama3b ]] && extra=(--shape "${llama3b[@]}")
-      timeout 200 python -u "$root/scripts/bench_inference.py" --contexts 8192 --batches 16 --softmax-ratio 0.25 \
-        --compile --decode graph "${extra[@]}" --out "$out/$part/${shapes}_shapes.json" \
-        > "$out/$part/${shapes}_shapes.log" 2>&1
+      script 200 "${shapes}_shapes.log" "$root/scripts/bench_inference.py" --contexts 8192 --batches 16 \
+        --softmax-ratio 0.25 --compile --decode graph "${extra[@]}" --out "$out/$part/${shapes}_shapes.json"
       echo "$shapes: exit $?"; grep -E "cuda_graph|model" "$out/$part/${shapes}_shapes.log"
     done ;;
-  *) echo "usage: $0 conv_tests|conv_bench|stream|kept_states|kl_rows|stream_tests|qla_tests|qla_bench|decode_in_place" >&2
+  *) rehearsing unknown_part "$0" "$part"
+     echo "usage: $0 conv_tests|conv_bench|stream|kept_states|kl_rows|stream_tests|qla_tests|qla_bench|decode_in_place" >&2
      exit 2 ;;
 esac
 true

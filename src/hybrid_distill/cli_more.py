@@ -84,18 +84,22 @@ def step_make_report(args):
                  args.title, report_path=args.report)
 
 
+def bench_settings(args) -> dict:
+    """`hybrid-distill bench`'s arguments as distill.bench.BenchSettings' fields (also read by
+    scripts/gpu/rehearse.py, which checks a lease's bench commands without running them)."""
+    return dict(batch_size=args.batch_size, seq_len=args.seq_len, warmup=args.warmup, repeats=args.repeats,
+                stages=args.stages, students=args.students, shape=dict(args.shape),
+                chunk_tokens=args.kl_chunk_tokens, stage2_steps=args.stage2_steps,
+                activation_checkpointing=args.activation_checkpointing, compile_blocks=args.compile_blocks,
+                bf16_weights=args.bf16_weights, compile_kl=args.compile_kl, profile_top=args.profile_top,
+                gemm_ceiling=args.gemm_ceiling, cuda_graph=args.cuda_graph, micro_batches=args.micro_batches,
+                activation_memory_budget=args.activation_memory_budget, teacher_stream=args.teacher_stream)
+
+
 def step_bench(args):
     from hybrid_distill.distill.bench import format_table, run_benchmark, write_result
 
-    result = run_benchmark(batch_size=args.batch_size, seq_len=args.seq_len, warmup=args.warmup,
-                           repeats=args.repeats, stages=args.stages, students=args.students, shape=dict(args.shape),
-                           chunk_tokens=args.kl_chunk_tokens, stage2_steps=args.stage2_steps,
-                           activation_checkpointing=args.activation_checkpointing,
-                           compile_blocks=args.compile_blocks, bf16_weights=args.bf16_weights,
-                           compile_kl=args.compile_kl, profile_top=args.profile_top,
-                           gemm_ceiling=args.gemm_ceiling, cuda_graph=args.cuda_graph,
-                           micro_batches=args.micro_batches, activation_memory_budget=args.activation_memory_budget,
-                           teacher_stream=args.teacher_stream)
+    result = run_benchmark(**bench_settings(args))
     if result["rank"] != 0:
         return  # under `accelerate launch --num_processes N`, the first process reports for all
     print(format_table(result))

@@ -108,6 +108,11 @@ class BenchSettings:
     activation_memory_budget: float = 1.0
     teacher_stream: bool = False
 
+    def __post_init__(self):
+        if self.micro_batches < 1 or self.batch_size % self.micro_batches:
+            raise ValueError(f"micro_batches={self.micro_batches} must be at least 1 and divide "
+                             f"batch_size={self.batch_size}")
+
 
 def build_objective(stage, step, teacher, softmax_layers, mixer, settings: BenchSettings, teacher_cache=None):
     """The objective one row times; the options apply to the project's steps, never to the naive baseline."""
@@ -253,9 +258,6 @@ def run_benchmark(**settings) -> dict:
     (rank 0 is the one to print). Each process steps on batch_size x seq_len tokens, so tokens/s counts all
     processes' tokens."""
     settings = BenchSettings(**settings)
-    if settings.micro_batches < 1 or settings.batch_size % settings.micro_batches:
-        raise ValueError(f"micro_batches={settings.micro_batches} must be at least 1 and divide "
-                         f"batch_size={settings.batch_size}")
     with bench_processes() as (rank, world, device):
         if settings.cuda_graph and world > 1:
             raise ValueError("bench --cuda-graph times one process: DDP's gradient hooks are not captured here")

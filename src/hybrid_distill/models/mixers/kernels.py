@@ -44,10 +44,17 @@ DECODE_MAX_TOKENS = 64  # below this and without grad, fla's fused recurrent ker
 _in_graphed_steps = False  # set by graphed_steps()
 
 
-def use_fla(tensor: torch.Tensor) -> bool:
+def mixer_backend() -> str:
+    """`HD_MIXER_BACKEND`: auto (fla's kernels on CUDA), torch (the PyTorch path everywhere) or fla (fla's kernels,
+    CUDA only)."""
     backend = os.environ.get("HD_MIXER_BACKEND", "auto")
     if backend not in ("auto", "torch", "fla"):
         raise ValueError(f"HD_MIXER_BACKEND must be auto, torch or fla, not {backend!r}")
+    return backend
+
+
+def use_fla(tensor: torch.Tensor) -> bool:
+    backend = mixer_backend()
     if backend == "torch" or not tensor.is_cuda:
         if backend == "fla":
             raise RuntimeError("HD_MIXER_BACKEND=fla needs CUDA tensors")
@@ -94,7 +101,7 @@ def use_kernel_short_conv(x: torch.Tensor) -> bool:
     (op_choice("HD_SHORT_CONV")): on CUDA, or for ours under Triton's interpreter on CPU."""
     choice = op_choice("HD_SHORT_CONV")
     if choice == "triton" and not x.is_cuda and os.environ.get("TRITON_INTERPRET") == "1":
-        return os.environ.get("HD_MIXER_BACKEND", "auto") != "torch"
+        return mixer_backend() != "torch"
     return choice in ("fla", "triton") and use_fla(x)
 
 
