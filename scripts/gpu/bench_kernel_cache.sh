@@ -35,6 +35,11 @@ case_run() {
   while [[ $1 != -- ]]; do environment+=("$1"); shift; done
   shift
   arguments=("$@")
+  if [[ -n ${HD_REHEARSE:-} ]]; then  # record the command with its environment (scripts/gpu/rehearse.py)
+    env "${environment[@]}" python "$(dirname "$0")/rehearse.py" record bench "${job[@]}" "${arguments[@]}" \
+      --out "$out/$name.json"
+    return
+  fi
   echo "=== $name: ${environment[*]} ${arguments[*]}"
   local start end
   start=$(date +%s.%N)
@@ -74,6 +79,7 @@ for part in "${parts[@]}"; do
         HOME="$root/home" TORCHINDUCTOR_CACHE_DIR="$root/node3/inductor" -- "${compiled[@]}" ;;
     graphs_only) case_run graphs_only 200 "${shared[@]}" -- --cuda-graph ;;
     eager) case_run eager 200 "${shared[@]}" -- ;;
-    *) echo "unknown part $part"; exit 2 ;;
+    *) [[ -n ${HD_REHEARSE:-} ]] && python "$(dirname "$0")/rehearse.py" record unknown_part "$0" "$part"
+       echo "unknown part $part"; exit 2 ;;
   esac
 done

@@ -6,12 +6,17 @@
 # Usage: bash scripts/gpu/bench_shared_gpu.sh [process counts, default "1 4 8"] [extra bench arguments]
 set -uo pipefail
 out=${OUT:-bench-out}
-runs=$(mktemp -d /tmp/hd-shared-gpu.XXXX)
 mkdir -p "$out"
 counts=${1:-"1 4 8"}
 shift || true
 step=(--stages stage2 --students gdn --stage2-steps project --batch-size 16 --seq-len 512 --kl-chunk-tokens 2048
       --warmup 3 --repeats 15 "$@")
+source "$(dirname "$0")/bench_lib.sh"  # HD_REHEARSE: record one process's command per wave size, run nothing
+if [[ -n ${HD_REHEARSE:-} ]]; then
+  for count in $counts; do rehearsing bench "${step[@]}" --out "$out/off_n${count}_p1.json"; done
+  exit 0
+fi
+runs=$(mktemp -d /tmp/hd-shared-gpu.XXXX)
 export CUDA_MPS_PIPE_DIRECTORY=/tmp/hd-mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/hd-mps-log
 wave() {  # mode, process count
   local mode=$1 count=$2 index

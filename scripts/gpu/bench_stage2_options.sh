@@ -8,8 +8,10 @@ out=${OUT:-bench-out}
 mkdir -p "$out"
 overrides=("$@")
 common=(--stages stage2 --students softmax gdn --warmup 3 --repeats 5)
+source "$(dirname "$0")/bench_lib.sh"  # for `rehearsing` (HD_REHEARSE); this script's `bench` takes no time limit
 bench() {  # name, then bench arguments
   local name=$1; shift
+  rehearsing bench "${common[@]}" "$@" "${overrides[@]}" --out "$out/$name.json" && return
   echo "=== $name: $*"
   hybrid-distill bench "${common[@]}" "$@" "${overrides[@]}" --out "$out/$name.json" 2>&1 | grep -vE "^\s*$|it/s\]|batch/s\]| INFO "
 }

@@ -9,6 +9,10 @@ mkdir -p "$out"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1  # NVLink multicast stays off (device KINDS.md)
 args=(bench --batch-size 16 --seq-len 2048 --kl-chunk-tokens 4096 --stages stage2 --students softmax gdn
       --stage2-steps project cached --warmup 3 --repeats 5 "$@")
+source "$(dirname "$0")/bench_lib.sh"  # for `rehearsing` (HD_REHEARSE): record both commands and stop
+if rehearsing bench "${args[@]:1}" --out "$out/one_gpu.json"; then
+  rehearsing bench "${args[@]:1}" --out "$out/two_gpus.json"; exit 0
+fi
 hybrid-distill "${args[@]}" --out "$out/one_gpu.json"
 python3 -m accelerate.commands.launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no \
   --dynamo_backend no -m hybrid_distill.cli "${args[@]}" --out "$out/two_gpus.json"

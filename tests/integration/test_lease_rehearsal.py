@@ -1,5 +1,5 @@
-"""The GPU lease scripts, rehearsed on the CPU: every command they would run parses with the real parsers and every
-pytest selection picks tests (scripts/gpu/rehearse.py), so a lease never spends a call on a typo."""
+"""The GPU machine's bench scripts, rehearsed on the CPU: every command they would run parses with the real parsers
+and every pytest selection picks tests (scripts/gpu/rehearse.py), so a lease never spends a call on a typo."""
 import importlib.util
 import json
 import os
@@ -11,7 +11,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 GPU_SCRIPTS = ROOT / "scripts" / "gpu"
-REHEARSED = ("untimed_changes.sh", "bench_step_profile.sh", "bench_weight_precision.sh")
+BY_PART = ("untimed_changes.sh", "bench_step_profile.sh", "bench_weight_precision.sh", "bench_kernel_cache.sh")
+WHOLE = ("bench_stage2_options.sh", "bench_two_gpus.sh", "bench_shared_gpu.sh")  # scripts that take no part names
 
 
 def _rehearse_module():
@@ -27,28 +28,32 @@ def script_parts(script: str) -> list[str]:
     return [part for label in labels for part in label.split("|")]
 
 
-def rehearse_part(script: str, part: str, records: Path, out: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HD_REHEARSE": str(records), "OUT": str(out)}
-    return subprocess.run(["bash", str(GPU_SCRIPTS / script), part], env=env, capture_output=True, text=True,
-                          timeout=120)
+def rehearse_part(script: str, part: str | None, records: Path, out: Path) -> subprocess.CompletedProcess:
+    # HOME too: bench_kernel_cache.sh clears its caches under $HOME before each case
+    env = {**os.environ, "HD_REHEARSE": str(records), "OUT": str(out), "HOME": str(out.parent / "home")}
+    return subprocess.run(["bash", str(GPU_SCRIPTS / script), *([part] if part else [])], env=env,
+                          capture_output=True, text=True, timeout=120)
 
 
 def test_the_scripts_list_their_parts():
     assert {"conv_tests", "kl_rows", "decode_in_place"} <= set(script_parts("untimed_changes.sh"))
     assert {"kl", "short", "short_graph", "budget_gdn", "kl_triton"} <= set(script_parts("bench_step_profile.sh"))
+    assert {"cold", "shared", "default_new_node", "eager"} <= set(script_parts("bench_kernel_cache.sh"))
 
 
-def test_every_command_of_the_lease_scripts_would_run(tmp_path, capsys):
-    """Each part records at least one command and runs none (no bench JSON, no log with output); then every record
-    passes the checks a lease would otherwise meet the hard way."""
+def test_every_command_of_the_gpu_scripts_would_run(tmp_path, capsys):
+    """Each part of every bench script (the whole script where it has no parts) records at least one command and
+    runs none (no bench JSON, no log with output); then every record passes the checks a lease would otherwise meet
+    the hard way."""
     records = tmp_path / "records.jsonl"
     out = tmp_path / "out"
-    for script in REHEARSED:
-        for part in script_parts(script):
-            before = len(records.read_text().splitlines()) if records.exists() else 0
-            done = rehearse_part(script, part, records, out)
-            assert done.returncode == 0, (script, part, done.stderr)
-            assert len(records.read_text().splitlines()) > before, f"{script} {part} recorded no command"
+    runs = [(script, part) for script in BY_PART for part in script_parts(script)]
+    runs += [(script, None) for script in WHOLE]
+    for script, part in runs:
+        before = len(records.read_text().splitlines()) if records.exists() else 0
+        done = rehearse_part(script, part, records, out)
+        assert done.returncode == 0, (script, part, done.stderr)
+        assert len(records.read_text().splitlines()) > before, f"{script} {part} recorded no command"
     assert not list(out.rglob("*.json"))
     assert all(log.stat().st_size == 0 for log in out.rglob("*.log"))
     failed = _rehearse_module().check(records)
