@@ -2,7 +2,10 @@
 # On the lent GPU machine, after `source scripts/gpu/unpack.sh`: the GPU checks and benches of what sessions 22-25
 # built without a GPU (docs/performance.md, "The next GPU lease"), one part per device call, each within about
 # 560 s, its logs and JSON under $OUT/<part>/ (a killed call keeps what finished; at most 8 files come back).
-# Parts, in the order to run them (the first three fit one 30-minute lease with staging):
+# Parts, in the order to run them (staging and the first three fit one 30-minute lease):
+#   decide        the speed of each change in one call: the graphed all-GDN step at 64 x 512 by default, with fla's
+#                 chunk states kept, with our KL kernel, with the teacher on its own stream, and with all three
+#                 (tokens/s only, no profile), then compare_benches.py's table against the default
 #   conv_tests    every conv GPU test: our row and tiled kernels against PyTorch's conv, every autotune candidate
 #                 (both read-ahead walks), the mixers with our conv; then one conv call timed (rows, tiles, fla)
 #   conv_bench    graphed all-GDN step at 64 x 512, every kernel listed: our conv's row kernels, then its tiles
@@ -21,7 +24,7 @@
 set -uo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 out=${OUT:-bench-out}
-part=${1:?usage: $0 conv_tests|conv_bench|stream|kept_states|kl_rows|stream_tests|qla_tests|qla_bench|decode_in_place}
+part=${1:?usage: $0 decide|conv_tests|conv_bench|stream|kept_states|kl_rows|stream_tests|qla_tests|qla_bench|decode_in_place}
 mkdir -p "$out/$part"
 source "$root/scripts/gpu/bench_lib.sh"
 
@@ -39,6 +42,23 @@ script() {  # script LIMIT LOG SCRIPT ARGS...: one Python script, unbuffered, in
 }
 
 case $part in
+  decide)
+    common=(--stages stage2 --stage2-steps project --warmup 3 --repeats 5 --kl-chunk-tokens 4096 --compile-blocks
+            --students gdn --compile-kl --bf16-weights --batch-size 64 --seq-len 512 --cuda-graph)
+    (  # the first bench compiles and autotunes on a fresh machine; the rest find most of it in the kernel caches
+      out="$out/$part"
+      bench default 220
+      HD_GDN_KEEP_STATES=on bench kept_states 80
+      HD_KL_ROWS=triton bench kl_triton 80
+      bench teacher_stream 80 --teacher-stream
+      HD_GDN_KEEP_STATES=on HD_KL_ROWS=triton bench all_three 80 --teacher-stream
+    ) | grep -E "^(===|exit|stage2) "
+    results=()
+    for name in default kept_states kl_triton teacher_stream all_three; do  # those that finished
+      [[ -f $out/$part/$name.json || -n ${HD_REHEARSE:-} ]] && results+=("$out/$part/$name.json")
+    done
+    script 30 compare.txt "$root/scripts/compare_benches.py" "${results[@]}"
+    cat "$out/$part/compare.txt" ;;
   conv_tests)
     tests 330 conv_tests.log "$root/tests/gpu/test_mixer_kernels.py" \
       -k "short_conv or candidate or (our_conv and not gla)"
@@ -77,7 +97,7 @@ case $part in
       echo "$shapes: exit $?"; grep -E "cuda_graph|model" "$out/$part/${shapes}_shapes.log"
     done ;;
   *) rehearsing unknown_part "$0" "$part"
-     echo "usage: $0 conv_tests|conv_bench|stream|kept_states|kl_rows|stream_tests|qla_tests|qla_bench|decode_in_place" >&2
+     echo "usage: $0 decide|conv_tests|conv_bench|stream|kept_states|kl_rows|stream_tests|qla_tests|qla_bench|decode_in_place" >&2
      exit 2 ;;
 esac
 true
