@@ -2,19 +2,20 @@
 # On the lent GPU machine, after `source scripts/gpu/unpack.sh`: the GPU checks and benches of what sessions 22-25
 # built without a GPU (docs/performance.md, "The next GPU lease"), one part per device call, each within about
 # 560 s, its logs and JSON under $OUT/<part>/ (a killed call keeps what finished; at most 8 files come back).
-# Parts, in the order to run them (staging and the first three fit one 30-minute lease):
+# Parts, in the order to run them (docs/performance.md, "The next GPU lease"; staging and the first two fit one
+# 30-minute lease; the checks of a change come before it becomes a default):
 #   decide        the speed of each change in one call: the graphed all-GDN step at 64 x 512 by default, with fla's
 #                 chunk states kept, with our KL kernel, with the teacher on its own stream, and with all three
 #                 (tokens/s only, no profile), then compare_benches.py's table against the default
 #   conv_tests    every conv GPU test: our row and tiled kernels against PyTorch's conv, every autotune candidate
 #                 (both read-ahead walks), the mixers with our conv; then one conv call timed (rows, tiles, fla)
+#   kl_rows       HD_KL_ROWS=triton: the compiled-KL GPU tests (our kernel against Inductor's maths, every autotune
+#                 candidate, a graph replay), then the graphed all-GDN (every kernel listed) and all-softmax steps
+#   kept_states   HD_GDN_KEEP_STATES: its tests against fla's own rule, then the graphed all-GDN step with it
+#   stream_tests  the replayed-step tests: the teacher on its own stream, and head_dim 128 (FlashQLA captured)
 #   conv_bench    graphed all-GDN step at 64 x 512, every kernel listed: our conv's row kernels, then its tiles
 #   stream        graphed steps at 64 x 512 with the live teacher on its own stream (all-GDN, all-softmax), then
 #                 all-softmax in line (`short_graph`; conv_bench's rows give all-GDN in line): compare on one machine
-#   kept_states   HD_GDN_KEEP_STATES: its tests against fla's own rule, then the graphed all-GDN step with it
-#   kl_rows       HD_KL_ROWS=triton: the compiled-KL GPU tests (our kernel against Inductor's maths, every autotune
-#                 candidate, a graph replay), then the graphed all-GDN (every kernel listed) and all-softmax steps
-#   stream_tests  the replayed-step tests: the teacher on its own stream, and head_dim 128 (FlashQLA captured)
 #   qla_tests     FlashQLA's mixer test against fla's Triton kernels
 #   qla_bench     all-GDN at Qwen2.5-3B widths with and without FlashQLA
 #   decode_in_place  graphed decoding with GDN's state written in place and one copy of all conv caches: the
