@@ -153,3 +153,29 @@ def test_the_rule_stops_a_live_run_at_the_end_of_the_job_in_which_it_fired(tmp_p
                  for r in range(4)]
     assert [d["stop"] for d in decisions] == [False, False, False, True]
     assert decisions[3]["fired_round"] == 2 and decisions[3]["stop_round"] == 3
+
+
+def test_each_round_logs_where_the_rule_stands_and_what_comes_next(tmp_path, caplog):
+    """Window 2 over K=1 sets {0}, {0}, {3}: round 0 waits for the window, round 1 fires the rule (Jaccard 1.0),
+    and with early stop on the pass stops there; with it off it goes on and says so."""
+    import logging
+
+    files = write_grid(tmp_path, KL, TOKENS)
+    cfg = config(racing=False)
+    cfg["scoring"]["early_stop"].update(enabled=True, window=2)
+    with caplog.at_level(logging.INFO, logger="hybrid_distill.select.rounds"):
+        for r in range(2):
+            decide_round(cfg, files[:r + 1], k=1, max_rounds=3, out_json=tmp_path / f"on{r}.json")
+        cfg["scoring"]["early_stop"]["enabled"] = False
+        for r in range(3):
+            decide_round(cfg, files[:r + 1], k=1, max_rounds=3, out_json=tmp_path / f"off{r}.json")
+    lines = [record.getMessage() for record in caplog.records if record.getMessage().startswith("round ")]
+    assert lines[0] == ("round 0 (step 1, 40 tokens so far, 4 layers racing): top-1 [0]; 1 of the 2 snapshots the "
+                        "rule's window needs -> another round")
+    assert lines[1] == ("round 1 (step 2, 80 tokens so far, 4 layers racing): top-1 [0]; last 2 snapshots: mean "
+                        "Jaccard 1.00 (needs >= 0.9), backbone 1 (>= 0), union 1 (<= 2) -> stop: the rule fired at "
+                        "round 1")
+    assert lines[3].endswith("-> another round (the rule fired at round 1; early stop is off)")
+    assert lines[4].startswith("round 2 (step 3, 120 tokens so far, 4 layers racing): top-1 [3]; last 2 snapshots: "
+                               "mean Jaccard 0.00")
+    assert lines[4].endswith("-> stop: the scoring budget is spent (the rule fired at round 1)")

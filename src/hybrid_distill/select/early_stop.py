@@ -38,6 +38,11 @@ def mean_pairwise_jaccard(sets: Sequence[Collection[int]]) -> float:
     return float(_mean_pairwise_exact(sets))
 
 
+def resolved_limits(k: int, min_backbone: int | None, max_union: int | None) -> tuple[int, int]:
+    """The backbone and union limits the rule applies: K - 1 and K + 1 where the config leaves them null."""
+    return (k - 1 if min_backbone is None else min_backbone, k + 1 if max_union is None else max_union)
+
+
 def early_stop_decision(
     snapshot_sets: Sequence[Collection[int]],
     k: int,
@@ -57,8 +62,7 @@ def early_stop_decision(
         raise ValueError(f"early stop: window must be a positive integer, got {window!r}")
     if not 0 <= min_mean_jaccard <= 1:
         raise ValueError(f"early stop: min_mean_jaccard must be in [0, 1], got {min_mean_jaccard!r}")
-    min_backbone = k - 1 if min_backbone is None else min_backbone
-    max_union = k + 1 if max_union is None else max_union
+    min_backbone, max_union = resolved_limits(k, min_backbone, max_union)
     threshold = Fraction(str(min_mean_jaccard))
 
     mean_series: list[float | None] = []

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from hybrid_distill.distill.atomic import drop_training_state, write_json, write_text_atomic
 from hybrid_distill.select.budget import job_end
-from hybrid_distill.select.early_stop import early_stop_decision
+from hybrid_distill.select.early_stop import early_stop_decision, resolved_limits
 from hybrid_distill.select.importance import importance_csv
 from hybrid_distill.select.layer_sets import top_k_layers
 from hybrid_distill.select.racing import racing_settings, run_race
@@ -87,6 +87,7 @@ def _decide(config: dict, round_files: list[list[Path]], scores: list[list[dict]
                "racing": sorted(race[-1].racing), "top_k_as_scored": lowest_kl_layers(kl[-1], k),
                "history": history}
     write_json(out_json, payload)
+    log.info("%s", round_progress(payload, rule))
     every_layer = frozenset(range(len(kl[-1])))
     left = every_layer if stop else (race[-2].racing if current else every_layer) - race[-1].racing
     for layer in sorted(left):  # no later round resumes these states
@@ -96,6 +97,27 @@ def _decide(config: dict, round_files: list[list[Path]], scores: list[list[dict]
     elif left:
         log.info("round %d: layers %s leave the race; %d race on", current, sorted(left), len(race[-1].racing))
     return payload
+
+
+def round_progress(decision: dict, rule: dict) -> str:
+    """One log line per scoring round: where the rolling-Jaccard rule stands and what comes next, so a user who
+    watches a long selection pass sees how near it is to stopping."""
+    current, k = decision["round"], decision["k"]
+    min_backbone, max_union = resolved_limits(k, rule["min_backbone"], rule["max_union"])
+    mean, backbone, union = (decision[key][current] for key in ("mean_jaccard", "backbone", "union"))
+    if mean is None:
+        window = f"{current + 1} of the {rule['window']} snapshots the rule's window needs"
+    else:
+        window = (f"last {rule['window']} snapshots: mean Jaccard {mean:.2f} (needs >= {rule['min_mean_jaccard']}), "
+                  f"backbone {backbone} (>= {min_backbone}), union {union} (<= {max_union})")
+    fired = f"the rule fired at round {decision['fired_round']}" if decision["fired"] else ""
+    if decision["stop"]:
+        ruled = rule["enabled"] and decision["stop_round"] == current
+        outcome = f"stop: {fired}" if ruled else "stop: the scoring budget is spent" + (f" ({fired})" if fired else "")
+    else:
+        outcome = "another round" + (f" ({fired}; early stop is off)" if fired else "")
+    return (f"round {current} (step {decision['step']}, {decision['tokens']:,} tokens so far, "
+            f"{len(decision['racing'])} layers racing): top-{k} {decision['top_k']}; {window} -> {outcome}")
 
 
 def rank_layers(score_files: list[Path], out_csv: Path) -> None:
@@ -139,8 +161,8 @@ def selection_cost(config: dict, last: dict, num_layers: int, tokens_spent: int,
     L x (stage 1 + stage 2), ~25B tokens for a 36-layer teacher. Here stage 1 runs once: it is teacher-forced and
     layer-local, so a one-swap student's stage 1 equals the all-linear student's in every linear layer (an exact
     saving); stage 2 is the brief scoring budget, and it ends where the rule fires (at the end of the live job that
-    scored that round); with `scoring.racing` the layers far outside the top-K stop sooner (each round's `tokens`). `no_early_stop_tokens` is this config's pass without
-    the rule or racing. With the rule off the run goes on to the full budget, so `top_k_at_stop` vs
+    scored that round); with `scoring.racing` the layers far outside the top-K stop sooner (each round's `tokens`).
+    `no_early_stop_tokens` is this config's pass without the rule or racing. With the rule off the run goes on to the full budget, so `top_k_at_stop` vs
     `top_k_full_budget` shows what stopping would have changed; with the rule on and fired, the full-budget set was
     never computed (null).
     """
