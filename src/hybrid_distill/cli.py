@@ -232,7 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the last round's decision file, or one per round (round order) to decide them all")
 
     p = _add(steps, "plan-selection", step_plan_selection,
-             "before a run: the selection pass's scoring jobs and tokens against the paper's protocol, at its bounds")
+             "before a run: the selection pass's scoring jobs and tokens against the paper's protocol, at its bounds",
+             uses_torch=False)
     p.add_argument("--config", required=True, type=Path)
 
     p = _add(steps, "rank-layers", step_rank_layers, "importance.csv from the final one-swap scores", uses_torch=False)

@@ -1,6 +1,7 @@
-"""The local rules' steps (round decisions, ranking, early_stop.json, selections, greedy picks) run without
-importing torch: on a cluster they run on the head node between rounds, where a torch import can take longer than
-the step. Each is run for real in one fresh interpreter, and its output checked."""
+"""The local rules' steps (round decisions, ranking, early_stop.json, selections, greedy picks) and the planning
+command run without importing torch: on a cluster they run on the head node between rounds (or on a login node),
+where a torch import can take longer than the step. Each is run for real in one fresh interpreter, and its output
+checked."""
 from __future__ import annotations
 
 import csv
@@ -8,9 +9,11 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import yaml
 
+PAPER_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "paper-qwen2.5-3b.yaml"
 KL = {(0, 0): 2.0, (0, 1): 1.5, (1, 0): 1.8, (1, 1): 1.2}  # (round, layer) -> held-out KL; layer 1 is best
 
 
@@ -37,6 +40,7 @@ def test_bookkeeping_steps_run_without_torch_and_write_their_results(tmp_path):
         ["removal-signal", "--scores", *last, "--out", str(tmp_path / "gr_s2.json")],
         ["choose-greedy-layer", "--step", "0", "--num-layers", "2", "--candidates", "0,1", "--scores", *last,
          "--out", str(tmp_path / "greedy_step0.json")],
+        ["plan-selection", "--config", str(PAPER_CONFIG)],  # a user's planning command, on a login node
     ]
     script = textwrap.dedent(f"""
         import sys
@@ -49,6 +53,8 @@ def test_bookkeeping_steps_run_without_torch_and_write_their_results(tmp_path):
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "torch imported: False" in result.stdout
+    assert "selection pass of `paper-qwen2.5-3b`: 36 layers" in result.stdout
+    assert "compiled kernels" not in result.stderr  # the kernel cache is a torch step's concern
 
     first, second = (json.loads((tmp_path / f"decision{r}.json").read_text()) for r in (0, 1))
     assert (first["stop"], second["stop"]) == (False, True) and second["top_k"] == [1]
