@@ -54,6 +54,7 @@ def test_bookkeeping_steps_run_without_torch_and_write_their_results(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "torch imported: False" in result.stdout
     assert "selection pass of `paper-qwen2.5-3b`: 36 layers" in result.stdout
+    assert "selection pass: top-1 [1] after round 1; the rule did not fire;" in result.stderr  # write-early-stop
     assert "compiled kernels" not in result.stderr  # the kernel cache is a torch step's concern
 
     first, second = (json.loads((tmp_path / f"decision{r}.json").read_text()) for r in (0, 1))

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from hybrid_distill.select.racing import racing_settings, run_race
-from hybrid_distill.select.rounds import decide_round, selection_cost
+from hybrid_distill.select.rounds import decide_round, selection_cost, summarise_early_stop
 
 # 4 layers, 3 rounds of 10 tokens per layer. Layer 3 starts worst and would end best if it kept training.
 KL = [[1.0, 2.0, 3.0, 4.0],
@@ -157,7 +157,8 @@ def test_the_rule_stops_a_live_run_at_the_end_of_the_job_in_which_it_fired(tmp_p
 
 def test_each_round_logs_where_the_rule_stands_and_what_comes_next(tmp_path, caplog):
     """Window 2 over K=1 sets {0}, {0}, {3}: round 0 waits for the window, round 1 fires the rule (Jaccard 1.0),
-    and with early stop on the pass stops there; with it off it goes on and says so."""
+    and with early stop on the pass stops there; with it off it goes on and says so, and early_stop.json's log line
+    says what stopping would have changed."""
     import logging
 
     files = write_grid(tmp_path, KL, TOKENS)
@@ -179,3 +180,12 @@ def test_each_round_logs_where_the_rule_stands_and_what_comes_next(tmp_path, cap
     assert lines[4].startswith("round 2 (step 3, 120 tokens so far, 4 layers racing): top-1 [3]; last 2 snapshots: "
                                "mean Jaccard 0.00")
     assert lines[4].endswith("-> stop: the scoring budget is spent (the rule fired at round 1)")
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="hybrid_distill.select.rounds"):
+        summarise_early_stop(cfg, [tmp_path / f"off{r}.json" for r in range(3)], files, tokens_full_budget=120,
+                             out_json=tmp_path / "early_stop.json")
+    # the paper protocol: 4 layers x (5 + 100) tokens; to the stop: stage 1 (5) + round 1's 80 stage-2 tokens
+    assert caplog.records[-1].getMessage() == (
+        "selection pass: top-1 [3] after round 2; the rule fired at round 1 (step 2); 85 tokens to stop, 20.2% of "
+        "the paper protocol's 420; at the stop [0], at the full budget [3]: 1 swap(s)")

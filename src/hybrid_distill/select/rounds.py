@@ -137,11 +137,11 @@ def summarise_early_stop(config: dict, decision_files: list[Path], round_files: 
                "union": last["union"][entry["round"]], "racing_layers": entry["racing_layers"]}
               for entry in last["history"]]
     fired_round = last["fired_round"]
+    min_backbone, max_union = resolved_limits(last["k"], rule["min_backbone"], rule["max_union"])
     payload = {
         "enabled": rule["enabled"], "k": last["k"], "window": rule["window"],
-        "thresholds": {"min_mean_jaccard": rule["min_mean_jaccard"],
-                       "min_backbone": rule["min_backbone"] if rule["min_backbone"] is not None else last["k"] - 1,
-                       "max_union": rule["max_union"] if rule["max_union"] is not None else last["k"] + 1},
+        "thresholds": {"min_mean_jaccard": rule["min_mean_jaccard"], "min_backbone": min_backbone,
+                       "max_union": max_union},
         "fired": last["fired"], "fired_round": fired_round,
         "fired_step": rounds[fired_round]["step"] if fired_round is not None else None,
         "stopped_at_round": last["round"], "snapshots_per_job": config["scoring"]["snapshots_per_job"],
@@ -152,19 +152,36 @@ def summarise_early_stop(config: dict, decision_files: list[Path], round_files: 
         "selection_cost": selection_cost(config, last, len(round_files[-1]), tokens_spent, tokens_full_budget),
     }
     write_json(out_json, payload)
+    log.info("%s", selection_summary(payload))
+
+
+def selection_summary(early_stop: dict) -> str:
+    """early_stop.json in one log line: the chosen set, why the pass stopped, and its cost against the paper's."""
+    cost = early_stop["selection_cost"]
+    if early_stop["fired"]:
+        why = f"the rule fired at round {early_stop['fired_round']} (step {early_stop['fired_step']})"
+    else:
+        why = "the rule did not fire"
+    line = (f"selection pass: top-{early_stop['k']} {early_stop['top_k']} after round "
+            f"{early_stop['stopped_at_round']}; {why}; {cost['tokens_to_stop']:,} tokens to stop, "
+            f"{cost['fraction_of_paper']:.1%} of the paper protocol's {cost['paper_protocol_tokens']:,}")
+    if cost["top_k_full_budget"] is not None and early_stop["fired"]:  # a reference run: what stopping would change
+        line += (f"; at the stop {cost['top_k_at_stop']}, at the full budget {cost['top_k_full_budget']}: "
+                 f"{cost['swaps_between']} swap(s)")
+    return line
 
 
 def selection_cost(config: dict, last: dict, num_layers: int, tokens_spent: int, tokens_full_budget: int) -> dict:
     """Tokens of this selection pass against the paper's protocol, and the top-K sets at the stop and at the end.
 
-    The paper trains every one-swap student through the full stage 1 and stage 2 of a final model:
-    L x (stage 1 + stage 2), ~25B tokens for a 36-layer teacher. Here stage 1 runs once: it is teacher-forced and
-    layer-local, so a one-swap student's stage 1 equals the all-linear student's in every linear layer (an exact
-    saving); stage 2 is the brief scoring budget, and it ends where the rule fires (at the end of the live job that
-    scored that round); with `scoring.racing` the layers far outside the top-K stop sooner (each round's `tokens`).
-    `no_early_stop_tokens` is this config's pass without the rule or racing. With the rule off the run goes on to the full budget, so `top_k_at_stop` vs
-    `top_k_full_budget` shows what stopping would have changed; with the rule on and fired, the full-budget set was
-    never computed (null).
+    The paper trains every one-swap student through the full stage 1 and stage 2 of a final model: L x (stage 1 +
+    stage 2), ~25B tokens for a 36-layer teacher. Here stage 1 runs once: it is teacher-forced and layer-local, so a
+    one-swap student's stage 1 equals the all-linear student's in every linear layer (an exact saving); stage 2 is
+    the brief scoring budget, and it ends where the rule fires (at the end of the live job that scored that round);
+    with `scoring.racing` the layers far outside the top-K stop sooner (each round's `tokens`).
+    `no_early_stop_tokens` is this config's pass without the rule or racing. With the rule off the run goes on to
+    the full budget, so `top_k_at_stop` vs `top_k_full_budget` shows what stopping would have changed; with the rule
+    on and fired, the full-budget set was never computed (null).
     """
     history = last["history"]
     stop = last["stop_round"] if last["stop_round"] is not None else last["round"]
