@@ -55,6 +55,8 @@ def test_bookkeeping_steps_run_without_torch_and_write_their_results(tmp_path):
     assert "torch imported: False" in result.stdout
     assert "selection pass of `paper-qwen2.5-3b`: 36 layers" in result.stdout
     assert "selection pass: top-1 [1] after round 1; the rule did not fire;" in result.stderr  # write-early-stop
+    assert "layers by one-swap held-out KL, best first: 1 (1.2), 0 (1.8)" in result.stderr  # rank-layers
+    assert "ga_s2 at K=1: softmax layers [1]" in result.stderr  # select-layers
     assert "compiled kernels" not in result.stderr  # the kernel cache is a torch step's concern
 
     first, second = (json.loads((tmp_path / f"decision{r}.json").read_text()) for r in (0, 1))

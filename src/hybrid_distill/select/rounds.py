@@ -12,7 +12,7 @@ from pathlib import Path
 from hybrid_distill.distill.atomic import drop_training_state, write_json, write_text_atomic
 from hybrid_distill.select.budget import job_end
 from hybrid_distill.select.early_stop import early_stop_decision, resolved_limits
-from hybrid_distill.select.importance import importance_csv
+from hybrid_distill.select.importance import importance_csv, ranking_from_importance
 from hybrid_distill.select.layer_sets import top_k_layers
 from hybrid_distill.select.racing import racing_settings, run_race
 from hybrid_distill.select.score_files import ScoreFileError, read_score
@@ -123,7 +123,10 @@ def round_progress(decision: dict, rule: dict) -> str:
 def rank_layers(score_files: list[Path], out_csv: Path) -> None:
     """importance.csv from the final round: importance = -held-out KL (GA-S2)."""
     kl = {i: read_score(path)["heldout_kl"] for i, path in enumerate(score_files)}
-    write_text_atomic(Path(out_csv), importance_csv({i: -v for i, v in kl.items()}, kl))
+    importance = {i: -v for i, v in kl.items()}
+    write_text_atomic(Path(out_csv), importance_csv(importance, kl))
+    log.info("layers by one-swap held-out KL, best first: %s",
+             ", ".join(f"{layer} ({kl[layer]:.4g})" for layer in ranking_from_importance(importance)))
 
 
 def summarise_early_stop(config: dict, decision_files: list[Path], round_files: list[list[Path]],

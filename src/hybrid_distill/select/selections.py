@@ -1,11 +1,14 @@
 """The chosen softmax layers of a selector at one K, and the GR-S2 signal from removal scores (no torch)."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from hybrid_distill.distill.atomic import write_json
 from hybrid_distill.select.importance import choose_layers
 from hybrid_distill.select.score_files import read_importance_csv, read_score, signals_from_json, signals_to_json
+
+log = logging.getLogger(__name__)
 
 
 def select_layers(selector: str, k: int, total_layers: int, out_json: Path, seed: int = 0,
@@ -24,6 +27,7 @@ def select_layers(selector: str, k: int, total_layers: int, out_json: Path, seed
     if pick_order is not None:
         payload["pick_order"] = list(pick_order[:k])
     write_json(out_json, payload)
+    log.info("%s at K=%d%s: softmax layers %s", selector, k, f" (seed {seed})" if selector == "random" else "", layers)
     return layers
 
 
