@@ -197,7 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--score-rounds-dir", type=Path, default=None,
                    help="score every round (DIR/round{r}.json every scoring.snapshot_every steps) in this one job")
     p.add_argument("--score-job-rounds", action="store_true",
-                   help="a live one-swap job: --score-out carries every round this job trains (scoring.snapshots_per_job)")
+                   help="a live one-swap job: --score-out carries every round this job trains "
+                        "(scoring.snapshots_per_job)")
     p.add_argument("--no-model", action="store_true", help="keep only the training state, save no model")
     p.add_argument("--teacher-cache", type=Path, default=None,
                    help="the teacher's cached hidden states (cache-teacher's --out) for the rows it holds")
