@@ -46,13 +46,16 @@ case $part in
   decide)
     common=(--stages stage2 --stage2-steps project --warmup 3 --repeats 5 --kl-chunk-tokens 4096 --compile-blocks
             --students gdn --compile-kl --bf16-weights --batch-size 64 --seq-len 512 --cuda-graph)
-    (  # the first bench compiles and autotunes on a fresh machine; the rest find most of it in the kernel caches
-      out="$out/$part"
-      bench default 220
-      HD_GDN_KEEP_STATES=on bench kept_states 80
-      HD_KL_ROWS=triton bench kl_triton 80
-      bench teacher_stream 80 --teacher-stream
-      HD_GDN_KEEP_STATES=on HD_KL_ROWS=triton bench all_three 80 --teacher-stream
+    (  # the first bench compiles and autotunes on a fresh machine; the rest find most of it in the kernel caches,
+       # autotuning choices included (the same choices in every row), and share what time the first one leaves
+      export TRITON_CACHE_AUTOTUNING=1
+      out="$out/$part" deadline=$((SECONDS + 530))
+      share() { echo $(( (deadline - SECONDS) / $1 )); }  # share BENCHES: this bench's part of the time left
+      bench default $(( deadline - SECONDS - 4 * 65 ))
+      HD_GDN_KEEP_STATES=on bench kept_states "$(share 4)"
+      HD_KL_ROWS=triton bench kl_triton "$(share 3)"
+      bench teacher_stream "$(share 2)" --teacher-stream
+      HD_GDN_KEEP_STATES=on HD_KL_ROWS=triton bench all_three "$(share 1)" --teacher-stream
     ) | grep -E "^(===|exit|stage2) "
     results=()
     for name in default kept_states kl_triton teacher_stream all_three; do  # those that finished
