@@ -29,6 +29,7 @@ job=(--stages stage2 --students gdn --stage2-steps project --batch-size 16 --seq
 compiled=(--compile-blocks --compile-kl --bf16-weights --cuda-graph)
 shared=(TRITON_CACHE_DIR="$root/shared/triton" TORCHINDUCTOR_CACHE_DIR="$root/shared/inductor"
         TRITON_CACHE_AUTOTUNING=1)
+source "$(dirname "$0")/bench_lib.sh"  # for `rehearsing` (HD_REHEARSE)
 case_run() {
   local name=$1 limit=$2; shift 2
   local environment=() arguments=()
@@ -79,7 +80,7 @@ for part in "${parts[@]}"; do
         HOME="$root/home" TORCHINDUCTOR_CACHE_DIR="$root/node3/inductor" -- "${compiled[@]}" ;;
     graphs_only) case_run graphs_only 200 "${shared[@]}" -- --cuda-graph ;;
     eager) case_run eager 200 "${shared[@]}" -- ;;
-    *) [[ -n ${HD_REHEARSE:-} ]] && python "$(dirname "$0")/rehearse.py" record unknown_part "$0" "$part"
+    *) rehearsing unknown_part "$0" "$part"
        echo "unknown part $part"; exit 2 ;;
   esac
 done
