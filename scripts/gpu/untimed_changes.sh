@@ -14,8 +14,8 @@
 #   kept_states   HD_GDN_KEEP_STATES: its tests against fla's own rule, then the graphed all-GDN step with it
 #   stream_tests  the replayed-step tests: the teacher on its own stream, and head_dim 128 (FlashQLA captured)
 #   conv_bench    graphed all-GDN step at 64 x 512, every kernel listed: our conv's row kernels, then its tiles
-#   stream        graphed steps at 64 x 512 with the live teacher on its own stream (all-GDN, all-softmax), then
-#                 all-softmax in line (`short_graph`; conv_bench's rows give all-GDN in line): compare on one machine
+#   stream        the graphed all-softmax step at 64 x 512 in line, with the live teacher on its own stream, and both
+#                 again (decide timed all-GDN both ways), then compare_benches.py's table against the first
 #   qla_tests     FlashQLA's mixer test against fla's Triton kernels
 #   qla_bench     all-GDN at Qwen2.5-3B widths with and without FlashQLA
 #   decode_in_place  graphed decoding with GDN's state written in place and one copy of all conv caches: the
@@ -73,11 +73,24 @@ case $part in
       HD_CONV_KERNELS=$kernels OUT="$out/$part/$kernels" bash "$root/scripts/gpu/bench_step_profile.sh" profile_gdn \
         | grep -E "^(exit|stage2) "
     done ;;
-  stream)
-    for bench_part in teacher_stream short_graph; do  # conv_bench's rows are the all-GDN step in line
-      STUDENTS=softmax OUT="$out/$part/$bench_part" bash "$root/scripts/gpu/bench_step_profile.sh" "$bench_part" \
-        | grep -E "^(exit|stage2) "
-    done ;;
+  stream)  # decide timed all-GDN with the teacher stream; this is all-softmax, in line and on a stream, twice each
+    common=(--stages stage2 --stage2-steps project --warmup 3 --repeats 5 --kl-chunk-tokens 4096 --compile-blocks
+            --students softmax --compile-kl --bf16-weights --batch-size 64 --seq-len 512 --cuda-graph)
+    (
+      export TRITON_CACHE_AUTOTUNING=1
+      out="$out/$part" deadline=$((SECONDS + 530))
+      share() { echo $(( (deadline - SECONDS) / $1 )); }
+      bench in_line $(( deadline - SECONDS - 3 * 60 ))
+      bench teacher_stream "$(share 3)" --teacher-stream
+      bench in_line_again "$(share 2)"
+      bench teacher_stream_again "$(share 1)" --teacher-stream
+    ) | grep -E "^(===|exit|stage2) "
+    results=()
+    for name in in_line teacher_stream in_line_again teacher_stream_again; do
+      [[ -f $out/$part/$name.json || -n ${HD_REHEARSE:-} ]] && results+=("$out/$part/$name.json")
+    done
+    script 30 compare.txt "$root/scripts/compare_benches.py" "${results[@]}"
+    cat "$out/$part/compare.txt" ;;
   stream_tests)
     tests 500 step_graph_tests.log "$root/tests/gpu/test_step_graph_cuda.py" -k "stream or head_dim" ;;
   qla_tests)
