@@ -3,9 +3,12 @@
 # lm-eval and their needs; see device_wheels.txt) as carry-sized chunks under .gpu/ (git-ignored).
 # Run it here, in the project root; then carry the chunks in back-to-back device calls that each start with
 #   source scripts/gpu/unpack.sh;
-# Usage: bash scripts/gpu/prepare.sh [python version of the GPU machine, default 3.12]
+# Usage: bash scripts/gpu/prepare.sh [--kernels] [python version of the GPU machine, default 3.12]
+#   --kernels  only the wheels device_wheels.txt marks `# kernels` (fla, tilelang): two chunks, not five, for a lease
+#              of benches and GPU tests (an all-softmax bench needs no chunk at all: the device has torch and triton)
 set -euo pipefail
 cd "$(git rev-parse --show-toplevel)"
+only_kernels=false; [[ ${1:-} == --kernels ]] && { only_kernels=true; shift; }
 python_version=${1:-3.12}
 chunk_bytes=58000000              # a device call carries 64 MiB with the work tree
 build=.gpu/build
@@ -15,6 +18,7 @@ mkdir -p "$build/payload/wheels"
 platforms=(--only-binary=:all: --implementation cp --python-version "$python_version" --platform manylinux2014_x86_64)
 for glibc in 17 24 27 28 31 34 35; do platforms+=(--platform "manylinux_2_${glibc}_x86_64"); done
 grep -v '^\s*#' scripts/gpu/device_wheels.txt | grep . > "$build/requirements.txt"
+if $only_kernels; then grep '# kernels$' "$build/requirements.txt" > "$build/kernels.txt"; mv "$build/kernels.txt" "$build/requirements.txt"; fi
 python3 -m pip download -q --no-deps "${platforms[@]}" -d "$build/payload/wheels" -r "$build/requirements.txt" \
   2> >(grep -v "is ignored" >&2)
 
