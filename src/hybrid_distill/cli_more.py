@@ -168,9 +168,10 @@ def add_steps(steps, add):
                         "(project steps only)")
     p.add_argument("--compile-kl", action="store_true",
                    help="compile the KL's per-chunk maths, as distill.compile_kl (project steps only)")
-    p.add_argument("--teacher-stream", action="store_true",
+    p.add_argument("--teacher-stream", action=argparse.BooleanOptionalAction, default=True,
                    help="run the live teacher's forward on a second CUDA stream beside the student's, as "
-                        "distill.teacher_stream (project steps only)")
+                        "distill.teacher_stream, on by default as there (project steps only; --no-teacher-stream "
+                        "runs it in line)")
     p.add_argument("--gemm-ceiling", action="store_true",
                    help="also time each stage-2 row's weight GEMMs alone at the step's shapes: the MFU the step "
                         "would reach if nothing else took time")

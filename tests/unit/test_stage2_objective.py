@@ -142,3 +142,15 @@ def test_teacher_stream_runs_the_live_teacher_through_it_and_keeps_the_loss(monk
         teacher_hidden = teacher.model(input_ids=input_ids).last_hidden_state
     objective(input_ids, teacher_hidden=teacher_hidden)
     assert calls == ["start", "join"]
+
+
+def test_stage2_jobs_run_the_live_teacher_on_its_own_stream_unless_a_config_says_no():
+    """distill.teacher_stream defaults to on (+2% on graphed steps of both students, docs/performance.md); a
+    config's `false` keeps the teacher in line."""
+    from hybrid_distill.config.load import validate_config
+
+    teacher = tiny_teacher("llama")
+    for distill, beside in (({}, True), ({"teacher_stream": False}, False)):
+        resolved = validate_config({"distill": distill})["distill"]
+        objective = stage2_objective(resolved, build_student(teacher, [0], "gdn"), teacher, "all")
+        assert (objective.teacher_stream is not None) is beside

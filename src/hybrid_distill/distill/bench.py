@@ -106,7 +106,7 @@ class BenchSettings:
     cuda_graph: bool = False
     micro_batches: int = 1
     activation_memory_budget: float = 1.0
-    teacher_stream: bool = False
+    teacher_stream: bool = True  # distill.teacher_stream's default
 
     def __post_init__(self):
         if self.micro_batches < 1 or self.batch_size % self.micro_batches:
