@@ -16,6 +16,9 @@
 #   conv_bench    graphed all-GDN step at 64 x 512, every kernel listed: our conv's row kernels, then its tiles
 #   stream        the graphed all-softmax step at 64 x 512 in line, with the live teacher on its own stream, and both
 #                 again (decide timed all-GDN both ways), then compare_benches.py's table against the first
+#   kl_loop       HD_KL_ROWS=triton_loop: the compiled-KL GPU tests (every KL-kernel candidate, the looping ones
+#                 too), then the graphed all-GDN step with our KL kernel's default candidates, the looping ones among
+#                 them, and the default again (every kernel listed), then compare_benches.py's table
 #   qla_tests     FlashQLA's mixer test against fla's Triton kernels
 #   qla_bench     all-GDN at Qwen2.5-3B widths with and without FlashQLA
 #   decode_in_place  graphed decoding with GDN's state written in place and one copy of all conv caches: the
@@ -25,7 +28,7 @@
 set -uo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 out=${OUT:-bench-out}
-part=${1:?usage: $0 decide|conv_tests|conv_bench|stream|kept_states|kl_rows|stream_tests|qla_tests|qla_bench|decode_in_place}
+part=${1:?usage: $0 decide|conv_tests|conv_bench|stream|kept_states|kl_rows|kl_loop|stream_tests|qla_tests|qla_bench|decode_in_place}
 mkdir -p "$out/$part"
 source "$root/scripts/gpu/bench_lib.sh"
 
@@ -51,10 +54,11 @@ case $part in
       export TRITON_CACHE_AUTOTUNING=1
       out="$out/$part" deadline=$((SECONDS + 530))
       share() { echo $(( (deadline - SECONDS) / $1 )); }  # share BENCHES: this bench's part of the time left
-      bench default $(( deadline - SECONDS - 4 * 65 ))
-      HD_GDN_KEEP_STATES=on bench kept_states "$(share 4)"
-      HD_KL_ROWS=triton bench kl_triton "$(share 3)"
-      bench teacher_stream "$(share 2)" --teacher-stream
+      # the rows before all_three keep the defaults before session 26 but for their one change: teacher in line
+      HD_GDN_KEEP_STATES=off HD_KL_ROWS=compiled bench default $(( deadline - SECONDS - 4 * 65 )) --no-teacher-stream
+      HD_GDN_KEEP_STATES=on HD_KL_ROWS=compiled bench kept_states "$(share 4)" --no-teacher-stream
+      HD_GDN_KEEP_STATES=off HD_KL_ROWS=triton bench kl_triton "$(share 3)" --no-teacher-stream
+      HD_GDN_KEEP_STATES=off HD_KL_ROWS=compiled bench teacher_stream "$(share 2)" --teacher-stream
       HD_GDN_KEEP_STATES=on HD_KL_ROWS=triton bench all_three "$(share 1)" --teacher-stream
     ) | grep -E "^(===|exit|stage2) "
     results=()
@@ -80,9 +84,9 @@ case $part in
       export TRITON_CACHE_AUTOTUNING=1
       out="$out/$part" deadline=$((SECONDS + 450))  # leaves a short lease time for a profile
       share() { echo $(( (deadline - SECONDS) / $1 )); }
-      bench in_line $(( deadline - SECONDS - 3 * 60 ))
+      bench in_line $(( deadline - SECONDS - 3 * 60 )) --no-teacher-stream
       bench teacher_stream "$(share 3)" --teacher-stream
-      bench in_line_again "$(share 2)"
+      bench in_line_again "$(share 2)" --no-teacher-stream
       bench teacher_stream_again "$(share 1)" --teacher-stream
     ) | grep -E "^(===|exit|stage2) "
     results=()
@@ -103,6 +107,24 @@ case $part in
   kl_rows)
     tests 200 compiled_kl_tests.log "$root/tests/gpu/test_compiled_kl_cuda.py"
     OUT="$out/$part" bash "$root/scripts/gpu/bench_step_profile.sh" kl_triton | grep -E "^(exit|stage2) " ;;
+  kl_loop)  # HD_KL_ROWS=triton_loop (session 27): every KL-kernel candidate checked, then timed against the default
+    tests 240 compiled_kl_tests.log "$root/tests/gpu/test_compiled_kl_cuda.py"
+    common=(--stages stage2 --stage2-steps project --warmup 3 --repeats 5 --kl-chunk-tokens 4096 --compile-blocks
+            --students gdn --compile-kl --bf16-weights --batch-size 64 --seq-len 512 --cuda-graph --profile-top 40)
+    (
+      export TRITON_CACHE_AUTOTUNING=1
+      out="$out/$part" deadline=$((SECONDS + 300))
+      share() { echo $(( (deadline - SECONDS) / $1 )); }
+      bench one_per_row $(( deadline - SECONDS - 2 * 60 ))
+      HD_KL_ROWS=triton_loop bench looping "$(share 2)"
+      bench one_per_row_again "$(share 1)"
+    ) | grep -E "^(===|exit|stage2) "
+    results=()
+    for name in one_per_row looping one_per_row_again; do
+      [[ -f $out/$part/$name.json || -n ${HD_REHEARSE:-} ]] && results+=("$out/$part/$name.json")
+    done
+    script 30 compare.txt "$root/scripts/compare_benches.py" "${results[@]}"
+    cat "$out/$part/compare.txt" ;;
   decode_in_place)
     tests 150 static_decode_tests.log "$root/tests/gpu/test_static_decode_cuda.py"
     llama3b=(hidden_size=3072 intermediate_size=8192 num_hidden_layers=28 num_attention_heads=24

@@ -48,15 +48,15 @@ def smollm2_logits(rows=512, vocab=49152, seed=0):
     return student, teacher
 
 
-@pytest.mark.parametrize("config", kl_rows_triton._configs(), ids=lambda config: f"{config.kwargs['BLOCK']}x"
-                         f"{config.num_warps}")
+@pytest.mark.parametrize("config", kl_rows_triton._configs(looping=True), ids=lambda config: f"{config.kwargs['BLOCK']}x"
+                         f"{config.num_warps}p{config.kwargs['PROGRAMS_PER_SM']}")
 def test_every_kl_rows_candidate_gives_the_chunk_maths(config, monkeypatch):
     """The autotuner may pick any candidate on another GPU or vocabulary, so each one, run alone, gives the maths."""
     import triton
 
     only = triton.autotune([config], key=["V", "WRITE_GRAD"])(kl_rows_triton._kl_rows_kernel)
     monkeypatch.setattr(kl_rows_triton, "_kl_rows_tuned", only)
-    student, teacher = smollm2_logits()
+    student, teacher = smollm2_logits(rows=1200)  # more rows than 4 programs on each of an H100's 132 SMs: they loop
     scale = torch.rand(student.shape[0], 1, device="cuda")
     want_loss, want_grad = _kl_rows(student.double(), teacher.double(), 2.0, None, scale.double(), torch.float64)
     loss, grad = kl_rows_triton.kl_rows(student, teacher, 2.0, None, scale, torch.bfloat16)

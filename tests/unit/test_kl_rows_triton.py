@@ -48,15 +48,23 @@ for case, (vocab, temperature, trend, weighted, per_row) in enumerate([
     record(f"loss without grad {case}", loss_only.double(), want_loss)
     worst[f"grad without scale {case}"] = no_grad
 
+# programs looping over the rows (PROGRAMS_PER_SM > 0): 5 rows on 2 programs give what one program per row gives
+one_per_row = kl_rows(student, teacher, temperature, weights, scale, torch.bfloat16)
+_PLAIN_CONFIG["PROGRAMS_PER_SM"] = 1
+kl_rows_triton._sm_count = lambda device: 2
+looping = kl_rows(student, teacher, temperature, weights, scale, torch.bfloat16)
+_PLAIN_CONFIG["PROGRAMS_PER_SM"] = 0
+worst["looping programs equal"] = all(torch.equal(a, b) for a, b in zip(looping, one_per_row, strict=True))
+
 # the chunked KL from hidden states with the kernel as its compiled maths, against its eager maths
 os.environ["HD_KL_ROWS"] = "triton"
 called = []
 kernel = kl_rows_triton.kl_rows
 
 
-def counted(*args):
+def counted(*args, **options):
     called.append(tuple(args[0].shape))
-    return kernel(*args)
+    return kernel(*args, **options)
 
 kl_rows_triton.kl_rows = counted
 hidden = torch.randn(13, 6, generator=generator, requires_grad=True)
@@ -83,6 +91,7 @@ def test_kernel_computes_the_chunk_maths_alone_and_inside_the_chunked_kl(tmp_pat
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     worst = result["worst"]
+    assert worst.pop("looping programs equal") is True
     for case in range(3):
         assert worst.pop(f"grad dtype {case}") == "torch.bfloat16"
         assert worst.pop(f"grad without scale {case}") is None
@@ -99,7 +108,7 @@ def test_an_unknown_kernel_choice_is_named(monkeypatch):
     monkeypatch.setenv("HD_KL_ROWS", "fast")
     hidden = torch.randn(4, 3, requires_grad=True)
     weight = torch.randn(11, 3)
-    with pytest.raises(ValueError, match="HD_KL_ROWS must be one of compiled, triton, not 'fast'"):
+    with pytest.raises(ValueError, match="HD_KL_ROWS must be one of compiled, triton, triton_loop, not 'fast'"):
         chunked_kl_from_hidden(hidden, weight, torch.randn(4, 3), weight, compiled=True)
 
 
@@ -118,3 +127,19 @@ def test_a_cpu_without_the_interpreter_keeps_inductors_maths(monkeypatch):
         losses[choice] = chunked_kl_from_hidden(hidden, weight, torch.randn(4, 3, generator=torch.Generator()
                                                                            .manual_seed(1)), weight, compiled=True)
     assert losses["triton"].item() == losses["compiled"].item() > 0
+
+
+def test_triton_loop_autotunes_looping_programs_besides_one_per_row(monkeypatch):
+    """HD_KL_ROWS=triton_loop hands our kernel `looping`, whose candidates add programs that loop over the rows;
+    the default's candidates all give each row its own program (the looping ones wait for a GPU check)."""
+    from hybrid_distill.distill import kl_rows_triton
+    from hybrid_distill.distill.fused_kl import _fused_kl_rows
+
+    cuda = torch.device("cuda")  # only the choice is made here: nothing is launched
+    for choice, looping in (("triton", False), ("triton_loop", True)):
+        monkeypatch.setenv("HD_KL_ROWS", choice)
+        chosen = _fused_kl_rows(torch.float32, cuda)
+        assert chosen.func is kl_rows_triton.kl_rows and chosen.keywords == {"looping": looping}
+    programs = {config.kwargs["PROGRAMS_PER_SM"] for config in kl_rows_triton._configs()}
+    looping_programs = {config.kwargs["PROGRAMS_PER_SM"] for config in kl_rows_triton._configs(looping=True)}
+    assert programs == {0} and looping_programs == {0, 1, 2, 4}

@@ -188,13 +188,15 @@ def _kl_rows(student_logits: Tensor, teacher_logits: Tensor, temperature: float,
     return per_token.sum(), ((log_p_student.exp() - p_teacher) * row_scale).to(grad_dtype)
 
 
-KL_ROWS_CHOICES = ("compiled", "triton")
+KL_ROWS_CHOICES = ("compiled", "triton", "triton_loop")
 
 
 def kl_rows_choice() -> str:
     """`HD_KL_ROWS`: whose kernel runs the chunk maths under `compiled` (distill.compile_kl): ours (`triton`, the
     default; kl_rows_triton.py: two passes over the logits, where Inductor's kernel took about four passes' time:
-    +1.7% on a graphed all-GDN step, H100, session 26) or Inductor's (`compiled`). Set it before the process starts."""
+    +1.7% on a graphed all-GDN step, H100, session 26), ours with candidates whose programs loop over the rows among
+    those it autotunes (`triton_loop`, session 27, not yet run on a GPU), or Inductor's (`compiled`). Set it before
+    the process starts."""
     choice = os.environ.get("HD_KL_ROWS", "triton")
     if choice not in KL_ROWS_CHOICES:
         raise ValueError(f"HD_KL_ROWS must be one of {', '.join(KL_ROWS_CHOICES)}, not {choice!r}")
@@ -205,10 +207,11 @@ def _fused_kl_rows(compute_dtype: torch.dtype, device: torch.device):
     """The chunk maths `compiled` runs. Ours runs on CUDA, and on CPU under TRITON_INTERPRET=1 (the tests); it
     computes in float32, so float64 logits keep Inductor's, as does a CPU without the interpreter."""
     runs_triton = device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
-    if kl_rows_choice() == "triton" and runs_triton and compute_dtype != torch.float64:
+    choice = kl_rows_choice()
+    if choice != "compiled" and runs_triton and compute_dtype != torch.float64:
         from hybrid_distill.distill.kl_rows_triton import kl_rows
 
-        return kl_rows
+        return functools.partial(kl_rows, looping=choice == "triton_loop")
     return _compiled_kl_rows()
 
 
