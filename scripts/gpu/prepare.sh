@@ -4,8 +4,8 @@
 # Run it here, in the project root; then carry the chunks in back-to-back device calls that each start with
 #   source scripts/gpu/unpack.sh;
 # Usage: bash scripts/gpu/prepare.sh [--kernels] [python version of the GPU machine, default 3.12]
-#   --kernels  only the wheels device_wheels.txt marks `# kernels` (fla, tilelang, the CLI's jsonschema): two chunks,
-#              not five, for a lease of benches and GPU tests
+#   --kernels  only the wheels device_wheels.txt marks `# kernels` (fla, tilelang, the CLI's jsonschema and
+#              submitit): two chunks, not five, for a lease of benches and GPU tests
 set -euo pipefail
 cd "$(git rev-parse --show-toplevel)"
 only_kernels=false; [[ ${1:-} == --kernels ]] && { only_kernels=true; shift; }
