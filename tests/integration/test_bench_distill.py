@@ -21,12 +21,16 @@ TINY = dict(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_lay
 def test_bench_records_its_options_and_the_most_expensive_kernels(monkeypatch):
     monkeypatch.setenv("HD_SHORT_CONV", "fla")  # a mixer op switch (CPU tensors stay on PyTorch's ops)
     monkeypatch.delenv("HD_QK_L2NORM", raising=False)
-    result = run_benchmark(batch_size=2, seq_len=32, warmup=1, repeats=1, stages=["stage2"], students=["gdn"],
-                           chunk_tokens=16, shape=TINY, stage2_steps=["naive", "project", "cached"],
-                           activation_checkpointing=True, profile_top=4)
+    import torch._inductor.config as inductor_config
+
+    with inductor_config.patch(max_autotune=True):  # what TORCHINDUCTOR_MAX_AUTOTUNE=1 sets
+        result = run_benchmark(batch_size=2, seq_len=32, warmup=1, repeats=1, stages=["stage2"], students=["gdn"],
+                               chunk_tokens=16, shape=TINY, stage2_steps=["naive", "project", "cached"],
+                               activation_checkpointing=True, profile_top=4)
     assert result["options"]["activation_checkpointing"] is True and result["options"]["kl_chunk_tokens"] == 16
     assert result["options"]["hd_short_conv"] == "fla" and "hd_qk_l2norm" not in result["options"]
     assert result["options"]["short_conv"] == "torch"  # what the CPU step ran
+    assert result["options"]["inductor_max_autotune"] is True
     assert [(row["step"], row["note"] != "") for row in result["rows"]] == [
         ("naive", False), ("project", False), ("cached", True)]
     for row in result["rows"]:

@@ -147,6 +147,14 @@ def cache_batch(teacher, batch, directory: Path) -> TeacherCache:
     return TeacherCache(directory / "hidden.bin", identity)
 
 
+def _inductor_tuning() -> dict:
+    """Inductor's GEMM autotuning when on (TORCHINDUCTOR_MAX_AUTOTUNE=1, bench_step_profile.sh max_autotune), so that
+    compare_benches names it; absent otherwise, as in results written before it was recorded."""
+    import torch._inductor.config as inductor_config
+
+    return {"inductor_max_autotune": True} if inductor_config.max_autotune else {}
+
+
 def model_flops_per_token(objective) -> float:
     """6 N for the trained student (forward + backward) + 2 N for the teacher's forward, N = matmul weights;
     a cached teacher only runs its lm_head."""
@@ -335,6 +343,7 @@ def _run_rows(settings: BenchSettings, rank, world, device) -> dict:
                            if name in os.environ},
                         "short_conv": mixer_ops.op_choice("HD_SHORT_CONV", settings.cuda_graph)  # the project step's
                         if device.type == "cuda" else "torch",
+                        **_inductor_tuning(),
                         "flash_qla": _installed_version("flash_qla"),  # fla's GDN backend, where it applies
                         "torch": torch.__version__},
             "compiled_graphs": compiled_graph_counts(),
