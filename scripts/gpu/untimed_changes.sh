@@ -45,6 +45,16 @@ script() {  # script LIMIT LOG SCRIPT ARGS...: one Python script, unbuffered, in
   timeout "$limit" python -u "$@" > "$out/$part/$log" 2>&1
 }
 
+compare() {  # compare NAME...: compare_benches.py's table of those benches of this part that finished, the first
+  # as the baseline (a bench stopped at its limit wrote no JSON and drops out)
+  local name results=()
+  for name in "$@"; do
+    [[ -f $out/$part/$name.json || -n ${HD_REHEARSE:-} ]] && results+=("$out/$part/$name.json")
+  done
+  script 30 compare.txt "$root/scripts/compare_benches.py" "${results[@]}"
+  cat "$out/$part/compare.txt"
+}
+
 case $part in
   decide)
     common=(--stages stage2 --stage2-steps project --warmup 3 --repeats 5 --kl-chunk-tokens 4096 --compile-blocks
@@ -61,12 +71,7 @@ case $part in
       HD_GDN_KEEP_STATES=off HD_KL_ROWS=compiled bench teacher_stream "$(share 2)" --teacher-stream
       HD_GDN_KEEP_STATES=on HD_KL_ROWS=triton bench all_three "$(share 1)" --teacher-stream
     ) | grep -E "^(===|exit|stage2) "
-    results=()
-    for name in default kept_states kl_triton teacher_stream all_three; do  # those that finished
-      [[ -f $out/$part/$name.json || -n ${HD_REHEARSE:-} ]] && results+=("$out/$part/$name.json")
-    done
-    script 30 compare.txt "$root/scripts/compare_benches.py" "${results[@]}"
-    cat "$out/$part/compare.txt" ;;
+    compare default kept_states kl_triton teacher_stream all_three ;;
   conv_tests)
     tests 330 conv_tests.log "$root/tests/gpu/test_mixer_kernels.py" \
       -k "short_conv or candidate or (our_conv and not gla)"
@@ -89,12 +94,7 @@ case $part in
       bench in_line_again "$(share 2)" --no-teacher-stream
       bench teacher_stream_again "$(share 1)" --teacher-stream
     ) | grep -E "^(===|exit|stage2) "
-    results=()
-    for name in in_line teacher_stream in_line_again teacher_stream_again; do
-      [[ -f $out/$part/$name.json || -n ${HD_REHEARSE:-} ]] && results+=("$out/$part/$name.json")
-    done
-    script 30 compare.txt "$root/scripts/compare_benches.py" "${results[@]}"
-    cat "$out/$part/compare.txt" ;;
+    compare in_line teacher_stream in_line_again teacher_stream_again ;;
   stream_tests)
     tests 500 step_graph_tests.log "$root/tests/gpu/test_step_graph_cuda.py" -k "stream or head_dim" ;;
   qla_tests)
@@ -119,12 +119,7 @@ case $part in
       HD_KL_ROWS=triton_loop bench looping "$(share 2)"
       bench one_per_row_again "$(share 1)"
     ) | grep -E "^(===|exit|stage2) "
-    results=()
-    for name in one_per_row looping one_per_row_again; do
-      [[ -f $out/$part/$name.json || -n ${HD_REHEARSE:-} ]] && results+=("$out/$part/$name.json")
-    done
-    script 30 compare.txt "$root/scripts/compare_benches.py" "${results[@]}"
-    cat "$out/$part/compare.txt" ;;
+    compare one_per_row looping one_per_row_again ;;
   decode_in_place)
     tests 150 static_decode_tests.log "$root/tests/gpu/test_static_decode_cuda.py"
     llama3b=(hidden_size=3072 intermediate_size=8192 num_hidden_layers=28 num_attention_heads=24
