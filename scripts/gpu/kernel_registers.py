@@ -75,7 +75,7 @@ def main() -> None:
         in_flight = programs * rows * config.kwargs["BLOCK_D"]
         settings = ", ".join(f"{key}={value}" for key, value in config.kwargs.items())
         print(f"{name:10}  {settings:24}  {config.num_warps:5}  {registers:4}  {stack:5}  {in_flight:11}")
-    for config in kl._configs(looping=True):  # elements/SM: each model's logits one iteration of the resident programs loads
+    for config in kl._configs(looping=True):  # elements/SM: each model's logits one iteration of the programs loads
         registers, stack = resource_use(kl._kl_rows_kernel, {"WRITE_GRAD": True, "FAST": True, **config.kwargs},
                                         config.num_warps)
         programs = resident_programs(registers, config.num_warps)

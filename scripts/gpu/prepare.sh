@@ -17,8 +17,8 @@ mkdir -p "$build/payload/wheels"
 
 platforms=(--only-binary=:all: --implementation cp --python-version "$python_version" --platform manylinux2014_x86_64)
 for glibc in 17 24 27 28 31 34 35; do platforms+=(--platform "manylinux_2_${glibc}_x86_64"); done
-grep -v '^\s*#' scripts/gpu/device_wheels.txt | grep . > "$build/requirements.txt"
-if $only_kernels; then grep '# kernels$' "$build/requirements.txt" > "$build/kernels.txt"; mv "$build/kernels.txt" "$build/requirements.txt"; fi
+grep -v '^\s*#' scripts/gpu/device_wheels.txt | grep . | { if $only_kernels; then grep '# kernels$'; else cat; fi; } \
+  > "$build/requirements.txt"
 python3 -m pip download -q --no-deps "${platforms[@]}" -d "$build/payload/wheels" -r "$build/requirements.txt" \
   2> >(grep -v "is ignored" >&2)
 

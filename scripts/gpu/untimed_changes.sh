@@ -28,7 +28,8 @@
 set -uo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 out=${OUT:-bench-out}
-part=${1:?usage: $0 decide|conv_tests|conv_bench|stream|kept_states|kl_rows|kl_loop|stream_tests|qla_tests|qla_bench|decode_in_place}
+parts="decide|conv_tests|conv_bench|stream|kept_states|kl_rows|kl_loop|stream_tests|qla_tests|qla_bench|decode_in_place"
+part=${1:?usage: $0 $parts}
 mkdir -p "$out/$part"
 source "$root/scripts/gpu/bench_lib.sh"
 
@@ -55,17 +56,26 @@ compare() {  # compare NAME...: compare_benches.py's table of those benches of t
   cat "$out/$part/compare.txt"
 }
 
+# The graphed stage-2 step at 64 x 512 that decide, stream and kl_loop time, one student per part.
+graphed_step=(--stages stage2 --stage2-steps project --warmup 3 --repeats 5 --kl-chunk-tokens 4096 --compile-blocks
+              --compile-kl --bf16-weights --batch-size 64 --seq-len 512 --cuda-graph)
+
+rows_within() {  # rows_within SECONDS, in a part's subshell: its benches write under $out/$part and share SECONDS;
+  # the first compiles and autotunes on a fresh machine, the rest find it in the kernel caches, autotuning choices
+  # included (the same kernel choices in every row)
+  export TRITON_CACHE_AUTOTUNING=1
+  out="$out/$part" deadline=$((SECONDS + $1))
+}
+first() { echo $(( deadline - SECONDS - $1 )); }  # first LATER: the first bench's time, LATER seconds kept back
+share() { echo $(( (deadline - SECONDS) / $1 )); }  # share BENCHES: this bench's part of the time left
+
 case $part in
   decide)
-    common=(--stages stage2 --stage2-steps project --warmup 3 --repeats 5 --kl-chunk-tokens 4096 --compile-blocks
-            --students gdn --compile-kl --bf16-weights --batch-size 64 --seq-len 512 --cuda-graph)
-    (  # the first bench compiles and autotunes on a fresh machine; the rest find most of it in the kernel caches,
-       # autotuning choices included (the same choices in every row), and share what time the first one leaves
-      export TRITON_CACHE_AUTOTUNING=1
-      out="$out/$part" deadline=$((SECONDS + 530))
-      share() { echo $(( (deadline - SECONDS) / $1 )); }  # share BENCHES: this bench's part of the time left
+    common=("${graphed_step[@]}" --students gdn)
+    (
+      rows_within 530
       # the rows before all_three keep the defaults before session 26 but for their one change: teacher in line
-      HD_GDN_KEEP_STATES=off HD_KL_ROWS=compiled bench default $(( deadline - SECONDS - 4 * 65 )) --no-teacher-stream
+      HD_GDN_KEEP_STATES=off HD_KL_ROWS=compiled bench default "$(first $((4 * 65)))" --no-teacher-stream
       HD_GDN_KEEP_STATES=on HD_KL_ROWS=compiled bench kept_states "$(share 4)" --no-teacher-stream
       HD_GDN_KEEP_STATES=off HD_KL_ROWS=triton bench kl_triton "$(share 3)" --no-teacher-stream
       HD_GDN_KEEP_STATES=off HD_KL_ROWS=compiled bench teacher_stream "$(share 2)" --teacher-stream
@@ -83,13 +93,10 @@ case $part in
         | grep -E "^(exit|stage2) "
     done ;;
   stream)  # decide timed all-GDN with the teacher stream; this is all-softmax, in line and on a stream, twice each
-    common=(--stages stage2 --stage2-steps project --warmup 3 --repeats 5 --kl-chunk-tokens 4096 --compile-blocks
-            --students softmax --compile-kl --bf16-weights --batch-size 64 --seq-len 512 --cuda-graph)
+    common=("${graphed_step[@]}" --students softmax)
     (
-      export TRITON_CACHE_AUTOTUNING=1
-      out="$out/$part" deadline=$((SECONDS + 450))  # leaves a short lease time for a profile
-      share() { echo $(( (deadline - SECONDS) / $1 )); }
-      bench in_line $(( deadline - SECONDS - 3 * 60 )) --no-teacher-stream
+      rows_within 450  # leaves a short lease time for a profile
+      bench in_line "$(first $((3 * 60)))" --no-teacher-stream
       bench teacher_stream "$(share 3)" --teacher-stream
       bench in_line_again "$(share 2)" --no-teacher-stream
       bench teacher_stream_again "$(share 1)" --teacher-stream
@@ -109,13 +116,10 @@ case $part in
     OUT="$out/$part" bash "$root/scripts/gpu/bench_step_profile.sh" kl_triton | grep -E "^(exit|stage2) " ;;
   kl_loop)  # HD_KL_ROWS=triton_loop (session 27): every KL-kernel candidate checked, then timed against the default
     tests 240 compiled_kl_tests.log "$root/tests/gpu/test_compiled_kl_cuda.py"
-    common=(--stages stage2 --stage2-steps project --warmup 3 --repeats 5 --kl-chunk-tokens 4096 --compile-blocks
-            --students gdn --compile-kl --bf16-weights --batch-size 64 --seq-len 512 --cuda-graph --profile-top 40)
+    common=("${graphed_step[@]}" --students gdn --profile-top 40)
     (
-      export TRITON_CACHE_AUTOTUNING=1
-      out="$out/$part" deadline=$((SECONDS + 300))
-      share() { echo $(( (deadline - SECONDS) / $1 )); }
-      bench one_per_row $(( deadline - SECONDS - 2 * 60 ))
+      rows_within 300
+      bench one_per_row "$(first $((2 * 60)))"
       HD_KL_ROWS=triton_loop bench looping "$(share 2)"
       bench one_per_row_again "$(share 1)"
     ) | grep -E "^(===|exit|stage2) "
@@ -131,7 +135,7 @@ case $part in
       echo "$shapes: exit $?"; grep -E "cuda_graph|model" "$out/$part/${shapes}_shapes.log"
     done ;;
   *) rehearsing unknown_part "$0" "$part"
-     echo "usage: $0 decide|conv_tests|conv_bench|stream|kept_states|kl_rows|stream_tests|qla_tests|qla_bench|decode_in_place" >&2
+     echo "usage: $0 $parts" >&2
      exit 2 ;;
 esac
 true

@@ -15,6 +15,7 @@ TRITON_INTERPRET=1 (the CPU tests) tl.exp2.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -43,7 +44,9 @@ def _configs(looping: bool = False) -> list[triton.Config]:
 _PLAIN_CONFIG = {"BLOCK": 1024, "PROGRAMS_PER_SM": 0}
 
 
+@functools.cache
 def _sm_count(device: torch.device) -> int:
+    """Queried once per device: kl_rows runs once per KL chunk."""
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
