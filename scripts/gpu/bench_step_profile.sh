@@ -27,13 +27,14 @@
 # every kernel listed, HD_GDN_KEEP_STATES=on: fla's chunk states kept for backward), `kl_triton` (all-GDN, every kernel
 # listed, and all-softmax at 64 x 512 graphed, with the KL's chunk maths in our two-pass kernel: HD_KL_ROWS=triton),
 # `max_autotune` (all-GDN at 64 x 512 graphed, every kernel listed, TORCHINDUCTOR_MAX_AUTOTUNE=1: Inductor times its
-# Triton GEMM templates against cuBLAS and may fuse the norms and casts around a GEMM into it; a long compile).
+# Triton GEMM templates against cuBLAS and may fuse the norms and casts around a GEMM into it; a long compile),
+# `max_autotune_softmax` (all-softmax at 64 x 512 graphed, 40 kernels listed, default then max-autotune).
 # 32k tokens per step unless said.
 # Each bench writes its JSON into $OUT and its log into $OUT/bench.log (bench_lib.sh).
 # Usage: bash scripts/gpu/bench_step_profile.sh [kl] [bf16] [gdn] [softmax] [recompute] [graph] [short] [short_graph]
 #        [paper_graph] [micro_softmax] [micro_gdn] [kl_chunks] [budget_softmax] [budget_gdn] [scoring_shape]
 #        [profile_gdn] [cached_graph] [plain_scoring] [torch_conv] [conv_grads_split] [conv_tiles] [fla_l2norm]
-#        [compiled_conv] [teacher_stream] [keep_states] [kl_triton] [max_autotune]
+#        [compiled_conv] [teacher_stream] [keep_states] [kl_triton] [max_autotune] [max_autotune_softmax]
 set -uo pipefail
 out=${OUT:-bench-out}
 mkdir -p "$out"
@@ -120,6 +121,11 @@ for part in "${@:-kl}"; do
         --batch-size 64 --seq-len 512 --cuda-graph ;;
     max_autotune)  # Inductor's GEMM templates tried against cuBLAS, pointwise code fused into the GEMMs that win
       TORCHINDUCTOR_MAX_AUTOTUNE=1 bench max_autotune_graph_gdn_bf16 480 "${graphed_gdn[@]}" ;;
+    max_autotune_softmax)  # the same for all-softmax, the student nearest 40%, after its default row
+      graphed_softmax=(--students softmax --compile-kl --bf16-weights --batch-size 64 --seq-len 512 --cuda-graph
+                       --profile-top 40)
+      bench graph_softmax_bf16 150 "${graphed_softmax[@]}"
+      TORCHINDUCTOR_MAX_AUTOTUNE=1 bench max_autotune_graph_softmax_bf16 400 "${graphed_softmax[@]}" ;;
     fla_l2norm)  # fla's GDN kernel normalises q and k itself, besides the default conv (ours)
       HD_QK_L2NORM=fla bench fla_l2norm_graph_gdn_bf16 200 "${graphed_gdn[@]}" ;;
     compiled_conv)  # not graphed: the host issues every launch
@@ -136,7 +142,7 @@ for part in "${@:-kl}"; do
        echo "usage: $0 [kl] [bf16] [gdn] [softmax] [recompute] [graph] [short] [short_graph] [paper_graph]" \
          "[micro_softmax] [micro_gdn] [kl_chunks] [budget_softmax] [budget_gdn] [scoring_shape] [profile_gdn]" \
          "[cached_graph] [plain_scoring] [torch_conv] [conv_grads_split] [conv_tiles] [fla_l2norm]" \
-         "[compiled_conv] [teacher_stream] [keep_states] [kl_triton] [max_autotune]" >&2; exit 2 ;;
+         "[compiled_conv] [teacher_stream] [keep_states] [kl_triton] [max_autotune] [max_autotune_softmax]" >&2; exit 2 ;;
   esac
 done
 true

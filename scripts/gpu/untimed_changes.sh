@@ -17,8 +17,8 @@
 #   stream        the graphed all-softmax step at 64 x 512 in line, with the live teacher on its own stream, and both
 #                 again (decide timed all-GDN both ways), then compare_benches.py's table against the first
 #   kl_loop       HD_KL_ROWS=triton_loop: the compiled-KL GPU tests (every KL-kernel candidate, the looping ones
-#                 too), then the graphed all-GDN step with our KL kernel's default candidates, the looping ones among
-#                 them, and the default again (every kernel listed), then compare_benches.py's table
+#                 too), then the graphed all-softmax step with our KL kernel's default candidates and with the looping
+#                 ones among them, alternated twice (40 kernels listed), then compare_benches.py's table
 #   qla_tests     FlashQLA's mixer test against fla's Triton kernels
 #   qla_bench     all-GDN at Qwen2.5-3B widths with and without FlashQLA
 #   decode_in_place  graphed decoding with GDN's state written in place and one copy of all conv caches: the
@@ -115,15 +115,17 @@ case $part in
     tests 200 compiled_kl_tests.log "$root/tests/gpu/test_compiled_kl_cuda.py"
     OUT="$out/$part" bash "$root/scripts/gpu/bench_step_profile.sh" kl_triton | grep -E "^(exit|stage2) " ;;
   kl_loop)  # HD_KL_ROWS=triton_loop (session 27): every KL-kernel candidate checked, then timed against the default
-    tests 240 compiled_kl_tests.log "$root/tests/gpu/test_compiled_kl_cuda.py"
-    common=("${graphed_step[@]}" --students gdn --profile-top 40)
+    # on the all-softmax step (the student nearest 40%; the KL kernel is the same for every student), alternated
+    tests 150 compiled_kl_tests.log "$root/tests/gpu/test_compiled_kl_cuda.py"
+    common=("${graphed_step[@]}" --students softmax --profile-top 40)
     (
-      rows_within 300
-      bench one_per_row "$(first $((2 * 60)))"
-      HD_KL_ROWS=triton_loop bench looping "$(share 2)"
-      bench one_per_row_again "$(share 1)"
+      rows_within 400
+      bench one_per_row "$(first $((3 * 60)))"
+      HD_KL_ROWS=triton_loop bench looping "$(share 3)"
+      bench one_per_row_again "$(share 2)"
+      HD_KL_ROWS=triton_loop bench looping_again "$(share 1)"
     ) | grep -E "^(===|exit|stage2) "
-    compare one_per_row looping one_per_row_again ;;
+    compare one_per_row looping one_per_row_again looping_again ;;
   decode_in_place)
     tests 150 static_decode_tests.log "$root/tests/gpu/test_static_decode_cuda.py"
     llama3b=(hidden_size=3072 intermediate_size=8192 num_hidden_layers=28 num_attention_heads=24

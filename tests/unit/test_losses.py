@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from hybrid_distill.distill.fused_kl import chunked_kl_from_hidden, naive_kl
 from hybrid_distill.distill.losses import hidden_alignment_loss, kl_distillation_loss
@@ -237,6 +238,55 @@ def test_bf16_inputs_give_fp32_loss_and_input_dtype_grads():
     for actual, expected in zip(student_grads(low), reference_grads, strict=True):
         assert actual.dtype == torch.bfloat16
         torch.testing.assert_close(actual.float(), expected, rtol=5e-2, atol=2e-3)
+
+
+def bf16_case(num_tokens=16, dim=8, vocab=32):
+    """A case whose values are all exact in bf16, as bf16 tensors (distill.bf16_weights' heads and hidden states)."""
+    case = random_case(num_tokens=num_tokens, student_dim=dim, teacher_dim=dim, vocab=vocab, dtype=torch.float32,
+                       scale=0.5)
+    return {name: None if t is None else t.detach().bfloat16().requires_grad_(t.requires_grad)
+            for name, t in case.items()}
+
+
+class HeadCasts(TorchDispatchMode):
+    """Counts the dtype casts of tensors shaped like a vocab head, autocast's own among them."""
+
+    def __init__(self, head_shape):
+        super().__init__()
+        self.head_shape, self.count = tuple(head_shape), 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._to_copy.default and tuple(args[0].shape) == self.head_shape:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_autocast_bf16_heads_are_not_cast_per_chunk():
+    """Under autocast the head GEMMs run in its dtype: bf16 heads go in as they are, where an upcast head would be
+    cast back at the chunks' GEMMs (in a graphed step, whose autocast keeps no cast cache, 24 casts of a
+    49,152 x 576 head per step). The one head-shaped cast left is the float32 weight gradient's, to the head's dtype."""
+    case = bf16_case()
+    with torch.autocast("cpu", dtype=torch.bfloat16), HeadCasts(case["student_head_weight"].shape) as casts:
+        chunked_from_case(case, 1.0, 4).backward()
+    assert casts.count == 1
+
+
+def test_autocast_gives_bf16_and_float32_inputs_the_same_values():
+    """Under autocast float32 heads are cast to bf16 once per call: the same GEMM operands as bf16 heads, so the
+    same loss and gradients, bit for bit."""
+    low = bf16_case()
+    wide = {name: None if t is None else t.detach().float().requires_grad_(t.requires_grad)
+            for name, t in low.items()}
+    losses = []
+    for case in (low, wide):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = chunked_from_case(case, 2.0, 5)
+        loss.backward()
+        losses.append(loss.detach())
+    assert torch.equal(losses[0], losses[1])
+    for actual, expected in zip(student_grads(wide), student_grads(low), strict=True):
+        assert actual.dtype == torch.float32
+        assert torch.equal(actual.bfloat16(), expected)
 
 
 # --- properties and errors -------------------------------------------------------------------------------------

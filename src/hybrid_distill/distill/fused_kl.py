@@ -93,11 +93,14 @@ class _ChunkedKL(torch.autograd.Function):
         # Under no_grad (held-out evaluation) the per-chunk gradients are skipped entirely.
         wants_grad = tuple(grad_enabled and ctx.needs_input_grad[i] for i in range(3))
         compute_dtype = _compute_dtype(student_hidden)
-        # Upcast ("wide") the heads once; per chunk only the hidden slice is upcast.
-        wide_student_weight = student_weight.to(compute_dtype)
-        wide_teacher_weight = teacher_weight.to(compute_dtype)
-        wide_student_bias = None if student_bias is None else student_bias.to(compute_dtype)
-        wide_teacher_bias = None if teacher_bias is None else teacher_bias.to(compute_dtype)
+        # The GEMMs' operands are cast once here, the heads for every chunk: to the autocast dtype where autocast
+        # would cast them at each GEMM anyway (the same values, without a float32 copy of each head cast back at
+        # every chunk), else upcast to the compute dtype.
+        gemm_dtype = _gemm_dtype(compute_dtype, device)
+        wide_student_weight = student_weight.to(gemm_dtype)
+        wide_teacher_weight = teacher_weight.to(gemm_dtype)
+        wide_student_bias = None if student_bias is None else student_bias.to(gemm_dtype)
+        wide_teacher_bias = None if teacher_bias is None else teacher_bias.to(gemm_dtype)
 
         if token_mask is None:
             token_weights = None
@@ -110,14 +113,14 @@ class _ChunkedKL(torch.autograd.Function):
 
         loss_sum = torch.zeros((), dtype=compute_dtype, device=device)
         grad_hidden = torch.empty_like(student_hidden) if wants_grad[0] else None
-        wide_grad_weight = torch.zeros_like(wide_student_weight) if wants_grad[1] else None
-        wide_grad_bias = torch.zeros_like(wide_student_bias) if wants_grad[2] else None
+        wide_grad_weight = torch.zeros_like(student_weight, dtype=compute_dtype) if wants_grad[1] else None
+        wide_grad_bias = torch.zeros_like(student_bias, dtype=compute_dtype) if wants_grad[2] else None
 
         # Under autocast the gradient matmuls below run in its dtype: the compiled maths hand it over already cast.
         grad_dtype = active_autocast_dtype(device.type) or compute_dtype
         for start in range(0, num_tokens, chunk_tokens):
             rows = slice(start, min(start + chunk_tokens, num_tokens))
-            wide_hidden = student_hidden[rows].to(compute_dtype)
+            wide_hidden = student_hidden[rows].to(gemm_dtype)
             row_scale = None
             if any(wants_grad):
                 row_scale = temperature * inverse_total
@@ -127,12 +130,12 @@ class _ChunkedKL(torch.autograd.Function):
             if compiled:
                 chunk_loss, grad_logits = _fused_kl_rows(compute_dtype, device)(
                     _logits(wide_hidden, wide_student_weight, wide_student_bias),
-                    _logits(teacher_hidden[rows].to(compute_dtype), wide_teacher_weight, wide_teacher_bias),
+                    _logits(teacher_hidden[rows].to(gemm_dtype), wide_teacher_weight, wide_teacher_bias),
                     temperature, chunk_weights, row_scale, grad_dtype)
                 loss_sum += chunk_loss
             else:
                 log_p_student = _scaled_log_softmax(wide_hidden, wide_student_weight, wide_student_bias, temperature)
-                log_p_teacher = _scaled_log_softmax(teacher_hidden[rows].to(compute_dtype), wide_teacher_weight,
+                log_p_teacher = _scaled_log_softmax(teacher_hidden[rows].to(gemm_dtype), wide_teacher_weight,
                                                     wide_teacher_bias, temperature)
                 log_ratio = log_p_teacher - log_p_student
                 p_teacher = log_p_teacher.exp_()
@@ -226,6 +229,13 @@ def _scaled_log_softmax(hidden: Tensor, weight: Tensor, bias: Tensor | None, tem
     if temperature != 1.0:
         logits.div_(temperature)
     return torch.log_softmax(logits, dim=-1)
+
+
+def _gemm_dtype(compute_dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype the head GEMMs run in: autocast's where it would cast their float32 operands, else `compute_dtype`
+    (float64 and no autocast keep it)."""
+    autocast_dtype = active_autocast_dtype(device.type)
+    return autocast_dtype if autocast_dtype is not None and compute_dtype == torch.float32 else compute_dtype
 
 
 def _compute_dtype(reference: Tensor) -> torch.dtype:
