@@ -16,9 +16,10 @@
 #   conv_bench    graphed all-GDN step at 64 x 512, every kernel listed: our conv's row kernels, then its tiles
 #   stream        the graphed all-softmax step at 64 x 512 in line, with the live teacher on its own stream, and both
 #                 again (decide timed all-GDN both ways), then compare_benches.py's table against the first
-#   kl_loop       HD_KL_ROWS=triton_loop: the compiled-KL GPU tests (every KL-kernel candidate, the looping ones
-#                 too), then the graphed all-softmax step with our KL kernel's default candidates and with the looping
-#                 ones among them, alternated twice (40 kernels listed), then compare_benches.py's table
+#   kl_loop       the KL's heads cast once to autocast's dtype (session 28; HD_KL_HEADS=float32 as before) and
+#                 HD_KL_ROWS=triton_loop (session 27): the compiled-KL GPU tests (every KL-kernel candidate, the
+#                 looping ones too), then the graphed all-softmax step with float32 heads, the default, the looping
+#                 candidates, float32 heads and the default again (40 kernels listed), then compare_benches.py's table
 #   qla_tests     FlashQLA's mixer test against fla's Triton kernels
 #   qla_bench     all-GDN at Qwen2.5-3B widths with and without FlashQLA
 #   decode_in_place  graphed decoding with GDN's state written in place and one copy of all conv caches: the
@@ -114,18 +115,20 @@ case $part in
   kl_rows)
     tests 200 compiled_kl_tests.log "$root/tests/gpu/test_compiled_kl_cuda.py"
     OUT="$out/$part" bash "$root/scripts/gpu/bench_step_profile.sh" kl_triton | grep -E "^(exit|stage2) " ;;
-  kl_loop)  # HD_KL_ROWS=triton_loop (session 27): every KL-kernel candidate checked, then timed against the default
-    # on the all-softmax step (the student nearest 40%; the KL kernel is the same for every student), alternated
-    tests 150 compiled_kl_tests.log "$root/tests/gpu/test_compiled_kl_cuda.py"
+  kl_loop)  # session 28's heads cast once (HD_KL_HEADS) and session 27's looping programs (HD_KL_ROWS=triton_loop):
+    # the compiled-KL GPU tests (every KL-kernel candidate, the one-GEMM accumulation), then the graphed all-softmax
+    # step (the student nearest 40%; the KL is the same for every student), alternated
+    tests 120 compiled_kl_tests.log "$root/tests/gpu/test_compiled_kl_cuda.py"
     common=("${graphed_step[@]}" --students softmax --profile-top 40)
     (
-      rows_within 400
-      bench one_per_row "$(first $((3 * 60)))"
+      rows_within 440
+      HD_KL_HEADS=float32 bench float32_heads "$(first $((4 * 60)))"
+      bench default "$(share 4)"
       HD_KL_ROWS=triton_loop bench looping "$(share 3)"
-      bench one_per_row_again "$(share 2)"
-      HD_KL_ROWS=triton_loop bench looping_again "$(share 1)"
+      HD_KL_HEADS=float32 bench float32_heads_again "$(share 2)"
+      bench default_again "$(share 1)"
     ) | grep -E "^(===|exit|stage2) "
-    compare one_per_row looping one_per_row_again looping_again ;;
+    compare float32_heads default looping float32_heads_again default_again ;;
   decode_in_place)
     tests 150 static_decode_tests.log "$root/tests/gpu/test_static_decode_cuda.py"
     llama3b=(hidden_size=3072 intermediate_size=8192 num_hidden_layers=28 num_attention_heads=24

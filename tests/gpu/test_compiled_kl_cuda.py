@@ -1,7 +1,8 @@
 """On CUDA under bf16 autocast, the chunked KL with compiled per-chunk maths (distill.compile_kl) gives the eager
 chunked KL's loss and gradients: the compiled maths round the gradient logits to bf16 where autocast would. The
 maths run as Inductor's kernel or as ours (HD_KL_ROWS=triton, distill/kl_rows_triton.py); ours is also checked
-alone, each autotune candidate at SmolLM2's vocabulary, and replayed in a CUDA graph."""
+alone, each autotune candidate at SmolLM2's vocabulary, and replayed in a CUDA graph; the head gradient's chunks
+add up in float32 inside their GEMMs."""
 import pytest
 import torch
 
@@ -84,3 +85,19 @@ def test_kl_rows_replays_in_a_cuda_graph():
     loss, grad = kl_rows_triton.kl_rows(other_student, other_teacher, 1.0, None, scale, torch.bfloat16)
     assert graphed_loss.item() == loss.item()
     assert torch.equal(graphed_grad, grad)
+
+
+def test_weight_gradient_chunks_add_in_float32_within_the_gemm():
+    """The head's gradient sums its chunks in float32 inside one GEMM (addmm's out_dtype into the accumulator): as
+    exact as float32 accumulation, where a bf16 product added afterwards is off by bf16's rounding (~1e-3)."""
+    from hybrid_distill.distill import fused_kl
+
+    generator = torch.Generator("cuda").manual_seed(0)
+    grad_logits = torch.randn(4096, 512, device="cuda", generator=generator).bfloat16()
+    hidden = torch.randn(4096, 256, device="cuda", generator=generator).bfloat16()
+    accumulator = torch.randn(512, 256, device="cuda", generator=generator)
+    want = accumulator.double() + grad_logits.double().T @ hidden.double()
+    assert fused_kl._accumulating_gemm_works(accumulator.device)  # this torch has it: the one-GEMM path runs
+    fused_kl._add_weight_grad(accumulator, grad_logits, hidden)
+    error = ((accumulator.double() - want).norm() / want.norm()).item()
+    assert error < 1e-5, error

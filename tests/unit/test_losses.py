@@ -261,14 +261,25 @@ class HeadCasts(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_autocast_bf16_heads_are_not_cast_per_chunk():
+@pytest.mark.parametrize("heads, most_casts", [("autocast", 1), ("float32", None)])
+def test_autocast_bf16_heads_are_not_cast_per_chunk(heads, most_casts, monkeypatch):
     """Under autocast the head GEMMs run in its dtype: bf16 heads go in as they are, where an upcast head would be
     cast back at the chunks' GEMMs (in a graphed step, whose autocast keeps no cast cache, 24 casts of a
     49,152 x 576 head per step). The one head-shaped cast left is the float32 weight gradient's, to the head's dtype."""
+    monkeypatch.setenv("HD_KL_HEADS", heads)
     case = bf16_case()
     with torch.autocast("cpu", dtype=torch.bfloat16), HeadCasts(case["student_head_weight"].shape) as casts:
         chunked_from_case(case, 1.0, 4).backward()
-    assert casts.count == 1
+    if most_casts is None:  # HD_KL_HEADS=float32, the way before session 28: float32 heads cast back per chunk
+        assert casts.count > 4
+    else:
+        assert casts.count == most_casts
+
+
+def test_kl_heads_choice_is_checked(monkeypatch):
+    monkeypatch.setenv("HD_KL_HEADS", "fp8")
+    with pytest.raises(ValueError, match="HD_KL_HEADS must be one of autocast, float32"):
+        chunked_from_case(bf16_case(), 1.0, 4)
 
 
 def test_autocast_gives_bf16_and_float32_inputs_the_same_values():

@@ -150,9 +150,7 @@ class _ChunkedKL(torch.autograd.Function):
                 if grad_hidden is not None:
                     grad_hidden[rows] = (grad_logits @ wide_student_weight).to(grad_hidden.dtype)
                 if wide_grad_weight is not None:
-                    # Out of place so that autocast runs it on tensor cores: an in-place addmm_ stays a float32
-                    # SIMT GEMM (8 of them were 7% of an H100 stage-2 step); the sum over chunks stays float32.
-                    wide_grad_weight += grad_logits.T @ wide_hidden
+                    _add_weight_grad(wide_grad_weight, grad_logits, wide_hidden)
                 if wide_grad_bias is not None:
                     wide_grad_bias += grad_logits.sum(dim=0)
 
@@ -170,6 +168,35 @@ class _ChunkedKL(torch.autograd.Function):
         scaled = [None if grad is None else grad * grad_output.to(grad.dtype)
                   for grad in (grad_hidden, grad_weight, grad_bias)]
         return (*scaled, None, None, None, None, None, None, None, None)
+
+
+def _add_weight_grad(accumulator: Tensor, grad_logits: Tensor, hidden: Tensor) -> None:
+    """accumulator += grad_logitsᵀ @ hidden, the sum over chunks kept in float32. With half-precision operands on
+    CUDA one GEMM adds its float32 result straight into the accumulator (cuBLAS's beta = 1), where the product
+    would otherwise be written in half precision and added back by another kernel (8 float32 adds of the head's
+    size, 0.9 ms of an H100 step). Elsewhere out of place, so that autocast runs it on tensor cores: an in-place
+    addmm_ of float32 operands stays a SIMT GEMM (8 of them were 7% of an H100 stage-2 step)."""
+    half = (torch.bfloat16, torch.float16)
+    if (accumulator.is_cuda and accumulator.dtype == torch.float32 and grad_logits.dtype in half
+            and hidden.dtype == grad_logits.dtype and kl_heads_choice() == "autocast"
+            and _accumulating_gemm_works(accumulator.device)):
+        torch.addmm(accumulator, grad_logits.T, hidden, out_dtype=torch.float32, out=accumulator)
+    else:
+        accumulator += grad_logits.T @ hidden
+
+
+@functools.cache
+def _accumulating_gemm_works(device: torch.device) -> bool:
+    """Whether this torch adds a bf16 GEMM's float32 result into its float32 `out` in place (addmm's out_dtype;
+    older releases lack it or refuse a float32 input beside bf16 operands): checked once per device on a 2 x 2
+    case with a known answer, outside any graph capture (the first step is an eager warm-up)."""
+    accumulator = torch.ones(2, 2, device=device)
+    two = torch.eye(2, device=device, dtype=torch.bfloat16)
+    try:
+        torch.addmm(accumulator, two, 2 * two, out_dtype=torch.float32, out=accumulator)
+    except (RuntimeError, TypeError):
+        return False
+    return bool(torch.equal(accumulator, torch.tensor([[3.0, 1.0], [1.0, 3.0]], device=device)))
 
 
 def _logits(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -231,11 +258,27 @@ def _scaled_log_softmax(hidden: Tensor, weight: Tensor, bias: Tensor | None, tem
     return torch.log_softmax(logits, dim=-1)
 
 
+KL_HEADS_CHOICES = ("autocast", "float32")
+
+
+def kl_heads_choice() -> str:
+    """`HD_KL_HEADS`: what the head GEMMs' operands are cast to before the chunks, under autocast. `autocast` (the
+    default, session 28): its dtype, once, and the weight gradient's chunks added in float32 inside their GEMMs;
+    `float32` (before session 28, kept to time the change): float32 copies, which autocast casts back at every
+    chunk's GEMMs, and each bf16 product added by a kernel of its own. Set it before the process starts."""
+    choice = os.environ.get("HD_KL_HEADS", "autocast")
+    if choice not in KL_HEADS_CHOICES:
+        raise ValueError(f"HD_KL_HEADS must be one of {', '.join(KL_HEADS_CHOICES)}, not {choice!r}")
+    return choice
+
+
 def _gemm_dtype(compute_dtype: torch.dtype, device: torch.device) -> torch.dtype:
     """The dtype the head GEMMs run in: autocast's where it would cast their float32 operands, else `compute_dtype`
     (float64 and no autocast keep it)."""
-    autocast_dtype = active_autocast_dtype(device.type)
-    return autocast_dtype if autocast_dtype is not None and compute_dtype == torch.float32 else compute_dtype
+    choice, autocast_dtype = kl_heads_choice(), active_autocast_dtype(device.type)
+    if autocast_dtype is None or compute_dtype != torch.float32 or choice == "float32":
+        return compute_dtype
+    return autocast_dtype
 
 
 def _compute_dtype(reference: Tensor) -> torch.dtype:
