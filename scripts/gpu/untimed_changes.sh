@@ -20,6 +20,8 @@
 #                 HD_KL_ROWS=triton_loop (session 27): the compiled-KL GPU tests (every KL-kernel candidate, the
 #                 looping ones too), then the graphed all-softmax step with float32 heads, the default, the looping
 #                 candidates, float32 heads and the default again (40 kernels listed), then compare_benches.py's table
+#   merged        q/k/v and gate/up as one GEMM each (session 28, HD_MERGED_PROJECTIONS=off as before): the graphed
+#                 all-softmax step with separate and merged projections, alternated twice (40 kernels listed)
 #   qla_tests     FlashQLA's mixer test against fla's Triton kernels
 #   qla_bench     all-GDN at Qwen2.5-3B widths with and without FlashQLA
 #   decode_in_place  graphed decoding with GDN's state written in place and one copy of all conv caches: the
@@ -29,7 +31,7 @@
 set -uo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 out=${OUT:-bench-out}
-parts="decide|conv_tests|conv_bench|stream|kept_states|kl_rows|kl_loop|stream_tests|qla_tests|qla_bench|decode_in_place"
+parts="decide|conv_tests|conv_bench|stream|kept_states|kl_rows|kl_loop|merged|stream_tests|qla_tests|qla_bench|decode_in_place"
 part=${1:?usage: $0 $parts}
 mkdir -p "$out/$part"
 source "$root/scripts/gpu/bench_lib.sh"
@@ -129,6 +131,16 @@ case $part in
       bench default_again "$(share 1)"
     ) | grep -E "^(===|exit|stage2) "
     compare float32_heads default looping float32_heads_again default_again ;;
+  merged)  # session 28: q/k/v and gate/up as one GEMM each (HD_MERGED_PROJECTIONS), all-softmax, alternated
+    common=("${graphed_step[@]}" --students softmax --profile-top 40)
+    (
+      rows_within 330
+      HD_MERGED_PROJECTIONS=off bench separate "$(first $((3 * 50)))"
+      bench merged "$(share 3)"
+      HD_MERGED_PROJECTIONS=off bench separate_again "$(share 2)"
+      bench merged_again "$(share 1)"
+    ) | grep -E "^(===|exit|stage2) "
+    compare separate merged separate_again merged_again ;;
   decode_in_place)
     tests 150 static_decode_tests.log "$root/tests/gpu/test_static_decode_cuda.py"
     llama3b=(hidden_size=3072 intermediate_size=8192 num_hidden_layers=28 num_attention_heads=24

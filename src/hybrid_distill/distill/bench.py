@@ -24,6 +24,7 @@ from hybrid_distill.distill.bench_processes import bench_processes, data_paralle
 from hybrid_distill.distill.fused_kl import kl_heads_choice, kl_rows_choice, naive_kl
 from hybrid_distill.distill.gemm_ceiling import linear_gemms, time_gemms
 from hybrid_distill.distill.jobs import stage2_objective
+from hybrid_distill.distill.merged_projections import merged_projections_choice
 from hybrid_distill.distill.kernel_groups import group_times
 from hybrid_distill.distill.master_weights import adamw_for
 from hybrid_distill.distill.objectives import HiddenAlignment, LogitDistillation
@@ -340,6 +341,7 @@ def _run_rows(settings: BenchSettings, rank, world, device) -> dict:
                         "teacher_stream": settings.teacher_stream,
                         "kl_rows": kl_rows_choice() if settings.compile_kl else None,
                         "kl_heads": kl_heads_choice(),
+                        "merged_projections": merged_projections_choice() if settings.compile_blocks else None,
                         **{name.lower(): os.environ[name] for name in mixer_ops.MIXER_OP_SWITCHES
                            if name in os.environ},
                         "short_conv": mixer_ops.op_choice("HD_SHORT_CONV", settings.cuda_graph)  # the project step's

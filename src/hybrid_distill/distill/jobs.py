@@ -11,6 +11,7 @@ import torch
 from hybrid_distill.data.packed import PackedTokens
 from hybrid_distill.distill.atomic import drop_training_state, write_json
 from hybrid_distill.distill.compiled_blocks import compile_training_layers, set_activation_memory_budget
+from hybrid_distill.distill.merged_projections import merge_input_projections
 from hybrid_distill.distill.master_weights import cast_weights
 from hybrid_distill.distill.objectives import (
     HeldoutTeacher, HiddenAlignment, LogitDistillation, heldout_kl, heldout_layer_mse,
@@ -71,8 +72,9 @@ def stage2_objective(distill: dict, student, teacher, trainable: str, cache=None
         cast_weights(student, torch.bfloat16)  # the trainer then keeps float32 master copies (master_weights.py)
     set_activation_memory_budget(distill["activation_memory_budget"])  # read by the compiled code's partitioner
     if distill["compile_blocks"]:  # before the objective, whose recomputation (if on) wraps the compiled layers
-        compile_training_layers(student)
-        compile_training_layers(teacher)  # its forward's layers: 2N of the step's 8N FLOPs
+        for model in (student, teacher):  # the teacher's forward layers: 2N of the step's 8N FLOPs
+            merge_input_projections(model)  # q/k/v and gate/up as one GEMM each (HD_MERGED_PROJECTIONS)
+            compile_training_layers(model)
     objective = LogitDistillation(student, teacher, distill["temperature"], distill["kl_chunk_tokens"], trainable,
                                   teacher_cache=cache, activation_checkpointing=distill["activation_checkpointing"],
                                   compile_kl=distill["compile_kl"], teacher_stream=distill["teacher_stream"])

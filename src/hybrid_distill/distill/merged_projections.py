@@ -1,0 +1,107 @@
+"""One GEMM for the projections that read the same input: a softmax attention's q, k and v, an MLP's gate and up.
+
+Why: at SmolLM2 widths the separate GEMMs are small (k and v are 576 x 192) and run well below the GPU's matmul
+rate; in the graphed all-softmax step on an H100 the k and v GEMMs and their gradients were about 7 ms of 114
+(session 28's profile). One GEMM over the concatenated weights does the same sums in fewer, larger tiles. The
+weights stay separate parameters, so module names, the state dict and checkpoints are unchanged: each forward
+concatenates them (1-3 MB per layer, fused by the compiled layer) and splits the output.
+
+Only training forwards change (no cache; decoding keeps HF's forward), and only the classes whose forward this
+module restates: Llama's and Qwen2's attention and MLP (Qwen3's attention normalises q and k between projection
+and rotary, so it keeps its own). `HD_MERGED_PROJECTIONS=off` keeps every HF forward (to time the change).
+"""
+from __future__ import annotations
+
+import os
+import sys
+import types
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from hybrid_distill.models.student import decoder_layers
+
+MERGED_ATTENTION = ("LlamaAttention", "Qwen2Attention")
+MERGED_MLP = ("LlamaMLP", "Qwen2MLP")
+MERGED_PROJECTIONS_CHOICES = ("on", "off")
+
+
+def merged_projections_choice() -> str:
+    """`HD_MERGED_PROJECTIONS`: on (the default) or off. Set it before the process starts."""
+    choice = os.environ.get("HD_MERGED_PROJECTIONS", "on")
+    if choice not in MERGED_PROJECTIONS_CHOICES:
+        raise ValueError(f"HD_MERGED_PROJECTIONS must be on or off, not {choice!r}")
+    return choice
+
+
+def merge_input_projections(model: nn.Module) -> int:
+    """Has every Llama/Qwen2 attention and MLP of `model` compute its input projections as one GEMM (in place, per
+    module: call it before compiling the layers); returns how many modules changed (none when switched off)."""
+    if merged_projections_choice() == "off":
+        return 0
+    changed = 0
+    for layer in decoder_layers(model):
+        for module, names, forward in ((getattr(layer, "self_attn", None), ("q_proj", "k_proj", "v_proj"),
+                                        _attention_forward),
+                                       (getattr(layer, "mlp", None), ("gate_proj", "up_proj"), _mlp_forward)):
+            if _mergeable(module, names):
+                module.forward = types.MethodType(forward, module)
+                changed += 1
+    return changed
+
+
+def _mergeable(module, names) -> bool:
+    """A module of a class this file restates, whose projections are plain linears that all have a bias or none."""
+    if type(module).__name__ not in MERGED_ATTENTION + MERGED_MLP:
+        return False
+    linears = [getattr(module, name, None) for name in names]
+    return (all(type(linear) is nn.Linear for linear in linears)
+            and len({linear.bias is None for linear in linears}) == 1
+            and len({linear.in_features for linear in linears}) == 1)
+
+
+def merged_linear(x: torch.Tensor, linears) -> tuple[torch.Tensor, ...]:
+    """(linear(x) for linear in linears), computed as one GEMM over their concatenated weights."""
+    weight = torch.cat([linear.weight for linear in linears])
+    bias = None if linears[0].bias is None else torch.cat([linear.bias for linear in linears])
+    return F.linear(x, weight, bias).split([linear.out_features for linear in linears], dim=-1)
+
+
+def _mlp_forward(self, x):
+    gate, up = merged_linear(x, (self.gate_proj, self.up_proj))
+    return self.down_proj(self.act_fn(gate) * up)
+
+
+def _attention_forward(self, hidden_states, position_embeddings=None, attention_mask=None, **kwargs):
+    """HF's Llama/Qwen2 attention forward for a training step, with q, k and v from one GEMM; with a cache (or
+    without rotary tables) the class's own forward runs."""
+    cache = kwargs.pop("cache", None), kwargs.pop("past_key_values", None)
+    if any(item is not None for item in cache) or position_embeddings is None:
+        if cache[0] is not None:
+            kwargs["cache"] = cache[0]
+        if cache[1] is not None:
+            kwargs["past_key_values"] = cache[1]
+        return type(self).forward(self, hidden_states, position_embeddings, attention_mask, **kwargs)
+    modeling = sys.modules[type(self).__module__]
+    input_shape = hidden_states.shape[:-1]
+    hidden_shape = (*input_shape, -1, self.head_dim)
+    query, key, value = (states.view(hidden_shape).transpose(1, 2)
+                         for states in merged_linear(hidden_states, (self.q_proj, self.k_proj, self.v_proj)))
+    cos, sin = position_embeddings
+    query, key = modeling.apply_rotary_pos_emb(query, key, cos, sin)
+    attention = _attention_function(self.config._attn_implementation, modeling.eager_attention_forward)
+    if getattr(self, "sliding_window", None) is not None:
+        kwargs["sliding_window"] = self.sliding_window
+    output, weights = attention(self, query, key, value, attention_mask,
+                                dropout=0.0 if not self.training else self.attention_dropout, scaling=self.scaling,
+                                **kwargs)
+    return self.o_proj(output.reshape(*input_shape, -1).contiguous()), weights
+
+
+def _attention_function(implementation: str, eager):
+    """The attention function HF's forward would call for `implementation`."""
+    if hasattr(ALL_ATTENTION_FUNCTIONS, "get_interface"):
+        return ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager)
+    return eager if implementation == "eager" else ALL_ATTENTION_FUNCTIONS[implementation]
