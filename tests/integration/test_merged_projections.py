@@ -1,6 +1,6 @@
-"""q/k/v and gate/up as one GEMM each (distill.compile_blocks' training forwards): the same function as HF's
-separate projections, values and gradients, with the parameters and state dict unchanged; decoding with a cache
-keeps HF's forward; other classes are left alone."""
+"""q/k/v and gate/up as one GEMM each (HD_MERGED_PROJECTIONS=on, in distill.compile_blocks' training forwards): the
+same function as HF's separate projections, values and gradients, with the parameters and state dict unchanged;
+decoding with a cache keeps HF's forward; other classes are left alone; off by default."""
 import copy
 
 import pytest
@@ -12,6 +12,11 @@ from hybrid_distill.models.student import build_student
 from tiny_models import tiny_teacher
 
 TOKENS = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(autouse=True)
+def merged_on(monkeypatch):
+    monkeypatch.setenv("HD_MERGED_PROJECTIONS", "on")
 
 
 def logits_and_grads(model):
@@ -66,5 +71,7 @@ def test_switched_off_or_other_classes_keep_hfs_forwards(monkeypatch):
     with pytest.raises(ValueError, match="HD_MERGED_PROJECTIONS must be on or off, not 'maybe'"):
         merge_input_projections(model)
     monkeypatch.delenv("HD_MERGED_PROJECTIONS")
+    assert merge_input_projections(model) == 0  # off by default
+    monkeypatch.setenv("HD_MERGED_PROJECTIONS", "on")
     model.model.layers[0].mlp.up_proj = torch.nn.Sequential(model.model.layers[0].mlp.up_proj)  # not a plain linear
     assert merge_input_projections(model) == 2 * model.config.num_hidden_layers - 1

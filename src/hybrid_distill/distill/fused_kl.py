@@ -225,8 +225,8 @@ def kl_rows_choice() -> str:
     """`HD_KL_ROWS`: whose kernel runs the chunk maths under `compiled` (distill.compile_kl): ours (`triton`, the
     default; kl_rows_triton.py: two passes over the logits, where Inductor's kernel took about four passes' time:
     +1.7% on a graphed all-GDN step, H100, session 26), ours with candidates whose programs loop over the rows among
-    those it autotunes (`triton_loop`, session 27, not yet run on a GPU), or Inductor's (`compiled`). Set it before
-    the process starts."""
+    those it autotunes (`triton_loop`, session 27: no faster on an H100, session 28), or Inductor's (`compiled`).
+    Set it before the process starts."""
     choice = os.environ.get("HD_KL_ROWS", "triton")
     if choice not in KL_ROWS_CHOICES:
         raise ValueError(f"HD_KL_ROWS must be one of {', '.join(KL_ROWS_CHOICES)}, not {choice!r}")

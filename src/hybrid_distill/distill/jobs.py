@@ -73,7 +73,7 @@ def stage2_objective(distill: dict, student, teacher, trainable: str, cache=None
     set_activation_memory_budget(distill["activation_memory_budget"])  # read by the compiled code's partitioner
     if distill["compile_blocks"]:  # before the objective, whose recomputation (if on) wraps the compiled layers
         for model in (student, teacher):  # the teacher's forward layers: 2N of the step's 8N FLOPs
-            merge_input_projections(model)  # q/k/v and gate/up as one GEMM each (HD_MERGED_PROJECTIONS)
+            merge_input_projections(model)  # q/k/v and gate/up as one GEMM each, if HD_MERGED_PROJECTIONS=on
             compile_training_layers(model)
     objective = LogitDistillation(student, teacher, distill["temperature"], distill["kl_chunk_tokens"], trainable,
                                   teacher_cache=cache, activation_checkpointing=distill["activation_checkpointing"],

@@ -1,14 +1,18 @@
-"""One GEMM for the projections that read the same input: a softmax attention's q, k and v, an MLP's gate and up.
+"""One GEMM for the projections that read the same input: a softmax attention's q, k and v, an MLP's gate and up
+(`HD_MERGED_PROJECTIONS=on`; off by default).
 
-Why: at SmolLM2 widths the separate GEMMs are small (k and v are 576 x 192) and run well below the GPU's matmul
-rate; in the graphed all-softmax step on an H100 the k and v GEMMs and their gradients were about 7 ms of 114
-(session 28's profile). One GEMM over the concatenated weights does the same sums in fewer, larger tiles. The
-weights stay separate parameters, so module names, the state dict and checkpoints are unchanged: each forward
-concatenates them (1-3 MB per layer, fused by the compiled layer) and splits the output.
+Why it was tried: at SmolLM2 widths the separate GEMMs are small (k and v are 576 x 192) and run below the GPU's
+matmul rate; in the graphed all-softmax step on an H100 the small GEMMs took about 7 ms of 114 (session 28's
+profile). One GEMM over the concatenated weights does the same sums in fewer, larger tiles. Measured there: the
+GEMMs took 5.7 ms less, but the compiled backward 3.9 ms more (it writes q, k and v's gradients, and gate's and
+up's, into one concatenated gradient), so the step gained 0.2-0.4% for 1.5 GB more peak memory: off by default. It
+may pay at wider shapes (3B teachers' k and v are 3072 x 1024), not yet timed.
 
-Only training forwards change (no cache; decoding keeps HF's forward), and only the classes whose forward this
-module restates: Llama's and Qwen2's attention and MLP (Qwen3's attention normalises q and k between projection
-and rotary, so it keeps its own). `HD_MERGED_PROJECTIONS=off` keeps every HF forward (to time the change).
+The weights stay separate parameters, so module names, the state dict and checkpoints are unchanged: each forward
+concatenates them (1-3 MB per layer, fused by the compiled layer) and splits the output. Only training forwards
+change (no cache; decoding keeps HF's forward), and only the classes whose forward this module restates: Llama's
+and Qwen2's attention and MLP (Qwen3's attention normalises q and k between projection and rotary, so it keeps
+its own).
 """
 from __future__ import annotations
 
@@ -29,16 +33,17 @@ MERGED_PROJECTIONS_CHOICES = ("on", "off")
 
 
 def merged_projections_choice() -> str:
-    """`HD_MERGED_PROJECTIONS`: on (the default) or off. Set it before the process starts."""
-    choice = os.environ.get("HD_MERGED_PROJECTIONS", "on")
+    """`HD_MERGED_PROJECTIONS`: on or off (the default). Set it before the process starts."""
+    choice = os.environ.get("HD_MERGED_PROJECTIONS", "off")
     if choice not in MERGED_PROJECTIONS_CHOICES:
         raise ValueError(f"HD_MERGED_PROJECTIONS must be on or off, not {choice!r}")
     return choice
 
 
 def merge_input_projections(model: nn.Module) -> int:
-    """Has every Llama/Qwen2 attention and MLP of `model` compute its input projections as one GEMM (in place, per
-    module: call it before compiling the layers); returns how many modules changed (none when switched off)."""
+    """With `HD_MERGED_PROJECTIONS=on`, has every Llama/Qwen2 attention and MLP of `model` compute its input
+    projections as one GEMM (in place, per module: call it before compiling the layers); returns how many modules
+    changed (none when off)."""
     if merged_projections_choice() == "off":
         return 0
     changed = 0
