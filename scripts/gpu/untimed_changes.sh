@@ -22,6 +22,8 @@
 #                 candidates, float32 heads and the default again (40 kernels listed), then compare_benches.py's table
 #   merged        q/k/v and gate/up as one GEMM each (session 28, HD_MERGED_PROJECTIONS=on; +0.2-0.4%, off): the
 #                 graphed all-softmax step with separate and merged projections, alternated twice (40 kernels listed)
+#   sdpa          the softmax layers' attention in FlashAttention-2 (HD_SDPA=flash, session 28) against PyTorch's
+#                 pick (cuDNN on an H100): the graphed all-softmax step, alternated twice (40 kernels listed)
 #   qla_tests     FlashQLA's mixer test against fla's Triton kernels
 #   qla_bench     all-GDN at Qwen2.5-3B widths with and without FlashQLA
 #   decode_in_place  graphed decoding with GDN's state written in place and one copy of all conv caches: the
@@ -31,7 +33,7 @@
 set -uo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 out=${OUT:-bench-out}
-parts="decide|conv_tests|conv_bench|stream|kept_states|kl_rows|kl_loop|merged|stream_tests|qla_tests|qla_bench|decode_in_place"
+parts="decide|conv_tests|conv_bench|stream|kept_states|kl_rows|kl_loop|merged|sdpa|stream_tests|qla_tests|qla_bench|decode_in_place"
 part=${1:?usage: $0 $parts}
 mkdir -p "$out/$part"
 source "$root/scripts/gpu/bench_lib.sh"
@@ -141,6 +143,16 @@ case $part in
       HD_MERGED_PROJECTIONS=on bench merged_again "$(share 1)"
     ) | grep -E "^(===|exit|stage2) "
     compare separate merged separate_again merged_again ;;
+  sdpa)  # session 28: FlashAttention-2 (HD_SDPA=flash) against PyTorch's pick (cuDNN on an H100), all-softmax
+    common=("${graphed_step[@]}" --students softmax --profile-top 40)
+    (
+      rows_within 300
+      bench auto "$(first $((3 * 45)))"
+      HD_SDPA=flash bench flash "$(share 3)"
+      bench auto_again "$(share 2)"
+      HD_SDPA=flash bench flash_again "$(share 1)"
+    ) | grep -E "^(===|exit|stage2) "
+    compare auto flash auto_again flash_again ;;
   decode_in_place)
     tests 150 static_decode_tests.log "$root/tests/gpu/test_static_decode_cuda.py"
     llama3b=(hidden_size=3072 intermediate_size=8192 num_hidden_layers=28 num_attention_heads=24

@@ -23,6 +23,7 @@ from hybrid_distill.data.packed import PackedTokens, write_packed
 from hybrid_distill.distill.bench_processes import bench_processes, data_parallel, unwrapped
 from hybrid_distill.distill.fused_kl import kl_heads_choice, kl_rows_choice, naive_kl
 from hybrid_distill.distill.gemm_ceiling import linear_gemms, time_gemms
+from hybrid_distill.distill.attention_backend import sdpa_choice
 from hybrid_distill.distill.jobs import stage2_objective
 from hybrid_distill.distill.merged_projections import merged_projections_choice
 from hybrid_distill.distill.kernel_groups import group_times
@@ -342,6 +343,7 @@ def _run_rows(settings: BenchSettings, rank, world, device) -> dict:
                         "kl_rows": kl_rows_choice() if settings.compile_kl else None,
                         "kl_heads": kl_heads_choice(),
                         "merged_projections": merged_projections_choice() if settings.compile_blocks else None,
+                        "sdpa": sdpa_choice(),
                         **{name.lower(): os.environ[name] for name in mixer_ops.MIXER_OP_SWITCHES
                            if name in os.environ},
                         "short_conv": mixer_ops.op_choice("HD_SHORT_CONV", settings.cuda_graph)  # the project step's

@@ -10,6 +10,7 @@ import torch
 
 from hybrid_distill.data.packed import PackedTokens
 from hybrid_distill.distill.atomic import drop_training_state, write_json
+from hybrid_distill.distill.attention_backend import apply_sdpa_choice
 from hybrid_distill.distill.compiled_blocks import compile_training_layers, set_activation_memory_budget
 from hybrid_distill.distill.merged_projections import merge_input_projections
 from hybrid_distill.distill.master_weights import cast_weights
@@ -71,6 +72,7 @@ def stage2_objective(distill: dict, student, teacher, trainable: str, cache=None
     if distill["bf16_weights"]:
         cast_weights(student, torch.bfloat16)  # the trainer then keeps float32 master copies (master_weights.py)
     set_activation_memory_budget(distill["activation_memory_budget"])  # read by the compiled code's partitioner
+    apply_sdpa_choice()  # HD_SDPA: which fused attention kernels the softmax layers may use
     if distill["compile_blocks"]:  # before the objective, whose recomputation (if on) wraps the compiled layers
         for model in (student, teacher):  # the teacher's forward layers: 2N of the step's 8N FLOPs
             merge_input_projections(model)  # q/k/v and gate/up as one GEMM each, if HD_MERGED_PROJECTIONS=on
