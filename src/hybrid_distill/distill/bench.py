@@ -20,14 +20,14 @@ import torch
 
 from hybrid_distill.config.load import validate_config
 from hybrid_distill.data.packed import PackedTokens, write_packed
+from hybrid_distill.distill.attention_backend import sdpa_choice
 from hybrid_distill.distill.bench_processes import bench_processes, data_parallel, unwrapped
 from hybrid_distill.distill.fused_kl import kl_heads_choice, kl_rows_choice, naive_kl
 from hybrid_distill.distill.gemm_ceiling import linear_gemms, time_gemms
-from hybrid_distill.distill.attention_backend import sdpa_choice
 from hybrid_distill.distill.jobs import stage2_objective
-from hybrid_distill.distill.merged_projections import merged_projections_choice
 from hybrid_distill.distill.kernel_groups import group_times
 from hybrid_distill.distill.master_weights import adamw_for
+from hybrid_distill.distill.merged_projections import merged_projections_choice
 from hybrid_distill.distill.objectives import HiddenAlignment, LogitDistillation
 from hybrid_distill.distill.precision import training_autocast_dtype
 from hybrid_distill.distill.step_graph import GraphedStep, set_graph_options

@@ -12,8 +12,8 @@ from hybrid_distill.data.packed import PackedTokens
 from hybrid_distill.distill.atomic import drop_training_state, write_json
 from hybrid_distill.distill.attention_backend import apply_sdpa_choice
 from hybrid_distill.distill.compiled_blocks import compile_training_layers, set_activation_memory_budget
-from hybrid_distill.distill.merged_projections import merge_input_projections
 from hybrid_distill.distill.master_weights import cast_weights
+from hybrid_distill.distill.merged_projections import merge_input_projections
 from hybrid_distill.distill.objectives import (
     HeldoutTeacher, HiddenAlignment, LogitDistillation, heldout_kl, heldout_layer_mse,
 )
