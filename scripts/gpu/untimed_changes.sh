@@ -74,6 +74,21 @@ rows_within() {  # rows_within SECONDS, in a part's subshell: its benches write 
 first() { echo $(( deadline - SECONDS - $1 )); }  # first LATER: the first bench's time, LATER seconds kept back
 share() { echo $(( (deadline - SECONDS) / $1 )); }  # share BENCHES: this bench's part of the time left
 
+alternated() {  # alternated SECONDS LATER BASE CHANGED SWITCH=VALUE: the graphed all-softmax step as BASE, as CHANGED
+  # (with the switch set), then both again, within SECONDS (LATER: the seconds each later row is expected to take),
+  # 40 kernels listed, then compare_benches.py's table against BASE
+  local limit=$1 later=$2 base=$3 changed=$4 switch=$5
+  common=("${graphed_step[@]}" --students softmax --profile-top 40)
+  (
+    rows_within "$limit"
+    bench "$base" "$(first $((3 * later)))"
+    (export "$switch"; bench "$changed" "$(share 3)")
+    bench "${base}_again" "$(share 2)"
+    (export "$switch"; bench "${changed}_again" "$(share 1)")
+  ) | grep -E "^(===|exit|stage2) "
+  compare "$base" "$changed" "${base}_again" "${changed}_again"
+}
+
 case $part in
   decide)
     common=("${graphed_step[@]}" --students gdn)
@@ -134,25 +149,9 @@ case $part in
     ) | grep -E "^(===|exit|stage2) "
     compare float32_heads default looping float32_heads_again default_again ;;
   merged)  # session 28: q/k/v and gate/up as one GEMM each (HD_MERGED_PROJECTIONS=on), all-softmax, alternated
-    common=("${graphed_step[@]}" --students softmax --profile-top 40)
-    (
-      rows_within 330
-      bench separate "$(first $((3 * 50)))"
-      HD_MERGED_PROJECTIONS=on bench merged "$(share 3)"
-      bench separate_again "$(share 2)"
-      HD_MERGED_PROJECTIONS=on bench merged_again "$(share 1)"
-    ) | grep -E "^(===|exit|stage2) "
-    compare separate merged separate_again merged_again ;;
+    alternated 330 50 separate merged HD_MERGED_PROJECTIONS=on ;;
   sdpa)  # session 28: FlashAttention-2 (HD_SDPA=flash) against PyTorch's pick (cuDNN on an H100), all-softmax
-    common=("${graphed_step[@]}" --students softmax --profile-top 40)
-    (
-      rows_within 300
-      bench auto "$(first $((3 * 45)))"
-      HD_SDPA=flash bench flash "$(share 3)"
-      bench auto_again "$(share 2)"
-      HD_SDPA=flash bench flash_again "$(share 1)"
-    ) | grep -E "^(===|exit|stage2) "
-    compare auto flash auto_again flash_again ;;
+    alternated 300 45 auto flash HD_SDPA=flash ;;
   decode_in_place)
     tests 150 static_decode_tests.log "$root/tests/gpu/test_static_decode_cuda.py"
     llama3b=(hidden_size=3072 intermediate_size=8192 num_hidden_layers=28 num_attention_heads=24

@@ -176,10 +176,9 @@ def _add_weight_grad(accumulator: Tensor, grad_logits: Tensor, hidden: Tensor) -
     would otherwise be written in half precision and added back by another kernel (8 float32 adds of the head's
     size, 0.9 ms of an H100 step). Elsewhere out of place, so that autocast runs it on tensor cores: an in-place
     addmm_ of float32 operands stays a SIMT GEMM (8 of them were 7% of an H100 stage-2 step)."""
-    half = (torch.bfloat16, torch.float16)
+    half = (torch.bfloat16, torch.float16)  # HD_KL_HEADS=float32 hands float32 rows: the old form
     if (accumulator.is_cuda and accumulator.dtype == torch.float32 and grad_logits.dtype in half
-            and hidden.dtype == grad_logits.dtype and kl_heads_choice() == "autocast"
-            and _accumulating_gemm_works(accumulator.device)):
+            and hidden.dtype == grad_logits.dtype and _accumulating_gemm_works(accumulator.device)):
         torch.addmm(accumulator, grad_logits.T, hidden, out_dtype=torch.float32, out=accumulator)
     else:
         accumulator += grad_logits.T @ hidden
