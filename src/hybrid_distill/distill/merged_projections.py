@@ -68,11 +68,8 @@ def merge_input_projections(model: nn.Module) -> int:
 
 def layer_compile_options() -> dict | None:
     """Inductor options for compiling a decoder layer's training forward under the current choice (None: torch's
-    own). Options this torch lacks are left out (2.11 has only max_pointwise_cat_inputs, which decides alone)."""
-    if merged_projections_choice() == "off":
-        return None
-    from torch._inductor import config
-    return {key: value for key, value in COMPILE_OPTIONS.items() if hasattr(config, key)}
+    own)."""
+    return dict(COMPILE_OPTIONS) if merged_projections_choice() == "on" else None
 
 
 def _mergeable(module, names) -> bool:
