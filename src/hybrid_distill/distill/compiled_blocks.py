@@ -11,7 +11,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from hybrid_distill.distill.merged_projections import layer_compile_options
 from hybrid_distill.models.mixers import LinearMixer
 from hybrid_distill.models.student import decoder_layers, mixers_of
 
@@ -70,7 +69,7 @@ def compile_training_layers(model: nn.Module) -> int:
     for layer in layers:
         if isinstance(layer.self_attn, LinearMixer):
             layer.self_attn._kernel = torch.compiler.disable(layer.self_attn._kernel)
-        layer.forward = torch.compile(layer.forward, dynamic=False, options=layer_compile_options())
+        layer.forward = torch.compile(layer.forward, dynamic=False)
     final_norm = _final_norm(model)
     for norm in final_norm:
         norm.compile(dynamic=False)

@@ -8,13 +8,6 @@ GEMMs took 5.7 ms less, but the compiled backward 3.9 ms more (it writes q, k an
 up's, into one concatenated gradient), so the step gained 0.2-0.4% for 1.5 GB more peak memory: off by default. It
 may pay at wider shapes (3B teachers' k and v are 3072 x 1024), not yet timed.
 
-Where those 3.9 ms went (session 29, from session 28's kernel lists): the backward of the split is a cat of q, k
-and v's gradients (and of gate's and up's), which Inductor generated as one "pointwise cat" kernel that computes
-every input inside masked loads over the output's index space: 6.8 ms for the q/k/v one (30 calls) against about
-1.2 ms for the separate layout's rotary-backward kernels, and 6.1 ms against 5.0 ms for the SwiGLU's. So the
-compiled layers of a merged model take `COMPILE_OPTIONS`: every cat is lowered as a concat whose inputs write their
-own slices of the output, and the rotary's rotate-half, the one other cat in these layers, is a flip and a sign.
-
 The weights stay separate parameters, so module names, the state dict and checkpoints are unchanged: each forward
 concatenates them (1-3 MB per layer, fused by the compiled layer) and splits the output. Only training forwards
 change (no cache; decoding keeps HF's forward), and only the classes whose forward this module restates: Llama's
@@ -37,8 +30,6 @@ from hybrid_distill.models.student import decoder_layers
 MERGED_ATTENTION = ("LlamaAttention", "Qwen2Attention")
 MERGED_MLP = ("LlamaMLP", "Qwen2MLP")
 MERGED_PROJECTIONS_CHOICES = ("on", "off")
-# Inductor options for the compiled layers of a merged model: no cat lowered as one pointwise kernel (see above)
-COMPILE_OPTIONS = {"max_pointwise_cat_inputs": 0, "max_complex_pointwise_cat_inputs": 0}
 
 
 def merged_projections_choice() -> str:
@@ -64,12 +55,6 @@ def merge_input_projections(model: nn.Module) -> int:
                 module.forward = types.MethodType(forward, module)
                 changed += 1
     return changed
-
-
-def layer_compile_options() -> dict | None:
-    """Inductor options for compiling a decoder layer's training forward under the current choice (None: torch's
-    own)."""
-    return dict(COMPILE_OPTIONS) if merged_projections_choice() == "on" else None
 
 
 def _mergeable(module, names) -> bool:
@@ -110,8 +95,7 @@ def _attention_forward(self, hidden_states, position_embeddings=None, attention_
     query, key, value = (states.view(hidden_shape).transpose(1, 2)
                          for states in merged_linear(hidden_states, (self.q_proj, self.k_proj, self.v_proj)))
     cos, sin = position_embeddings
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    query, key = (states * cos + _rotate_half(states) * sin for states in (query, key))
+    query, key = modeling.apply_rotary_pos_emb(query, key, cos, sin)
     attention = _attention_function(self.config._attn_implementation, modeling.eager_attention_forward)
     if getattr(self, "sliding_window", None) is not None:
         kwargs["sliding_window"] = self.sliding_window
@@ -119,13 +103,6 @@ def _attention_forward(self, hidden_states, position_embeddings=None, attention_
                                 dropout=0.0 if not self.training else self.attention_dropout, scaling=self.scaling,
                                 **kwargs)
     return self.o_proj(output.reshape(*input_shape, -1).contiguous()), weights
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    """HF's rotate_half, cat(-x2, x1) over the last dim, as a flip of the two halves times a sign: the same values,
-    with no cat for COMPILE_OPTIONS to lower as a concat of copies."""
-    sign = torch.tensor((-1, 1), dtype=x.dtype, device=x.device).view(2, 1)
-    return (x.unflatten(-1, (2, -1)).flip(-2) * sign).flatten(-2)
 
 
 def _attention_function(implementation: str, eager):
