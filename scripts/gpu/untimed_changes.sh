@@ -22,6 +22,9 @@
 #                 candidates, float32 heads and the default again (40 kernels listed), then compare_benches.py's table
 #   merged        q/k/v and gate/up as one GEMM each (session 28, HD_MERGED_PROJECTIONS=on; +0.2-0.4%, off): the
 #                 graphed all-softmax step with separate and merged projections, alternated twice (40 kernels listed)
+#   merged_forward  q/k/v and gate/up as one GEMM in the forward only, each gradient GEMM alone with the input's
+#                 gradient summed by addmm (session 29, HD_MERGED_PROJECTIONS=forward): the graphed all-softmax step
+#                 with separate projections and with this, alternated twice (40 kernels listed)
 #   sdpa          the softmax layers' attention in FlashAttention-2 (HD_SDPA=flash, session 28) against PyTorch's
 #                 pick (cuDNN on an H100): the graphed all-softmax step, alternated twice (40 kernels listed)
 #   qla_tests     FlashQLA's mixer test against fla's Triton kernels
@@ -33,7 +36,7 @@
 set -uo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 out=${OUT:-bench-out}
-parts="decide|conv_tests|conv_bench|stream|kept_states|kl_rows|kl_loop|merged|sdpa|stream_tests|qla_tests|qla_bench|decode_in_place"
+parts="decide|conv_tests|conv_bench|stream|kept_states|kl_rows|kl_loop|merged|merged_forward|sdpa|stream_tests|qla_tests|qla_bench|decode_in_place"
 part=${1:?usage: $0 $parts}
 mkdir -p "$out/$part"
 source "$root/scripts/gpu/bench_lib.sh"
@@ -150,6 +153,8 @@ case $part in
     compare float32_heads default looping float32_heads_again default_again ;;
   merged)  # session 28: q/k/v and gate/up as one GEMM each (HD_MERGED_PROJECTIONS=on), all-softmax, alternated
     alternated 330 50 separate merged HD_MERGED_PROJECTIONS=on ;;
+  merged_forward)  # session 29: one GEMM forward, per-projection backward (HD_MERGED_PROJECTIONS=forward)
+    alternated 330 50 separate forward_merged HD_MERGED_PROJECTIONS=forward ;;
   sdpa)  # session 28: FlashAttention-2 (HD_SDPA=flash) against PyTorch's pick (cuDNN on an H100), all-softmax
     alternated 300 45 auto flash HD_SDPA=flash ;;
   decode_in_place)

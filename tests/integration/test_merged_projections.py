@@ -14,9 +14,11 @@ from tiny_models import tiny_teacher
 TOKENS = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(0))
 
 
-@pytest.fixture(autouse=True)
-def merged_on(monkeypatch):
-    monkeypatch.setenv("HD_MERGED_PROJECTIONS", "on")
+@pytest.fixture(autouse=True, params=["on", "forward"])
+def merged_on(request, monkeypatch):
+    """Every test runs under both merged choices: one GEMM forward and backward, and one GEMM forward only."""
+    monkeypatch.setenv("HD_MERGED_PROJECTIONS", request.param)
+    return request.param
 
 
 def logits_and_grads(model):
@@ -68,10 +70,63 @@ def test_switched_off_or_other_classes_keep_hfs_forwards(monkeypatch):
     assert merge_input_projections(model) == 0
     assert all("forward" not in vars(layer.self_attn) for layer in model.model.layers)
     monkeypatch.setenv("HD_MERGED_PROJECTIONS", "maybe")
-    with pytest.raises(ValueError, match="HD_MERGED_PROJECTIONS must be on or off, not 'maybe'"):
+    with pytest.raises(ValueError, match="HD_MERGED_PROJECTIONS must be on, forward or off, not 'maybe'"):
         merge_input_projections(model)
     monkeypatch.delenv("HD_MERGED_PROJECTIONS")
     assert merge_input_projections(model) == 0  # off by default
     monkeypatch.setenv("HD_MERGED_PROJECTIONS", "on")
     model.model.layers[0].mlp.up_proj = torch.nn.Sequential(model.model.layers[0].mlp.up_proj)  # not a plain linear
     assert merge_input_projections(model) == 2 * model.config.num_hidden_layers - 1
+
+
+def backward_ops(model) -> list[str]:
+    """The ATen ops the backward of a training forward runs, in order."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Recorder(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    loss = model(TOKENS, use_cache=False).logits.float().square().mean()
+    with Recorder() as recorder:
+        loss.backward()
+    return recorder.ops
+
+
+def test_forward_only_merging_concatenates_no_gradient_and_sums_the_inputs_gradient_in_its_gemms(merged_on):
+    """`on` concatenates q, k and v's gradients (and gate's and up's) for one backward GEMM; Inductor fused that cat
+    into a kernel that cost more than the GEMM saved. `forward` runs each projection's gradient GEMMs alone and adds
+    each input-gradient term in its GEMM (addmm), where HF's separate layout adds GEMM outputs in kernels of their own."""
+    merged = tiny_teacher("llama").train()
+    merge_input_projections(merged)
+    ops = backward_ops(merged)
+    layers = merged.config.num_hidden_layers
+    if merged_on == "on":
+        assert ops.count("cat") >= 2 * layers
+    else:
+        assert "cat" not in ops
+        assert ops.count("addmm") == (2 + 1) * layers  # k's and v's terms, then up's
+
+
+def test_merged_models_train_under_autocast_and_compiled_as_hfs_does(merged_on):
+    """bf16 autocast, as a training step runs on GPU: the casts F.linear would make are made before the merged
+    GEMM, gradients reach the float32 parameters in their dtype; compiled layers (Inductor on CPU) give the same."""
+    from hybrid_distill.distill.compiled_blocks import compile_training_layers
+    hf = tiny_teacher("qwen2").train()
+    merged = copy.deepcopy(hf)
+    merge_input_projections(merged)
+    compiled = copy.deepcopy(merged)
+    compile_training_layers(compiled)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want_logits, want_grads = logits_and_grads(hf)
+        for model in (merged, compiled):
+            logits, grads = logits_and_grads(model)
+            torch.testing.assert_close(logits.float(), want_logits.float(), rtol=2e-2, atol=2e-2)
+            for name, grad in grads.items():
+                assert grad.dtype == torch.float32, name
+                torch.testing.assert_close(grad, want_grads[name], rtol=5e-2, atol=2e-3, msg=name)

@@ -1,5 +1,5 @@
 """One GEMM for the projections that read the same input: a softmax attention's q, k and v, an MLP's gate and up
-(`HD_MERGED_PROJECTIONS=on`; off by default).
+(`HD_MERGED_PROJECTIONS=on` or `forward`; off by default).
 
 Why it was tried: at SmolLM2 widths the separate GEMMs are small (k and v are 576 x 192) and run below the GPU's
 matmul rate; in the graphed all-softmax step on an H100 the small GEMMs took about 7 ms of 114 (session 28's
@@ -7,6 +7,11 @@ profile). One GEMM over the concatenated weights does the same sums in fewer, la
 GEMMs took 5.7 ms less, but the compiled backward 3.9 ms more (it writes q, k and v's gradients, and gate's and
 up's, into one concatenated gradient), so the step gained 0.2-0.4% for 1.5 GB more peak memory: off by default. It
 may pay at wider shapes (3B teachers' k and v are 3072 x 1024), not yet timed.
+
+`forward` (session 29) keeps the one GEMM in the forward only, for student and teacher, where it saved the most
+(the separate layout's small k and v GEMMs), and gives the backward no cat at all: each projection's gradient GEMMs
+run on their own, and the input's gradient is summed inside them (`addmm`: cuBLAS adds the running sum in its
+epilogue), where the separate layout spent 4.2 ms per step on kernels that add those GEMMs' outputs.
 
 The weights stay separate parameters, so module names, the state dict and checkpoints are unchanged: each forward
 concatenates them (1-3 MB per layer, fused by the compiled layer) and splits the output. Only training forwards
@@ -25,27 +30,31 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from hybrid_distill.distill.precision import active_autocast_dtype
 from hybrid_distill.models.student import decoder_layers
 
 MERGED_ATTENTION = ("LlamaAttention", "Qwen2Attention")
 MERGED_MLP = ("LlamaMLP", "Qwen2MLP")
-MERGED_PROJECTIONS_CHOICES = ("on", "off")
+MERGED_PROJECTIONS_CHOICES = ("on", "forward", "off")
 
 
 def merged_projections_choice() -> str:
-    """`HD_MERGED_PROJECTIONS`: on or off (the default). Set it before the process starts."""
+    """`HD_MERGED_PROJECTIONS`: on (one GEMM forward and backward), forward (one GEMM forward only) or off (the
+    default). Set it before the process starts."""
     choice = os.environ.get("HD_MERGED_PROJECTIONS", "off")
     if choice not in MERGED_PROJECTIONS_CHOICES:
-        raise ValueError(f"HD_MERGED_PROJECTIONS must be on or off, not {choice!r}")
+        raise ValueError(f"HD_MERGED_PROJECTIONS must be on, forward or off, not {choice!r}")
     return choice
 
 
 def merge_input_projections(model: nn.Module) -> int:
-    """With `HD_MERGED_PROJECTIONS=on`, has every Llama/Qwen2 attention and MLP of `model` compute its input
-    projections as one GEMM (in place, per module: call it before compiling the layers); returns how many modules
-    changed (none when off)."""
-    if merged_projections_choice() == "off":
+    """With `HD_MERGED_PROJECTIONS=on` or `forward`, has every Llama/Qwen2 attention and MLP of `model` compute its
+    input projections as one GEMM (in place, per module: call it before compiling the layers); returns how many
+    modules changed (none when off)."""
+    choice = merged_projections_choice()
+    if choice == "off":
         return 0
+    projections = forward_merged_linear if choice == "forward" else merged_linear
     changed = 0
     for layer in decoder_layers(model):
         for module, names, forward in ((getattr(layer, "self_attn", None), ("q_proj", "k_proj", "v_proj"),
@@ -53,6 +62,7 @@ def merge_input_projections(model: nn.Module) -> int:
                                        (getattr(layer, "mlp", None), ("gate_proj", "up_proj"), _mlp_forward)):
             if _mergeable(module, names):
                 module.forward = types.MethodType(forward, module)
+                module.merged_projections = projections  # how its forward computes them
                 changed += 1
     return changed
 
@@ -74,8 +84,46 @@ def merged_linear(x: torch.Tensor, linears) -> tuple[torch.Tensor, ...]:
     return F.linear(x, weight, bias).split([linear.out_features for linear in linears], dim=-1)
 
 
+def forward_merged_linear(x: torch.Tensor, linears) -> tuple[torch.Tensor, ...]:
+    """merged_linear's values, with _ForwardMerged's backward (the `forward` choice). Autocast's casts are made here, outside the Function, as F.linear would
+    make them: the Function then runs in one dtype and its backward needs no autocast."""
+    weights = [linear.weight for linear in linears]
+    biases = [linear.bias for linear in linears] if linears[0].bias is not None else []
+    dtype = active_autocast_dtype(x.device.type)
+    if dtype is not None:
+        x, weights, biases = x.to(dtype), [w.to(dtype) for w in weights], [b.to(dtype) for b in biases]
+    return _ForwardMerged.apply(x, len(weights), *weights, *biases)
+
+
+class _ForwardMerged(torch.autograd.Function):
+    """y_i = x W_i^T (+ b_i) as one GEMM over the concatenated weights; backward per projection: dW_i = dy_i^T x,
+    and dx = sum_i dy_i W_i with each term added to the running sum in its GEMM (addmm), so no gradient is ever
+    concatenated and no kernel adds GEMM outputs."""
+
+    @staticmethod
+    def forward(ctx, x, count, *weights_and_biases):
+        weights, biases = weights_and_biases[:count], weights_and_biases[count:]
+        ctx.save_for_backward(x, *weights)
+        ctx.count, ctx.has_bias = count, bool(biases)
+        output = F.linear(x, torch.cat(weights), torch.cat(biases) if biases else None)
+        return output.split([weight.shape[0] for weight in weights], dim=-1)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        x, *weights = ctx.saved_tensors
+        rows = x.reshape(-1, x.shape[-1])
+        grad_x, grad_weights, grad_biases = None, [], []
+        for grad, weight in zip(grads, weights):
+            grad = grad.reshape(-1, grad.shape[-1])
+            grad_x = grad @ weight if grad_x is None else torch.addmm(grad_x, grad, weight)
+            grad_weights.append(grad.t() @ rows)
+            if ctx.has_bias:
+                grad_biases.append(grad.sum(0))
+        return (grad_x.view(x.shape), None, *grad_weights, *grad_biases)
+
+
 def _mlp_forward(self, x):
-    gate, up = merged_linear(x, (self.gate_proj, self.up_proj))
+    gate, up = self.merged_projections(x, (self.gate_proj, self.up_proj))
     return self.down_proj(self.act_fn(gate) * up)
 
 
@@ -92,8 +140,8 @@ def _attention_forward(self, hidden_states, position_embeddings=None, attention_
     modeling = sys.modules[type(self).__module__]
     input_shape = hidden_states.shape[:-1]
     hidden_shape = (*input_shape, -1, self.head_dim)
-    query, key, value = (states.view(hidden_shape).transpose(1, 2)
-                         for states in merged_linear(hidden_states, (self.q_proj, self.k_proj, self.v_proj)))
+    projected = self.merged_projections(hidden_states, (self.q_proj, self.k_proj, self.v_proj))
+    query, key, value = (states.view(hidden_shape).transpose(1, 2) for states in projected)
     cos, sin = position_embeddings
     query, key = modeling.apply_rotary_pos_emb(query, key, cos, sin)
     attention = _attention_function(self.config._attn_implementation, modeling.eager_attention_forward)
