@@ -29,6 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="config changes from SmolLM2-135M's shape, e.g. for Llama-3.2-3B: hidden_size=3072 "
                              "intermediate_size=8192 num_hidden_layers=28 num_attention_heads=24 "
                              "num_key_value_heads=8 head_dim=128 vocab_size=128256")
+    parser.add_argument("--profile-top", type=int, default=0, metavar="N",
+                        help="also profile a few decode steps of each model at the last context and batch: wall and "
+                             "kernel ms per step, kernel launches, the N kernels that took longest")
     parser.add_argument("--out", default=None)
     return parser
 
@@ -73,9 +76,30 @@ def main(argv=None):
             cache = f"{row['cache_bytes'] / 2**20:10.1f}" if row["cache_bytes"] else f"{'-':>10}"
             peak = f"{row['peak_mem_bytes'] / 2**20:9.0f}" if row["peak_mem_bytes"] else f"{'-':>9}"
             print(f"{name:14} {row['decode']:>10} {row['context']:8d} {row['batch']:6d} {prefill} {decode} {cache} {peak}")
+    if args.profile_top:
+        result["profiles"] = _profiles(teacher, hybrid, k, args, device)
     if args.out:
         with open(args.out, "w") as handle:
             json.dump(result, handle, indent=2)
+
+
+def _profiles(teacher, hybrid, k, args, device) -> dict:
+    """profile_decode_step of both models at the last context and batch, printed as they come."""
+    from hybrid_distill.evaluate.decode_profile import profile_decode_step
+
+    context, batch = args.contexts[-1], args.batches[-1]
+    prompt = torch.randint(teacher.config.vocab_size, (batch, context), generator=torch.Generator().manual_seed(0))
+    profiles = {}
+    for name, model in (("teacher", teacher), (f"hybrid_K{k}", hybrid)):
+        found = profiles[name] = profile_decode_step(model, prompt.to(device), top=args.profile_top)
+        units = "kernels" if device == "cuda" else "ATen ops"
+        print(f"-- {name}, one decode step at {context} x {batch}: {found['wall_ms']:.3f} ms wall, "
+              f"{found['device_ms']:.3f} ms in {found['launches']:.0f} {units}")
+        for kernel in found["top"]:
+            print(f"   {kernel['ms'] * 1e3:8.1f} us  x{kernel['calls']:<5.0f} {kernel['name']}")
+        for group in found["groups"]:
+            print(f"   {group['ms'] * 1e3:8.1f} us  {group['share']:6.1%}  {group['group']}")
+    return profiles
 
 
 if __name__ == "__main__":

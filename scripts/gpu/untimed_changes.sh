@@ -29,6 +29,8 @@
 #                 pick (cuDNN on an H100): the graphed all-softmax step, alternated twice (40 kernels listed)
 #   qla_tests     FlashQLA's mixer test against fla's Triton kernels
 #   qla_bench     all-GDN at Qwen2.5-3B widths with and without FlashQLA
+#   decode_profile  graphed decoding at 8k x 16, SmolLM2-135M shapes, compiled: tokens/s, then a few steps of each
+#                 model profiled (wall and kernel ms per step, kernel launches, the 25 longest kernels)
 #   decode_in_place  graphed decoding with GDN's state written in place and one copy of all conv caches: the
 #                 static-decode GPU tests, then decode at 8k x 16 at SmolLM2-135M and Llama-3.2-3B shapes
 # Usage: bash scripts/gpu/untimed_changes.sh PART (HD_REHEARSE=FILE records the commands without running them:
@@ -36,7 +38,7 @@
 set -uo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 out=${OUT:-bench-out}
-parts="decide|conv_tests|conv_bench|stream|kept_states|kl_rows|kl_loop|merged|merged_forward|sdpa|stream_tests|qla_tests|qla_bench|decode_in_place"
+parts="decide|conv_tests|conv_bench|stream|kept_states|kl_rows|kl_loop|merged|merged_forward|sdpa|stream_tests|qla_tests|qla_bench|decode_in_place|decode_profile"
 part=${1:?usage: $0 $parts}
 mkdir -p "$out/$part"
 source "$root/scripts/gpu/bench_lib.sh"
@@ -167,6 +169,10 @@ case $part in
         --softmax-ratio 0.25 --compile --decode graph "${extra[@]}" --out "$out/$part/${shapes}_shapes.json"
       echo "$shapes: exit $?"; grep -E "cuda_graph|model" "$out/$part/${shapes}_shapes.log"
     done ;;
+  decode_profile)  # session 29: where a graphed decode step's time goes, teacher and hybrid
+    script 300 smollm2_profile.log "$root/scripts/bench_inference.py" --contexts 8192 --batches 16 \
+      --softmax-ratio 0.25 --compile --decode graph --profile-top 25 --out "$out/$part/smollm2_profile.json"
+    echo "smollm2 profile: exit $?"; grep -E "cuda_graph|^--" "$out/$part/smollm2_profile.log" ;;
   *) rehearsing unknown_part "$0" "$part"
      echo "usage: $0 $parts" >&2
      exit 2 ;;
