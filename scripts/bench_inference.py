@@ -24,7 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--decode-tokens", type=int, default=32)
     parser.add_argument("--decode", default="both", choices=["both", "graph", "eager"])
     parser.add_argument("--compile", action="store_true",
-                        help="torch.compile the MLPs and norms of both models and the mixers' tensor maths")
+                        help="torch.compile the same blocks of both models: MLPs, norms, softmax attention, and the "
+                             "hybrid's mixer maths")
     parser.add_argument("--shape", nargs="+", type=_shape_item, default=[], metavar="KEY=INT",
                         help="config changes from SmolLM2-135M's shape, e.g. for Llama-3.2-3B: hidden_size=3072 "
                              "intermediate_size=8192 num_hidden_layers=28 num_attention_heads=24 "
@@ -40,7 +41,7 @@ def main(argv=None):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from hybrid_distill.distill.bench import SMOLLM2_135M
-    from hybrid_distill.distill.compiled_blocks import compile_dense_blocks, compile_student
+    from hybrid_distill.distill.compiled_blocks import compile_student
     from hybrid_distill.evaluate.efficiency import measure_inference
     from hybrid_distill.models.student import build_student
     from hybrid_distill.select.layer_sets import k_from_ratio, uniform_layers
@@ -57,8 +58,8 @@ def main(argv=None):
     hybrid = build_student(teacher, uniform_layers(layers, k), args.mixer).to(device, dtype).eval()
     if args.compile:
         torch._dynamo.config.recompile_limit = 64   # one graph per prefill and decode shape
-        compile_dense_blocks(teacher)
-        compile_student(hybrid)
+        for model in (teacher, hybrid):  # the same blocks of both (before session 29 the teacher's attention ran eager)
+            compile_student(model)
     result = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "dtype": str(dtype),
               "mixer": args.mixer, "k": k, "layers": layers, "compile": args.compile, "shape": dict(args.shape), "rows": {}}
     for name, model in (("teacher", teacher), (f"hybrid_K{k}", hybrid)):

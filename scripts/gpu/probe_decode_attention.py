@@ -30,9 +30,9 @@ with torch.device("cuda"):
     teacher = LlamaForCausalLM(LlamaConfig(**shape)).to(torch.bfloat16).eval()
 layers = shape["num_hidden_layers"]
 hybrid = build_student(teacher, uniform_layers(layers, layers // 4), "gdn").eval()
-from hybrid_distill.distill.compiled_blocks import compile_dense_blocks, compile_student
+from hybrid_distill.distill.compiled_blocks import compile_student
 torch._dynamo.config.recompile_limit = 64
-compile_dense_blocks(teacher)
+compile_student(teacher)
 compile_student(hybrid)
 prompt = torch.randint(1000, (16, 8192), device="cuda")
 for name, model in (("teacher", teacher), ("hybrid", hybrid)):

@@ -29,8 +29,9 @@
 #                 pick (cuDNN on an H100): the graphed all-softmax step, alternated twice (40 kernels listed)
 #   qla_tests     FlashQLA's mixer test against fla's Triton kernels
 #   qla_bench     all-GDN at Qwen2.5-3B widths with and without FlashQLA
-#   decode_profile  graphed decoding at 8k x 16, SmolLM2-135M shapes, compiled: tokens/s, then a few steps of each
-#                 model profiled (wall and kernel ms per step, kernel launches, the 25 longest kernels)
+#   decode_profile  graphed decoding at 8k x 16, both models compiled alike, SmolLM2-135M and Llama-3.2-3B shapes:
+#                 tokens/s, then a few steps of each model profiled (wall and kernel ms per step, kernel launches,
+#                 the 25 longest kernels)
 #   decode_in_place  graphed decoding with GDN's state written in place and one copy of all conv caches: the
 #                 static-decode GPU tests, then decode at 8k x 16 at SmolLM2-135M and Llama-3.2-3B shapes
 # Usage: bash scripts/gpu/untimed_changes.sh PART (HD_REHEARSE=FILE records the commands without running them:
@@ -93,6 +94,9 @@ alternated() {  # alternated SECONDS LATER BASE CHANGED SWITCH=VALUE: the graphe
   ) | grep -E "^(===|exit|stage2) "
   compare "$base" "$changed" "${base}_again" "${changed}_again"
 }
+
+llama3b_shape=(hidden_size=3072 intermediate_size=8192 num_hidden_layers=28 num_attention_heads=24
+               num_key_value_heads=8 head_dim=128 vocab_size=128256)
 
 case $part in
   decide)
@@ -161,18 +165,20 @@ case $part in
     alternated 300 45 auto flash HD_SDPA=flash ;;
   decode_in_place)
     tests 150 static_decode_tests.log "$root/tests/gpu/test_static_decode_cuda.py"
-    llama3b=(hidden_size=3072 intermediate_size=8192 num_hidden_layers=28 num_attention_heads=24
-             num_key_value_heads=8 head_dim=128 vocab_size=128256)
     for shapes in smollm2 llama3b; do
-      extra=(); [[ $shapes == llama3b ]] && extra=(--shape "${llama3b[@]}")
+      extra=(); [[ $shapes == llama3b ]] && extra=(--shape "${llama3b_shape[@]}")
       script 200 "${shapes}_shapes.log" "$root/scripts/bench_inference.py" --contexts 8192 --batches 16 \
         --softmax-ratio 0.25 --compile --decode graph "${extra[@]}" --out "$out/$part/${shapes}_shapes.json"
       echo "$shapes: exit $?"; grep -E "cuda_graph|model" "$out/$part/${shapes}_shapes.log"
     done ;;
-  decode_profile)  # session 29: where a graphed decode step's time goes, teacher and hybrid
-    script 300 smollm2_profile.log "$root/scripts/bench_inference.py" --contexts 8192 --batches 16 \
-      --softmax-ratio 0.25 --compile --decode graph --profile-top 25 --out "$out/$part/smollm2_profile.json"
-    echo "smollm2 profile: exit $?"; grep -E "cuda_graph|^--" "$out/$part/smollm2_profile.log" ;;
+  decode_profile)  # session 29: both models compiled alike (the teacher's attention too), each step profiled
+    for shapes in smollm2 llama3b; do
+      extra=(); [[ $shapes == llama3b ]] && extra=(--shape "${llama3b_shape[@]}")
+      script 250 "${shapes}_profile.log" "$root/scripts/bench_inference.py" --contexts 8192 --batches 16 \
+        --softmax-ratio 0.25 --compile --decode graph --profile-top 25 "${extra[@]}" \
+        --out "$out/$part/${shapes}_profile.json"
+      echo "$shapes profile: exit $?"; grep -E "cuda_graph|^--" "$out/$part/${shapes}_profile.log"
+    done ;;
   *) rehearsing unknown_part "$0" "$part"
      echo "usage: $0 $parts" >&2
      exit 2 ;;
