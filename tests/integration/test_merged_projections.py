@@ -101,7 +101,8 @@ def backward_ops(model) -> list[str]:
 def test_forward_only_merging_concatenates_no_gradient_and_sums_the_inputs_gradient_in_its_gemms(merged_on):
     """`on` concatenates q, k and v's gradients (and gate's and up's) for one backward GEMM; Inductor fused that cat
     into a kernel that cost more than the GEMM saved. `forward` runs each projection's gradient GEMMs alone and adds
-    each input-gradient term in its GEMM (addmm), where HF's separate layout adds GEMM outputs in kernels of their own."""
+    each input-gradient term in its GEMM (addmm), where HF's separate layout adds GEMM outputs in kernels of their
+    own."""
     merged = tiny_teacher("llama").train()
     merge_input_projections(merged)
     ops = backward_ops(merged)

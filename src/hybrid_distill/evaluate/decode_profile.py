@@ -1,9 +1,8 @@
 """Where one decode step's time goes: its kernels, their count and device time, against the step's wall time.
 
 Why: at SmolLM2 shapes a graphed decode step is a few hundred small kernels, and the hybrid's lead over the teacher
-depends on what both spend outside attention (session 24 estimated a bound from one old profile, and session 29's
-measurement beat it). The gap between the kernels' device time and the wall time is what the kernel count costs
-beyond the kernels themselves. On CPU the same step runs eagerly and its ATen ops are listed instead.
+depends on what both spend outside attention (session 24 estimated a bound from one old profile). The gap between
+the kernels' device time and the wall time is what the kernel count costs beyond the kernels themselves. On CPU the same step runs eagerly and its ATen ops are listed instead.
 """
 from __future__ import annotations
 
