@@ -30,9 +30,10 @@ HARNESS_SWITCHES = ("HD_REHEARSE", "HD_FAIL_AT_STEP", "HD_BENCH_EXTRA")
 
 
 def record(kind: str, args: list[str]) -> None:
-    """Appends one command, with the HD_* and FLA_* switches of its environment, to $HD_REHEARSE."""
+    """Appends one command, with the HD_*, FLA_* and TORCHINDUCTOR_* switches of its environment, to
+    $HD_REHEARSE."""
     switches = {name: value for name, value in os.environ.items()
-                if name.startswith(("HD_", "FLA_")) and name != "HD_REHEARSE"}
+                if name.startswith(("HD_", "FLA_", "TORCHINDUCTOR_")) and name != "HD_REHEARSE"}
     with open(os.environ["HD_REHEARSE"], "a") as records:
         records.write(json.dumps({"kind": kind, "args": args, "switches": switches}) + "\n")
 

@@ -25,6 +25,9 @@
 #   merged_forward  q/k/v and gate/up as one GEMM in the forward only, each gradient GEMM alone with the input's
 #                 gradient summed by addmm (session 29, HD_MERGED_PROJECTIONS=forward): the graphed all-softmax step
 #                 with separate projections and with this, alternated twice (40 kernels listed)
+#   inductor_tuning  Inductor's coordinate-descent tuning of its own kernels' launch configs (session 29,
+#                 TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1): the graphed all-softmax step without and with it,
+#                 alternated twice (40 kernels listed); the norm kernels run at a third to a half of the memory rate
 #   sdpa          the softmax layers' attention in FlashAttention-2 (HD_SDPA=flash, session 28) against PyTorch's
 #                 pick (cuDNN on an H100): the graphed all-softmax step, alternated twice (40 kernels listed)
 #   qla_tests     FlashQLA's mixer test against fla's Triton kernels
@@ -39,7 +42,7 @@
 set -uo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 out=${OUT:-bench-out}
-parts="decide|conv_tests|conv_bench|stream|kept_states|kl_rows|kl_loop|merged|merged_forward|sdpa|stream_tests|qla_tests|qla_bench|decode_in_place|decode_profile"
+parts="decide|conv_tests|conv_bench|stream|kept_states|kl_rows|kl_loop|merged|merged_forward|inductor_tuning|sdpa|stream_tests|qla_tests|qla_bench|decode_in_place|decode_profile"
 part=${1:?usage: $0 $parts}
 mkdir -p "$out/$part"
 source "$root/scripts/gpu/bench_lib.sh"
@@ -161,6 +164,17 @@ case $part in
     alternated 330 50 separate merged HD_MERGED_PROJECTIONS=on ;;
   merged_forward)  # session 29: one GEMM forward, per-projection backward (HD_MERGED_PROJECTIONS=forward)
     alternated 330 50 separate forward_merged HD_MERGED_PROJECTIONS=forward ;;
+  inductor_tuning)  # session 29: Inductor tunes each generated kernel's launch config by timing it (its compile
+    # takes longer: that row gets all the time but what the last two rows need)
+    common=("${graphed_step[@]}" --students softmax --profile-top 40)
+    (
+      rows_within 540
+      bench default "$(first 400)"
+      TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1 bench coordinate_descent "$(first 100)"
+      bench default_again "$(share 2)"
+      TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1 bench coordinate_descent_again "$(share 1)"
+    ) | grep -E "^(===|exit|stage2) "
+    compare default coordinate_descent default_again coordinate_descent_again ;;
   sdpa)  # session 28: FlashAttention-2 (HD_SDPA=flash) against PyTorch's pick (cuDNN on an H100), all-softmax
     alternated 300 45 auto flash HD_SDPA=flash ;;
   decode_in_place)
