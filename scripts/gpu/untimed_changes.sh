@@ -35,6 +35,9 @@
 #   decode_profile  graphed decoding at 8k x 16, both models compiled alike, SmolLM2-135M and Llama-3.2-3B shapes:
 #                 tokens/s, then a few steps of each model profiled (wall and kernel ms per step, kernel launches,
 #                 the 25 longest kernels)
+#   decode_packed  decode_profile with each token's q/k/v (and a mixer's gates) and gate/up as one GEMV each on
+#                 weights packed once, both models (session 29, HD_PACKED_DECODE=on), after the static-decode GPU
+#                 tests with it
 #   decode_in_place  graphed decoding with GDN's state written in place and one copy of all conv caches: the
 #                 static-decode GPU tests, then decode at 8k x 16 at SmolLM2-135M and Llama-3.2-3B shapes
 # Usage: bash scripts/gpu/untimed_changes.sh PART (HD_REHEARSE=FILE records the commands without running them:
@@ -42,7 +45,7 @@
 set -uo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 out=${OUT:-bench-out}
-parts="decide|conv_tests|conv_bench|stream|kept_states|kl_rows|kl_loop|merged|merged_forward|inductor_tuning|sdpa|stream_tests|qla_tests|qla_bench|decode_in_place|decode_profile"
+parts="decide|conv_tests|conv_bench|stream|kept_states|kl_rows|kl_loop|merged|merged_forward|inductor_tuning|sdpa|stream_tests|qla_tests|qla_bench|decode_in_place|decode_profile|decode_packed"
 part=${1:?usage: $0 $parts}
 mkdir -p "$out/$part"
 source "$root/scripts/gpu/bench_lib.sh"
@@ -185,7 +188,12 @@ case $part in
         --softmax-ratio 0.25 --compile --decode graph "${extra[@]}" --out "$out/$part/${shapes}_shapes.json"
       echo "$shapes: exit $?"; grep -E "cuda_graph|model" "$out/$part/${shapes}_shapes.log"
     done ;;
-  decode_profile)  # session 29: both models compiled alike (the teacher's attention too), each step profiled
+  decode_profile|decode_packed)  # session 29: both models compiled alike (the teacher's attention too), each step
+    # profiled; decode_packed with q/k/v (and a mixer's gates) and gate/up as one GEMV each (HD_PACKED_DECODE=on)
+    if [[ $part == decode_packed ]]; then
+      export HD_PACKED_DECODE=on
+      tests 150 static_decode_tests.log "$root/tests/gpu/test_static_decode_cuda.py"
+    fi
     for shapes in smollm2 llama3b; do
       extra=(); [[ $shapes == llama3b ]] && extra=(--shape "${llama3b_shape[@]}")
       script 250 "${shapes}_profile.log" "$root/scripts/bench_inference.py" --contexts 8192 --batches 16 \

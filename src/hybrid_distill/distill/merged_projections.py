@@ -61,14 +61,14 @@ def merge_input_projections(model: nn.Module) -> int:
         for module, names, forward in ((getattr(layer, "self_attn", None), ("q_proj", "k_proj", "v_proj"),
                                         _attention_forward),
                                        (getattr(layer, "mlp", None), ("gate_proj", "up_proj"), _mlp_forward)):
-            if _mergeable(module, names):
+            if mergeable(module, names):
                 module.forward = types.MethodType(forward, module)
                 module.merged_projections = projections  # how its forward computes them
                 changed += 1
     return changed
 
 
-def _mergeable(module, names) -> bool:
+def mergeable(module, names) -> bool:
     """A module of a class this file restates, whose projections are plain linears that all have a bias or none."""
     if type(module).__name__ not in MERGED_ATTENTION + MERGED_MLP:
         return False
@@ -139,13 +139,21 @@ def _attention_forward(self, hidden_states, position_embeddings=None, attention_
         if cache[1] is not None:
             kwargs["past_key_values"] = cache[1]
         return type(self).forward(self, hidden_states, position_embeddings, attention_mask, **kwargs)
-    modeling = sys.modules[type(self).__module__]
-    input_shape = hidden_states.shape[:-1]
-    hidden_shape = (*input_shape, -1, self.head_dim)
     projected = self.merged_projections(hidden_states, (self.q_proj, self.k_proj, self.v_proj))
+    return attend(self, sys.modules[type(self).__module__], projected, hidden_states.shape[:-1], position_embeddings,
+                  attention_mask, kwargs)
+
+
+def attend(self, modeling, projected, input_shape, position_embeddings, attention_mask, kwargs, update_cache=None):
+    """The rest of HF's Llama/Qwen2 attention forward from the q, k and v projections (`modeling`: the class's
+    module, for its rotary and eager attention): rotary, `update_cache(key, value)` if given (it returns the keys
+    and values to attend to), the attention function the config names, the output projection."""
+    hidden_shape = (*input_shape, -1, self.head_dim)
     query, key, value = (states.view(hidden_shape).transpose(1, 2) for states in projected)
     cos, sin = position_embeddings
     query, key = modeling.apply_rotary_pos_emb(query, key, cos, sin)
+    if update_cache is not None:
+        key, value = update_cache(key, value)
     attention = _attention_function(self.config._attn_implementation, modeling.eager_attention_forward)
     if getattr(self, "sliding_window", None) is not None:
         kwargs["sliding_window"] = self.sliding_window

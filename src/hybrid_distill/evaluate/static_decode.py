@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 
 from hybrid_distill.distill.maskless_attention import has_windowed_layers
+from hybrid_distill.evaluate.packed_projections import pack_decode_projections, packed_decode_choice
 from hybrid_distill.models.cache_names import cache_keyword, output_cache
 from hybrid_distill.models.static_cache import commit_deferred_writes, fix_cache_addresses
 
@@ -68,6 +69,8 @@ class StaticGreedyDecoder:
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         self.model = model
+        if packed_decode_choice() == "on":
+            pack_decode_projections(model)   # one GEMV per group of projections of a token (HD_PACKED_DECODE)
         logits = prefill_output.logits
         device = logits.device
         self.use_graph = device.type == "cuda" if use_graph is None else use_graph

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..packed_inputs import packed_projections
 from . import kernels
 from .cache_layer import state_layer
 from .short_conv import ShortConvolution
@@ -103,19 +104,30 @@ class LinearMixer(nn.Module):
         step is bound by reading the weights."""
         qkv = (self.q_proj, self.k_proj, self.v_proj)
         if hidden_states.shape[1] == 1:
+            packed = packed_projections(self, hidden_states)   # weights packed once for decoding, if they are
+            if packed is not None:
+                return list(packed[:3]), list(packed[3:])
             return [linear(hidden_states) for linear in qkv], self._decode_gates(hidden_states)
         projected, widths = self._fused_projection(hidden_states)
         outputs = projected.split(widths, dim=-1)
         return list(outputs[:3]), list(outputs[3:3 + len(self._gate_linears())])
 
+    def input_linears(self) -> tuple[nn.Linear, ...]:
+        """q, k, v and the gate projections of the layer input, in the order of the fused GEMM's columns."""
+        return (self.q_proj, self.k_proj, self.v_proj) + self._gate_linears()
+
+    def packed_row_padding(self) -> int:
+        """Zero rows that round the fused GEMM's output width up to PROJECTION_ROW_MULTIPLE."""
+        return -sum(linear.out_features for linear in self.input_linears()) % PROJECTION_ROW_MULTIPLE
+
     def _fused_projection(self, hidden_states) -> tuple[torch.Tensor, list[int]]:
         """The one GEMM of _project_inputs: [B, T, padded width] and the column widths (q, k, v, gates, padding)."""
-        linears = (self.q_proj, self.k_proj, self.v_proj) + self._gate_linears()
+        linears = self.input_linears()
         weights = [linear.weight for linear in linears]
         biases = [linear.bias if linear.bias is not None else linear.weight.new_zeros(linear.out_features)
                   for linear in linears]
         widths = [linear.out_features for linear in linears]
-        pad = -sum(widths) % PROJECTION_ROW_MULTIPLE
+        pad = self.packed_row_padding()
         if pad:  # zero rows whose outputs are split off and dropped
             weights.append(weights[0].new_zeros(pad, weights[0].shape[1]))
             biases.append(weights[0].new_zeros(pad))
