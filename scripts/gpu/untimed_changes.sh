@@ -24,7 +24,7 @@
 #                 graphed all-softmax step with separate and merged projections, alternated twice (40 kernels listed)
 #   merged_forward  q/k/v and gate/up as one GEMM in the forward only, each gradient GEMM alone with the input's
 #                 gradient summed by addmm (session 29, HD_MERGED_PROJECTIONS=forward): the graphed all-softmax step
-#                 with separate projections and with this, alternated twice (40 kernels listed)
+#                 with separate projections and with this, alternated twice (40 kernels listed), after its GPU test
 #   inductor_tuning  Inductor's coordinate-descent tuning of its own kernels' launch configs (session 29,
 #                 TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1): the graphed all-softmax step without and with it,
 #                 alternated twice (40 kernels listed); the norm kernels run at a third to a half of the memory rate
@@ -165,7 +165,9 @@ case $part in
     compare float32_heads default looping float32_heads_again default_again ;;
   merged)  # session 28: q/k/v and gate/up as one GEMM each (HD_MERGED_PROJECTIONS=on), all-softmax, alternated
     alternated 330 50 separate merged HD_MERGED_PROJECTIONS=on ;;
-  merged_forward)  # session 29: one GEMM forward, per-projection backward (HD_MERGED_PROJECTIONS=forward)
+  merged_forward)  # session 29: one GEMM forward, per-projection backward (HD_MERGED_PROJECTIONS=forward); its GPU
+    # test (both merged choices against separate projections, compiled, bf16) first
+    tests 120 merged_tests.log "$root/tests/gpu/test_merged_projections_cuda.py"
     alternated 330 50 separate forward_merged HD_MERGED_PROJECTIONS=forward ;;
   inductor_tuning)  # session 29: Inductor tunes each generated kernel's launch config by timing it (its compile
     # takes longer: that row gets all the time but what the last two rows need)
