@@ -28,6 +28,7 @@
 #   inductor_tuning  Inductor's coordinate-descent tuning of its own kernels' launch configs (session 29,
 #                 TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1): the graphed all-softmax step without and with it,
 #                 alternated twice (40 kernels listed); the norm kernels run at a third to a half of the memory rate
+#   inductor_tuning_gdn  the same on the graphed all-GDN step, once each way
 #   sdpa          the softmax layers' attention in FlashAttention-2 (HD_SDPA=flash, session 28) against PyTorch's
 #                 pick (cuDNN on an H100): the graphed all-softmax step, alternated twice (40 kernels listed)
 #   qla_tests     FlashQLA's mixer test against fla's Triton kernels
@@ -45,7 +46,7 @@
 set -uo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 out=${OUT:-bench-out}
-parts="decide|conv_tests|conv_bench|stream|kept_states|kl_rows|kl_loop|merged|merged_forward|inductor_tuning|sdpa|stream_tests|qla_tests|qla_bench|decode_in_place|decode_profile|decode_packed"
+parts="decide|conv_tests|conv_bench|stream|kept_states|kl_rows|kl_loop|merged|merged_forward|inductor_tuning|inductor_tuning_gdn|sdpa|stream_tests|qla_tests|qla_bench|decode_in_place|decode_profile|decode_packed"
 part=${1:?usage: $0 $parts}
 mkdir -p "$out/$part"
 source "$root/scripts/gpu/bench_lib.sh"
@@ -169,17 +170,28 @@ case $part in
     # test (both merged choices against separate projections, compiled, bf16) first
     tests 120 merged_tests.log "$root/tests/gpu/test_merged_projections_cuda.py"
     alternated 330 50 separate forward_merged HD_MERGED_PROJECTIONS=forward ;;
-  inductor_tuning)  # session 29: Inductor tunes each generated kernel's launch config by timing it (its compile
-    # takes longer: that row gets all the time but what the last two rows need)
-    common=("${graphed_step[@]}" --students softmax --profile-top 40)
+  inductor_tuning|inductor_tuning_gdn)  # session 29: Inductor tunes each generated kernel's launch config by timing
+    # it (its compile takes longer: that row gets all the time but what the later rows need); all-softmax alternated
+    # twice, all-GDN (its norms took 16 ms of 144, session 27) once each way
+    if [[ $part == inductor_tuning ]]; then
+      common=("${graphed_step[@]}" --students softmax --profile-top 40); later=100
+    else
+      common=("${graphed_step[@]}" --students gdn --profile-top 40); later=0
+    fi
     (
       rows_within 540
       bench default "$(first 400)"
-      TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1 bench coordinate_descent "$(first 100)"
-      bench default_again "$(share 2)"
-      TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1 bench coordinate_descent_again "$(share 1)"
+      TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1 bench coordinate_descent "$(first $later)"
+      if [[ $part == inductor_tuning ]]; then
+        bench default_again "$(share 2)"
+        TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1 bench coordinate_descent_again "$(share 1)"
+      fi
     ) | grep -E "^(===|exit|stage2) "
-    compare default coordinate_descent default_again coordinate_descent_again ;;
+    if [[ $part == inductor_tuning ]]; then
+      compare default coordinate_descent default_again coordinate_descent_again
+    else
+      compare default coordinate_descent
+    fi ;;
   sdpa)  # session 28: FlashAttention-2 (HD_SDPA=flash) against PyTorch's pick (cuDNN on an H100), all-softmax
     alternated 300 45 auto flash HD_SDPA=flash ;;
   decode_in_place)
