@@ -29,7 +29,7 @@ def pack_linears(module: nn.Module, linears, padding: int = 0) -> int:
     first = linears[0].weight
     weight = torch.cat([linear.weight.detach() for linear in linears] + [first.new_zeros(padding, first.shape[1])])
     bias = None
-    if linears[0].bias is not None or any(linear.bias is not None for linear in linears):
+    if any(linear.bias is not None for linear in linears):
         bias = torch.cat([linear.bias.detach() if linear.bias is not None else first.new_zeros(linear.out_features)
                           for linear in linears] + [first.new_zeros(padding)])
     row = 0
@@ -47,7 +47,7 @@ def pack_linears(module: nn.Module, linears, padding: int = 0) -> int:
 
 
 def still_packed(module: nn.Module, linears) -> bool:
-    """Whether every weight (and bias) is still the view of the module's packed tensors that _pack made."""
+    """Whether every weight (and bias) is still the view of the module's packed tensors that pack_linears made."""
     weight, bias = getattr(module, PACKED_WEIGHT, None), getattr(module, PACKED_BIAS, None)
     if weight is None:
         return False
