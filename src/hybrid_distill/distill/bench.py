@@ -25,7 +25,7 @@ from hybrid_distill.distill.bench_processes import bench_processes, data_paralle
 from hybrid_distill.distill.fused_kl import kl_heads_choice, kl_rows_choice, naive_kl
 from hybrid_distill.distill.gemm_ceiling import linear_gemms, time_gemms
 from hybrid_distill.distill.jobs import stage2_objective
-from hybrid_distill.distill.kernel_groups import group_times
+from hybrid_distill.distill.kernel_groups import group_times, kernel_times
 from hybrid_distill.distill.master_weights import adamw_for
 from hybrid_distill.distill.merged_projections import merged_projections_choice
 from hybrid_distill.distill.objectives import HiddenAlignment, LogitDistillation
@@ -236,23 +236,12 @@ def time_steps(objective, batch, warmup, repeats, device, profile_top=0, cuda_gr
 
 
 def profile_kernels(step, device, top: int) -> tuple[list[dict], list[dict]]:
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities) as profiler:
-        step()
-        synchronize()
-    events = profiler.key_averages()
-    attribute = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    timed = [event for event in events if getattr(event, attribute, 0) > 0]
-    if device.type == "cuda":  # kernels only: CPU-side ops report device time through their kernels too
-        timed = [event for event in timed if getattr(event, "device_type", None) == torch.autograd.DeviceType.CUDA]
-    total = sum(getattr(event, attribute) for event in timed) or 1.0
-    timed.sort(key=lambda event: getattr(event, attribute), reverse=True)
-    kernels = [{"name": event.key[:90], "ms": getattr(event, attribute) / 1e3,
-                "share": getattr(event, attribute) / total, "calls": event.count} for event in timed[:top]]
-    groups = group_times({event.key: getattr(event, attribute) / 1e3 for event in timed})
-    return kernels, groups
+    times = kernel_times(step, device)
+    total = sum(ms for ms, _ in times.values()) or 1.0
+    ranked = sorted(times, key=lambda name: times[name][0], reverse=True)[:top]
+    kernels = [{"name": name[:90], "ms": times[name][0], "share": times[name][0] / total, "calls": times[name][1]}
+               for name in ranked]
+    return kernels, group_times({name: ms for name, (ms, _) in times.items()})
 
 
 def _gemm_ceiling(objective, tokens, step, device, peak_rate) -> tuple[float, float | None]:

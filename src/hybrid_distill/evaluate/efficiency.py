@@ -42,7 +42,8 @@ def cache_nbytes(cache) -> int:
     return total
 
 
-def _synchronize(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Waits for the device's queued work (a no-op off CUDA), so that host clocks time it."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -52,31 +53,31 @@ def _prefill_and_decode(model, prompt: torch.Tensor, decode_tokens: int, graphed
 
     With `graphed`, building the decoder (cache copy, warm-up, capture) happens between the two timed parts."""
     device = prompt.device
-    _synchronize(device)
+    synchronize(device)
     start = time.perf_counter()
     output = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
-    _synchronize(device)
+    synchronize(device)
     prefill_s = time.perf_counter() - start
     cache = output_cache(output)
     cache_bytes = cache_nbytes(cache)
     if graphed:
         decoder = StaticGreedyDecoder(model, output, prompt.shape[1], decode_tokens, use_graph=True)
         del output, cache
-        _synchronize(device)
+        synchronize(device)
         start = time.perf_counter()
         for _ in range(decode_tokens):
             decoder.step()
-        _synchronize(device)
+        synchronize(device)
         return prefill_s, time.perf_counter() - start, cache_bytes
     next_token = output.logits[:, -1].argmax(-1, keepdim=True)
     keyword = cache_keyword(model)
-    _synchronize(device)
+    synchronize(device)
     start = time.perf_counter()
     for _ in range(decode_tokens):
         output = model(input_ids=next_token, use_cache=True, **{keyword: cache})
         cache = output_cache(output)
         next_token = output.logits[:, -1].argmax(-1, keepdim=True)
-    _synchronize(device)
+    synchronize(device)
     return prefill_s, time.perf_counter() - start, cache_bytes
 
 
