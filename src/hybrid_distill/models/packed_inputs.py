@@ -21,17 +21,25 @@ def packed_projections(module: nn.Module, hidden_states: torch.Tensor) -> tuple[
     return output.split(module.packed_widths, dim=-1)[:module.packed_count]
 
 
+def concatenated(linears, padding: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight, bias) of `linears` stacked in order, with `padding` zero rows at the end: the one GEMM that computes
+    them all. Zeros stand in for missing biases; no bias at all where none has one."""
+    first = linears[0].weight
+    pad = [first.new_zeros(padding, first.shape[1])] if padding else []
+    weight = torch.cat([linear.weight for linear in linears] + pad)
+    if not any(linear.bias is not None for linear in linears):
+        return weight, None
+    return weight, torch.cat([linear.bias if linear.bias is not None else first.new_zeros(linear.out_features)
+                              for linear in linears] + [row[:, 0] for row in pad])
+
+
 def pack_linears(module: nn.Module, linears, padding: int = 0) -> int:
     """Makes `linears`' weights and biases views into one packed weight and bias registered on `module` (zero rows
     of `padding` at the end); returns 1."""
     if still_packed(module, linears):
         return 1
-    first = linears[0].weight
-    weight = torch.cat([linear.weight.detach() for linear in linears] + [first.new_zeros(padding, first.shape[1])])
-    bias = None
-    if any(linear.bias is not None for linear in linears):
-        bias = torch.cat([linear.bias.detach() if linear.bias is not None else first.new_zeros(linear.out_features)
-                          for linear in linears] + [first.new_zeros(padding)])
+    with torch.no_grad():
+        weight, bias = concatenated(linears, padding)
     row = 0
     for linear in linears:
         rows = slice(row, row + linear.out_features)

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..packed_inputs import packed_projections
+from ..packed_inputs import concatenated, packed_projections
 from . import kernels
 from .cache_layer import state_layer
 from .short_conv import ShortConvolution
@@ -123,17 +123,10 @@ class LinearMixer(nn.Module):
     def _fused_projection(self, hidden_states) -> tuple[torch.Tensor, list[int]]:
         """The one GEMM of _project_inputs: [B, T, padded width] and the column widths (q, k, v, gates, padding)."""
         linears = self.input_linears()
-        weights = [linear.weight for linear in linears]
-        biases = [linear.bias if linear.bias is not None else linear.weight.new_zeros(linear.out_features)
-                  for linear in linears]
-        widths = [linear.out_features for linear in linears]
-        pad = self.packed_row_padding()
-        if pad:  # zero rows whose outputs are split off and dropped
-            weights.append(weights[0].new_zeros(pad, weights[0].shape[1]))
-            biases.append(weights[0].new_zeros(pad))
-            widths.append(pad)
-        bias = torch.cat(biases) if any(linear.bias is not None for linear in linears) else None
-        return F.linear(hidden_states, torch.cat(weights), bias), widths
+        pad = self.packed_row_padding()  # zero rows whose outputs are split off and dropped
+        weight, bias = concatenated(linears, pad)
+        widths = [linear.out_features for linear in linears] + ([pad] if pad else [])
+        return F.linear(hidden_states, weight, bias), widths
 
     def _project_and_convolve(self, hidden_states, keep, conv_caches):
         """(q, k, v as [B, T, H, D] after the optional short convolutions, [gate projections], new conv caches).
