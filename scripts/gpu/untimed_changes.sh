@@ -105,6 +105,17 @@ alternated() {  # alternated SECONDS LATER BASE CHANGED SWITCH=VALUE: the graphe
 llama3b_shape=(hidden_size=3072 intermediate_size=8192 num_hidden_layers=28 num_attention_heads=24
                num_key_value_heads=8 head_dim=128 vocab_size=128256)
 
+decode_at_8k() {  # decode_at_8k LIMIT NAME ARGS...: bench_inference.py at 8k x 16, 25% softmax, both models compiled
+  # and graphed, at SmolLM2-135M then Llama-3.2-3B shapes, each within LIMIT, into $out/$part/<shapes>_NAME.{log,json}
+  local limit=$1 name=$2 shapes extra; shift 2
+  for shapes in smollm2 llama3b; do
+    extra=(); [[ $shapes == llama3b ]] && extra=(--shape "${llama3b_shape[@]}")
+    script "$limit" "${shapes}_$name.log" "$root/scripts/bench_inference.py" --contexts 8192 --batches 16 \
+      --softmax-ratio 0.25 --compile --decode graph "$@" "${extra[@]}" --out "$out/$part/${shapes}_$name.json"
+    echo "$shapes $name: exit $?"; grep -E "cuda_graph|model|^--" "$out/$part/${shapes}_$name.log"
+  done
+}
+
 case $part in
   decide)
     common=("${graphed_step[@]}" --students gdn)
@@ -173,48 +184,31 @@ case $part in
   inductor_tuning|inductor_tuning_gdn)  # session 29: Inductor tunes each generated kernel's launch config by timing
     # it (its compile takes longer: that row gets all the time but what the later rows need); all-softmax alternated
     # twice, all-GDN (its norms took 16 ms of 144, session 27) once each way
-    if [[ $part == inductor_tuning ]]; then
-      common=("${graphed_step[@]}" --students softmax --profile-top 40); later=100
-    else
-      common=("${graphed_step[@]}" --students gdn --profile-top 40); later=0
-    fi
+    students=softmax rows=(default coordinate_descent default_again coordinate_descent_again)
+    [[ $part == inductor_tuning_gdn ]] && students=gdn rows=(default coordinate_descent)
+    common=("${graphed_step[@]}" --students "$students" --profile-top 40)
     (
       rows_within 540
       bench default "$(first 400)"
-      TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1 bench coordinate_descent "$(first $later)"
-      if [[ $part == inductor_tuning ]]; then
-        bench default_again "$(share 2)"
-        TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1 bench coordinate_descent_again "$(share 1)"
-      fi
+      (export TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1
+       bench coordinate_descent "$(first $(( 50 * (${#rows[@]} - 2) )))")
+      (( ${#rows[@]} > 2 )) || exit 0
+      bench default_again "$(share 2)"
+      TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1 bench coordinate_descent_again "$(share 1)"
     ) | grep -E "^(===|exit|stage2) "
-    if [[ $part == inductor_tuning ]]; then
-      compare default coordinate_descent default_again coordinate_descent_again
-    else
-      compare default coordinate_descent
-    fi ;;
+    compare "${rows[@]}" ;;
   sdpa)  # session 28: FlashAttention-2 (HD_SDPA=flash) against PyTorch's pick (cuDNN on an H100), all-softmax
     alternated 300 45 auto flash HD_SDPA=flash ;;
   decode_in_place)
     tests 150 static_decode_tests.log "$root/tests/gpu/test_static_decode_cuda.py"
-    for shapes in smollm2 llama3b; do
-      extra=(); [[ $shapes == llama3b ]] && extra=(--shape "${llama3b_shape[@]}")
-      script 200 "${shapes}_shapes.log" "$root/scripts/bench_inference.py" --contexts 8192 --batches 16 \
-        --softmax-ratio 0.25 --compile --decode graph "${extra[@]}" --out "$out/$part/${shapes}_shapes.json"
-      echo "$shapes: exit $?"; grep -E "cuda_graph|model" "$out/$part/${shapes}_shapes.log"
-    done ;;
+    decode_at_8k 200 shapes ;;
   decode_profile|decode_packed)  # session 29: both models compiled alike (the teacher's attention too), each step
     # profiled; decode_packed with q/k/v (and a mixer's gates) and gate/up as one GEMV each (HD_PACKED_DECODE=on)
     if [[ $part == decode_packed ]]; then
       export HD_PACKED_DECODE=on
       tests 150 static_decode_tests.log "$root/tests/gpu/test_static_decode_cuda.py"
     fi
-    for shapes in smollm2 llama3b; do
-      extra=(); [[ $shapes == llama3b ]] && extra=(--shape "${llama3b_shape[@]}")
-      script 250 "${shapes}_profile.log" "$root/scripts/bench_inference.py" --contexts 8192 --batches 16 \
-        --softmax-ratio 0.25 --compile --decode graph --profile-top 25 "${extra[@]}" \
-        --out "$out/$part/${shapes}_profile.json"
-      echo "$shapes profile: exit $?"; grep -E "cuda_graph|^--" "$out/$part/${shapes}_profile.log"
-    done ;;
+    decode_at_8k 250 profile --profile-top 25 ;;
   *) rehearsing unknown_part "$0" "$part"
      echo "usage: $0 $parts" >&2
      exit 2 ;;

@@ -80,17 +80,24 @@ def mergeable(module, names) -> bool:
 
 def merged_linear(x: torch.Tensor, linears) -> tuple[torch.Tensor, ...]:
     """(linear(x) for linear in linears), computed as one GEMM over their concatenated weights."""
-    weight = torch.cat([linear.weight for linear in linears])
-    bias = None if linears[0].bias is None else torch.cat([linear.bias for linear in linears])
-    return F.linear(x, weight, bias).split([linear.out_features for linear in linears], dim=-1)
+    return _one_gemm(x, *_weights_and_biases(linears))
+
+
+def _weights_and_biases(linears) -> tuple[list, list]:
+    """The linears' weights, and their biases (none where they have none: `mergeable` allows all or none)."""
+    return [linear.weight for linear in linears], [linear.bias for linear in linears if linear.bias is not None]
+
+
+def _one_gemm(x: torch.Tensor, weights, biases) -> tuple[torch.Tensor, ...]:
+    output = F.linear(x, torch.cat(weights), torch.cat(biases) if biases else None)
+    return output.split([weight.shape[0] for weight in weights], dim=-1)
 
 
 def forward_merged_linear(x: torch.Tensor, linears) -> tuple[torch.Tensor, ...]:
     """merged_linear's values, with _ForwardMerged's backward (the `forward` choice). Autocast's casts are made here,
     outside the Function, as F.linear would make them: the Function runs in one dtype, its backward needs no
     autocast."""
-    weights = [linear.weight for linear in linears]
-    biases = [linear.bias for linear in linears] if linears[0].bias is not None else []
+    weights, biases = _weights_and_biases(linears)
     dtype = active_autocast_dtype(x.device.type)
     if dtype is not None:
         x, weights, biases = x.to(dtype), [w.to(dtype) for w in weights], [b.to(dtype) for b in biases]
@@ -107,8 +114,7 @@ class _ForwardMerged(torch.autograd.Function):
         weights, biases = weights_and_biases[:count], weights_and_biases[count:]
         ctx.save_for_backward(x, *weights)
         ctx.has_bias = bool(biases)
-        output = F.linear(x, torch.cat(weights), torch.cat(biases) if biases else None)
-        return output.split([weight.shape[0] for weight in weights], dim=-1)
+        return _one_gemm(x, weights, biases)
 
     @staticmethod
     def backward(ctx, *grads):
