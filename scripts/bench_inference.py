@@ -6,7 +6,6 @@ On a GPU each model is timed twice: decoding as CUDA-graph replays on a fixed-ad
 efficiency step reports) and as HF's eager loop (`--decode graph` or `--decode eager` keeps one).
 """
 import argparse
-import json
 import sys
 
 import torch
@@ -43,6 +42,7 @@ def main(argv=None):
     from hybrid_distill.distill.bench import SMOLLM2_135M
     from hybrid_distill.distill.compiled_blocks import compile_student
     from hybrid_distill.evaluate.efficiency import measure_inference
+    from hybrid_distill.evaluate.run_eval import write_json_atomic
     from hybrid_distill.evaluate.packed_projections import packed_decode_choice
     from hybrid_distill.models.student import build_student
     from hybrid_distill.select.layer_sets import k_from_ratio, uniform_layers
@@ -58,32 +58,38 @@ def main(argv=None):
     k = k_from_ratio(layers, args.softmax_ratio)
     hybrid = build_student(teacher, uniform_layers(layers, k), args.mixer).to(device, dtype).eval()
     if args.compile:
-        torch._dynamo.config.recompile_limit = 64   # one graph per prefill and decode shape
+        # one graph per layer (HF's layer index is a constant) and per prefill and decode shape; past the limit
+        # Dynamo would run the rest eagerly and time something else than the bench says, so it must fail instead
+        torch._dynamo.config.recompile_limit = max(64, 4 * teacher.config.num_hidden_layers)
+        torch._dynamo.config.fail_on_recompile_limit_hit = True
         for model in (teacher, hybrid):  # the same blocks of both (before session 29 the teacher's attention ran eager)
             compile_student(model)
     result = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "dtype": str(dtype),
               "packed_decode": packed_decode_choice(),
               "mixer": args.mixer, "k": k, "layers": layers, "compile": args.compile, "shape": dict(args.shape), "rows": {}}
-    for name, model in (("teacher", teacher), (f"hybrid_K{k}", hybrid)):
-        result["rows"][name] = [row for graphed in modes for row in measure_inference(
-            model, args.contexts, args.batches, args.decode_tokens, warmup=1, repeats=3, device=device,
-            cuda_graphs=graphed)]
     print(f"{result['device']} {dtype}: teacher vs {args.mixer} hybrid with {k}/{layers} softmax layers"
           f"{', compiled' if args.compile else ''}, packed decode projections {result['packed_decode']}")
     print(f"{'model':14} {'decode':>10} {'context':>8} {'batch':>6} {'prefill ms':>11} {'decode tok/s':>13} "
-          f"{'cache MiB':>10} {'peak MiB':>9}")
-    for name, rows in result["rows"].items():
-        for row in rows:
-            prefill = f"{row['prefill_s'] * 1e3:11.1f}" if row["prefill_s"] else f"{'OOM':>11}"
-            decode = f"{row['decode_tok_s']:13.1f}" if row["decode_tok_s"] else f"{'OOM':>13}"
-            cache = f"{row['cache_bytes'] / 2**20:10.1f}" if row["cache_bytes"] else f"{'-':>10}"
-            peak = f"{row['peak_mem_bytes'] / 2**20:9.0f}" if row["peak_mem_bytes"] else f"{'-':>9}"
-            print(f"{name:14} {row['decode']:>10} {row['context']:8d} {row['batch']:6d} {prefill} {decode} {cache} {peak}")
+          f"{'cache MiB':>10} {'peak MiB':>9}", flush=True)
+    for name, model in (("teacher", teacher), (f"hybrid_K{k}", hybrid)):
+        rows = result["rows"][name] = [row for graphed in modes for row in measure_inference(
+            model, args.contexts, args.batches, args.decode_tokens, warmup=1, repeats=3, device=device,
+            cuda_graphs=graphed)]
+        for row in rows:  # each model's rows as they come: a bench killed at its time limit keeps the teacher's
+            print(_table_line(name, row), flush=True)
     if args.profile_top:
         result["profiles"] = _profiles(teacher, hybrid, k, args, device)
-    if args.out:
-        with open(args.out, "w") as handle:
-            json.dump(result, handle, indent=2)
+    if args.out:  # whole or not at all: a bench killed at its time limit leaves no JSON that looks finished
+        write_json_atomic(args.out, result)
+
+
+def _table_line(name: str, row: dict) -> str:
+    """One row of the printed table (OOM where a setting ran out of memory)."""
+    prefill = f"{row['prefill_s'] * 1e3:11.1f}" if row["prefill_s"] else f"{'OOM':>11}"
+    decode = f"{row['decode_tok_s']:13.1f}" if row["decode_tok_s"] else f"{'OOM':>13}"
+    cache = f"{row['cache_bytes'] / 2**20:10.1f}" if row["cache_bytes"] else f"{'-':>10}"
+    peak = f"{row['peak_mem_bytes'] / 2**20:9.0f}" if row["peak_mem_bytes"] else f"{'-':>9}"
+    return f"{name:14} {row['decode']:>10} {row['context']:8d} {row['batch']:6d} {prefill} {decode} {cache} {peak}"
 
 
 def _profiles(teacher, hybrid, k, args, device) -> dict:

@@ -1,5 +1,6 @@
 """The distillation benchmark's options on CPU at a tiny shape: what each row ran with, and what it reports.
 (No speed is asserted: numbers come from benchmark runs on the GPU, docs/performance.md.)"""
+import copy
 import json
 import os
 import subprocess
@@ -9,7 +10,8 @@ import torch
 
 from hybrid_distill import cli
 from hybrid_distill.distill.bench import format_table, run_benchmark
-from hybrid_distill.distill.compiled_blocks import compile_dense_blocks, compile_mixers
+from hybrid_distill.distill.compiled_blocks import (COORDINATE_DESCENT_SWITCH, compile_dense_blocks, compile_mixers,
+                                                    compile_training_layers)
 from hybrid_distill.models.student import build_student
 from gloo_launch import needs_gloo, two_process_launcher
 
@@ -23,14 +25,14 @@ def test_bench_records_its_options_and_the_most_expensive_kernels(monkeypatch):
     monkeypatch.delenv("HD_QK_L2NORM", raising=False)
     import torch._inductor.config as inductor_config
 
-    with inductor_config.patch(max_autotune=True):  # what TORCHINDUCTOR_MAX_AUTOTUNE=1 sets
+    with inductor_config.patch(max_autotune=True, coordinate_descent_tuning=True):  # TORCHINDUCTOR_MAX_AUTOTUNE=1
         result = run_benchmark(batch_size=2, seq_len=32, warmup=1, repeats=1, stages=["stage2"], students=["gdn"],
                                chunk_tokens=16, shape=TINY, stage2_steps=["naive", "project", "cached"],
                                activation_checkpointing=True, profile_top=4)
     assert result["options"]["activation_checkpointing"] is True and result["options"]["kl_chunk_tokens"] == 16
     assert result["options"]["hd_short_conv"] == "fla" and "hd_qk_l2norm" not in result["options"]
     assert result["options"]["short_conv"] == "torch"  # what the CPU step ran
-    assert result["options"]["inductor_max_autotune"] is True
+    assert result["options"]["inductor_max_autotune"] is result["options"]["inductor_coordinate_descent"] is True
     assert [(row["step"], row["note"] != "") for row in result["rows"]] == [
         ("naive", False), ("project", False), ("cached", True)]
     for row in result["rows"]:
@@ -80,6 +82,19 @@ def test_each_compiled_row_starts_from_a_clean_compiler(monkeypatch):
         run_benchmark(batch_size=1, seq_len=16, warmup=0, repeats=1, stages=["stage2"], students=["softmax", "gdn"],
                       chunk_tokens=16, shape=TINY, stage2_steps=["project"], compile_kl=compile_kl)
         assert events == expected
+
+
+def test_compiled_layers_have_their_kernels_tuned_unless_the_user_said_otherwise(teacher, monkeypatch):
+    import torch._inductor.config as inductor_config
+
+    for users_choice, expected in ((None, True), ("0", False)):
+        if users_choice is None:
+            monkeypatch.delenv(COORDINATE_DESCENT_SWITCH, raising=False)
+        else:
+            monkeypatch.setenv(COORDINATE_DESCENT_SWITCH, users_choice)
+        with inductor_config.patch(coordinate_descent_tuning=False):  # as Inductor read the variable at import
+            compile_training_layers(copy.deepcopy(teacher))
+            assert inductor_config.coordinate_descent_tuning is expected
 
 
 def test_compiled_dense_blocks_keep_names_and_outputs(teacher):

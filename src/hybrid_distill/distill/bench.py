@@ -150,11 +150,14 @@ def cache_batch(teacher, batch, directory: Path) -> TeacherCache:
 
 
 def _inductor_tuning() -> dict:
-    """Inductor's GEMM autotuning when on (TORCHINDUCTOR_MAX_AUTOTUNE=1, bench_step_profile.sh max_autotune), so that
-    compare_benches names it; absent otherwise, as in results written before it was recorded."""
+    """Inductor's GEMM autotuning (TORCHINDUCTOR_MAX_AUTOTUNE=1, bench_step_profile.sh max_autotune) and its kernels'
+    coordinate-descent tuning (compiled_blocks.tune_generated_kernels), each when on, so that compare_benches names
+    them; absent otherwise, as in results written before they were recorded."""
     import torch._inductor.config as inductor_config
 
-    return {"inductor_max_autotune": True} if inductor_config.max_autotune else {}
+    return {name: True for name, on in (("inductor_max_autotune", inductor_config.max_autotune),
+                                         ("inductor_coordinate_descent", inductor_config.coordinate_descent_tuning))
+            if on}
 
 
 def model_flops_per_token(objective) -> float:

@@ -22,7 +22,7 @@ from transformers import AttentionInterface
 from hybrid_distill.distill.maskless_attention import has_windowed_layers
 from hybrid_distill.evaluate.packed_projections import pack_decode_projections, packed_decode_choice
 from hybrid_distill.models.cache_names import cache_keyword, output_cache
-from hybrid_distill.models.static_cache import commit_deferred_writes, fix_cache_addresses
+from hybrid_distill.models.static_cache import advance, commit_deferred_writes, fix_cache_addresses
 
 GROUPED_DECODE = "hd_grouped_decode"
 GRAPH_WARMUP_STEPS = 2
@@ -149,4 +149,5 @@ class StaticGreedyDecoder:
             self._graph.replay()
         else:
             self._step_kernels()
+        advance(self.cache)
         self.steps_taken += 1

@@ -17,7 +17,9 @@ from .mixers.cache_layer import RecurrentStateLayer
 class FixedAddressKVLayer(DynamicLayer):
     """Keys/values of one softmax layer in [B, KV heads, capacity, D] buffers, written at `write_position`.
 
-    `update` returns the whole buffers: positions not yet written must be masked out by the caller's mask.
+    `update` returns the whole buffers: positions not yet written must be masked out by the caller's mask. It
+    leaves `tokens_seen` to the decoder (`advance`): a Python int changed inside a compiled attention module is a
+    guard, and every new value recompiled every layer until Dynamo gave up and ran the rest eagerly (session 30).
     """
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, capacity: int, write_position: torch.Tensor):
@@ -40,7 +42,6 @@ class FixedAddressKVLayer(DynamicLayer):
             raise ValueError(f"a fixed-address cache takes one token per step, got {key_states.shape[2]}")
         self.keys.index_copy_(2, self.write_position, key_states)
         self.values.index_copy_(2, self.write_position, value_states)
-        self.tokens_seen += 1
         return self.keys, self.values
 
     def get_seq_length(self) -> int:
@@ -64,7 +65,8 @@ class FixedAddressStateLayer(RecurrentStateLayer):
     A mixer that can writes its new recurrent state into the buffer itself (`state_in_place`); any other new state
     is copied in at `store`. New conv caches are copied at once, or, given `deferred_writes`, listed there for
     `commit_deferred_writes` to copy together with the other layers' after the step (each conv cache is read only
-    at its own layer's next step).
+    at its own layer's next step). Like the KV layers, it leaves `tokens_seen` to the decoder (`advance`), which
+    also counts the steps that a graph replays without running this code.
     """
 
     state_in_place = True
@@ -89,7 +91,12 @@ class FixedAddressStateLayer(RecurrentStateLayer):
                 buffer.copy_(new)
         else:
             self.deferred_writes.extend(pairs)
-        self.tokens_seen += new_tokens
+
+
+def advance(cache, tokens: int = 1) -> None:
+    """Count `tokens` more tokens in every layer of a fixed-address cache, after a step ran (eager or replayed)."""
+    for layer in cache.layers:
+        layer.tokens_seen += tokens
 
 
 def commit_deferred_writes(deferred_writes: list) -> None:
