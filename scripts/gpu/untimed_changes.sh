@@ -33,12 +33,13 @@
 #                 pick (cuDNN on an H100): the graphed all-softmax step, alternated twice (40 kernels listed)
 #   qla_tests     FlashQLA's mixer test against fla's Triton kernels
 #   qla_bench     all-GDN at Qwen2.5-3B widths with and without FlashQLA
-#   decode_profile  graphed decoding at 8k x 16, both models compiled alike, SmolLM2-135M and Llama-3.2-3B shapes:
+#   decode_profile  graphed decoding at 8k x 16, both models compiled alike (their softmax attention really compiled
+#                 since session 30), packed projections (the default), SmolLM2-135M and Llama-3.2-3B shapes:
 #                 tokens/s, then a few steps of each model profiled (wall and kernel ms per step, kernel launches,
 #                 the 25 longest kernels)
 #   decode_packed  decode_profile with each token's q/k/v (and a mixer's gates) and gate/up as one GEMV each on
-#                 weights packed once, both models (session 29, HD_PACKED_DECODE=on), after the static-decode GPU
-#                 tests with it
+#                 weights packed once, both models (session 29, HD_PACKED_DECODE=on, the default since session 30),
+#                 after the static-decode GPU tests with it
 #   decode_in_place  graphed decoding with GDN's state written in place and one copy of all conv caches: the
 #                 static-decode GPU tests, then decode at 8k x 16 at SmolLM2-135M and Llama-3.2-3B shapes
 # Usage: bash scripts/gpu/untimed_changes.sh PART (HD_REHEARSE=FILE records the commands without running them:

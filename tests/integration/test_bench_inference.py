@@ -3,6 +3,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench_inference.py"
 TINY = ["hidden_size=64", "intermediate_size=128", "num_hidden_layers=4", "num_attention_heads=4",
         "num_key_value_heads=2", "head_dim=16", "vocab_size=256"]
@@ -29,3 +31,12 @@ def test_both_models_get_the_same_compile_and_a_profile(tmp_path, monkeypatch):
     assert list(result["rows"]) == list(result["profiles"]) == ["teacher", "hybrid_K1"]
     assert all(rows[0]["decode_tok_s"] > 0 for rows in result["rows"].values())
     assert all(len(profile["top"]) == 3 for profile in result["profiles"].values())
+
+
+def test_compiled_decoding_on_a_gpu_is_timed_graphed_only(monkeypatch, capsys):
+    """HF's eager loop recompiles every compiled attention layer at every token: the bench refuses it, in one line."""
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    with pytest.raises(SystemExit) as stop:
+        load_script().main(["--compile", "--decode", "both"])
+    assert stop.value.code == 2
+    assert "--compile times graphed decoding only (--decode graph)" in capsys.readouterr().err
