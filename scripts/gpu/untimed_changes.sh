@@ -23,7 +23,8 @@
 #   merged        q/k/v and gate/up as one GEMM each (session 28, HD_MERGED_PROJECTIONS=on; +0.2-0.4%, off): the
 #                 graphed all-softmax step with separate and merged projections, alternated twice (40 kernels listed)
 #   merged_forward  q/k/v and gate/up as one GEMM in the forward only, each gradient GEMM alone with the input's
-#                 gradient summed by addmm (session 29, HD_MERGED_PROJECTIONS=forward): the graphed all-softmax step
+#                 gradient summed in place (session 29, HD_MERGED_PROJECTIONS=forward; -1.5% in session 30 with an
+#                 out-of-place addmm that copied the sum, since fixed): the graphed all-softmax step
 #                 with separate projections and with this, alternated twice (40 kernels listed), after its GPU test
 #   inductor_tuning  Inductor's coordinate-descent tuning of its own kernels' launch configs (session 29,
 #                 TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1): the graphed all-softmax step without and with it,
