@@ -41,6 +41,9 @@
 #   decode_packed  decode_profile with each token's q/k/v (and a mixer's gates) and gate/up as one GEMV each on
 #                 weights packed once, both models (session 29, HD_PACKED_DECODE=on, the default since session 30),
 #                 after the static-decode GPU tests with it
+#   goal_rows     issue 6's stage-2 rows under the current defaults (session 31: MFU with attention reported): the
+#                 graphed all-softmax step, with HD_MERGED_PROJECTIONS=on, again, at activation memory budget 0.8 (the
+#                 <= 20 GB row), then all-GDN, 40 kernels listed, then compare_benches.py's table against the first
 #   decode_in_place  graphed decoding with GDN's state written in place and one copy of all conv caches: the
 #                 static-decode GPU tests, then decode at 8k x 16 at SmolLM2-135M and Llama-3.2-3B shapes
 # Usage: bash scripts/gpu/untimed_changes.sh PART (HD_REHEARSE=FILE records the commands without running them:
@@ -48,7 +51,7 @@
 set -uo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 out=${OUT:-bench-out}
-parts="decide|conv_tests|conv_bench|stream|kept_states|kl_rows|kl_loop|merged|merged_forward|inductor_tuning|inductor_tuning_gdn|sdpa|stream_tests|qla_tests|qla_bench|decode_in_place|decode_profile|decode_packed"
+parts="decide|conv_tests|conv_bench|stream|kept_states|kl_rows|kl_loop|merged|merged_forward|inductor_tuning|inductor_tuning_gdn|sdpa|stream_tests|qla_tests|qla_bench|goal_rows|decode_in_place|decode_profile|decode_packed"
 part=${1:?usage: $0 $parts}
 mkdir -p "$out/$part"
 source "$root/scripts/gpu/bench_lib.sh"
@@ -197,6 +200,18 @@ case $part in
       (( ${#rows[@]} > 2 )) || exit 0
       bench default_again "$(share 2)"
       TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1 bench coordinate_descent_again "$(share 1)"
+    ) | grep -E "^(===|exit|stage2) "
+    compare "${rows[@]}" ;;
+  goal_rows)  # session 31: where the issue's rows stand on this machine, one process per row
+    common=("${graphed_step[@]}" --profile-top 40)
+    rows=(softmax merged_on softmax_again softmax_budget_08 gdn)
+    (
+      rows_within 540
+      bench softmax "$(first 400)" --students softmax
+      (export HD_MERGED_PROJECTIONS=on; bench merged_on "$(share 4)" --students softmax)
+      bench softmax_again "$(share 3)" --students softmax
+      bench softmax_budget_08 "$(share 2)" --students softmax --activation-memory-budget 0.8
+      bench gdn "$(share 1)" --students gdn
     ) | grep -E "^(===|exit|stage2) "
     compare "${rows[@]}" ;;
   sdpa)  # session 28: FlashAttention-2 (HD_SDPA=flash) against PyTorch's pick (cuDNN on an H100), all-softmax

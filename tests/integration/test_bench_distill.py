@@ -193,3 +193,47 @@ def test_a_step_of_micro_batches_updates_the_weights_as_the_whole_batch_does(ste
 def test_bench_refuses_micro_batches_that_do_not_divide_the_batch():
     with pytest.raises(ValueError, match="micro_batches=2 must be at least 1 and divide batch_size=3"):
         run_benchmark(batch_size=3, seq_len=16, stages=["stage2"], students=["gdn"], shape=TINY, micro_batches=2)
+
+
+@pytest.mark.parametrize("step", ["project", "cached"])
+def test_mfu_with_attention_counts_the_causal_half_of_the_attention_matmuls_torch_counts(step, tmp_path):
+    """The attention FLOPs added to 8N are those of the softmax layers only (the student's 3x, the live teacher's
+    1x), and per layer the causal half of what torch's FLOP counter sees in an eager attention's matmuls."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from hybrid_distill.distill.bench import BenchSettings, attention_flops_per_token, build_objective, cache_batch
+
+    seq_len = 16
+    config = LlamaConfig(**TINY, attn_implementation="eager")
+    teacher = LlamaForCausalLM(config).eval().requires_grad_(False)
+    batch = torch.randint(0, TINY["vocab_size"], (2, seq_len), generator=torch.Generator().manual_seed(1))
+    with FlopCounterMode(display=False) as counter:
+        teacher(batch)
+    full_attention = counter.get_flop_counts()["Global"][torch.ops.aten.bmm] / batch.numel()
+    teacher_forward = full_attention * (seq_len + 1) / (2 * seq_len)  # causal: (T + 1) / 2 keys per query
+    objective = build_objective("stage2", step, teacher, [1], "gdn", BenchSettings(chunk_tokens=16),
+                                cache_batch(teacher, batch, tmp_path) if step == "cached" else None)
+    one_layer = teacher_forward / TINY["num_hidden_layers"]
+    student = 3 * one_layer  # one softmax layer of two, trained
+    expected = student if step == "cached" else student + teacher_forward
+    assert attention_flops_per_token(objective, seq_len) == pytest.approx(expected, rel=1e-9)
+
+
+def test_stage2_rows_report_the_mfu_with_attention_beside_the_mfu(monkeypatch):
+    from hybrid_distill.distill import bench
+
+    monkeypatch.setattr(bench, "reference_matmul_rate", lambda device: 1e9)  # a CPU has no reference rate
+    objectives = []
+    real = bench.attention_flops_per_token
+    monkeypatch.setattr(bench, "attention_flops_per_token",
+                        lambda objective, seq_len: objectives.append(seq_len) or real(objective, seq_len))
+    result = run_benchmark(batch_size=2, seq_len=32, warmup=1, repeats=1, stages=["stage1", "stage2"],
+                           students=["gdn"], chunk_tokens=16, shape=TINY, stage2_steps=["project"])
+    stage1, stage2 = result["rows"]
+    assert stage1["mfu"] > 0 and stage1["mfu_with_attention"] is None  # stage 1 aligns layers: no KL step
+    # the all-GDN student has none; the live teacher's two layers, (32 + 1) / 2 keys per query on average
+    attention = 2 * 4 * TINY["num_attention_heads"] * TINY["head_dim"] * 33 / 2
+    assert objectives == [32]
+    assert stage2["mfu_with_attention"] - stage2["mfu"] == pytest.approx(attention * stage2["tokens_per_s"] / 1e9)
+    assert f"{stage2['mfu_with_attention'] * 100:7.1f}%" in format_table(result)

@@ -33,7 +33,8 @@ from hybrid_distill.distill.precision import training_autocast_dtype
 from hybrid_distill.distill.step_graph import GraphedStep, set_graph_options
 from hybrid_distill.distill.teacher_cache import TeacherCache, write_teacher_cache
 from hybrid_distill.models.mixers import kernels as mixer_ops
-from hybrid_distill.models.student import build_student
+from hybrid_distill.models.mixers.base import LinearMixer
+from hybrid_distill.models.student import build_student, decoder_layers
 
 SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                     num_attention_heads=9, num_key_value_heads=3, head_dim=64, max_position_embeddings=8192,
@@ -52,6 +53,7 @@ class BenchRow:
     top_kernels: list | None = None
     gemm_ms: float | None = None  # the step's weight GEMMs alone (gemm_ceiling.py)
     mfu_ceiling: float | None = None  # the MFU if nothing but those GEMMs took time
+    mfu_with_attention: float | None = None  # stage 2: the MFU counting the softmax attention's matmuls too
     kernel_groups: list | None = None  # the profiled step's device time by kind of kernel (kernel_groups.py)
     issue_ms: float | None = None  # median ms the host took to issue a step (before waiting for the device)
 
@@ -171,6 +173,32 @@ def model_flops_per_token(objective) -> float:
     return 2 * (student_params + teacher_params) + 4 * trainable
 
 
+def reference_matmul_rate(device) -> float | None:
+    """The bf16 matmul FLOP/s that MFU is measured against: this GPU's own, measured; none on a CPU."""
+    return matmul_rate(device) if device.type == "cuda" else None
+
+
+def attention_flops_per_token(objective, seq_len: int) -> float:
+    """The softmax attention's own matmuls (QK^T and PV) per token, which model_flops_per_token leaves out: as a
+    causal kernel does them, (seq_len + 1) / 2 keys per query on average, 4 x heads x head_dim FLOPs per key and
+    layer; 3x that for the trained student's softmax layers (forward and backward), 1x for the live teacher's. Added
+    to 8N it gives the usual "MFU with attention" (PaLM's appendix B counts the full seq_len instead of the causal
+    half, about twice this). Linear mixers' own maths is not counted."""
+    def per_layer(model) -> float:
+        config = model.config
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        return 4 * config.num_attention_heads * head_dim * (seq_len + 1) / 2
+
+    def softmax_layers(model) -> int:
+        return sum(not isinstance(layer.self_attn, LinearMixer) for layer in decoder_layers(model))
+
+    student, teacher = objective.student, objective.teacher
+    flops = 3 * per_layer(student) * softmax_layers(student)
+    if getattr(objective, "teacher_cache", None) is None:
+        flops += per_layer(teacher) * softmax_layers(teacher)
+    return flops
+
+
 def train_step(objective, batch, optimizer, cached, device, zero_grad=True, autocast_cache=True, micro_batches=1):
     """One optimizer step in the trainer's numeric context (bf16 autocast on GPUs, none on CPU); returns the loss.
     `micro_batches` > 1 splits the batch into that many equal parts and accumulates their gradients before the one
@@ -275,7 +303,7 @@ def _run_rows(settings: BenchSettings, rank, world, device) -> dict:
     teacher = LlamaForCausalLM(LlamaConfig(**shape)).to(device).eval()
     teacher.requires_grad_(False)
     layers = teacher.config.num_hidden_layers
-    peak_rate = matmul_rate(device) if device.type == "cuda" else None
+    peak_rate = reference_matmul_rate(device)
     batch = torch.randint(0, teacher.config.vocab_size, (settings.batch_size, settings.seq_len), device=device,
                           generator=torch.Generator(device).manual_seed(1 + rank))  # each process its own rows
     cache_dir = tempfile.TemporaryDirectory(prefix="bench_teacher_cache_")
@@ -315,6 +343,9 @@ def _run_rows(settings: BenchSettings, rank, world, device) -> dict:
                 row = BenchRow(stage, student_kind, step, tokens_per_s, mfu, peak,
                                "teacher hidden states read from a cache" if step == "cached" else "", kernels,
                                kernel_groups=groups, issue_ms=statistics.median(issue_times) * 1e3)
+                if mfu is not None and stage == "stage2":
+                    row.mfu_with_attention = mfu + attention_flops_per_token(
+                        unwrapped(objective), settings.seq_len) * tokens_per_s / (peak_rate * world)
                 if settings.gemm_ceiling and stage == "stage2":
                     row.gemm_ms, row.mfu_ceiling = _gemm_ceiling(unwrapped(objective), batch.numel(), step, device,
                                                                  peak_rate)
@@ -363,7 +394,7 @@ def format_table(result: dict) -> str:
              if result["matmul_bf16_flops"] else where,
              "options: " + ", ".join(f"{key} {value}" for key, value in result.get("options", {}).items()),
              f"{'stage':7} {'student':8} {'step':8} {'tok/s':>10} {'MFU':>6} {'peak GB':>8} {'step ms':>8} "
-             f"{'issue ms':>8} {'GEMM ms':>8} {'ceiling':>7}  note"]
+             f"{'issue ms':>8} {'GEMM ms':>8} {'ceiling':>7} {'MFU+attn':>8}  note"]
     for row in result["rows"]:
         tps = f"{row['tokens_per_s']:10.0f}" if row["tokens_per_s"] else f"{'-':>10}"
         mfu = f"{row['mfu'] * 100:5.1f}%" if row["mfu"] else f"{'-':>6}"
@@ -372,8 +403,9 @@ def format_table(result: dict) -> str:
         issue_ms = f"{row['issue_ms']:8.1f}" if row.get("issue_ms") is not None else f"{'-':>8}"
         gemm_ms = f"{row['gemm_ms']:8.1f}" if row.get("gemm_ms") else f"{'-':>8}"
         ceiling = f"{row['mfu_ceiling'] * 100:6.1f}%" if row.get("mfu_ceiling") else f"{'-':>7}"
+        with_attention = f"{row['mfu_with_attention'] * 100:7.1f}%" if row.get("mfu_with_attention") else f"{'-':>8}"
         lines.append(f"{row['stage']:7} {row['student']:8} {row['step']:8} {tps} {mfu} {peak} {step_ms} {issue_ms} "
-                     f"{gemm_ms} {ceiling}  {row['note']}")
+                     f"{gemm_ms} {ceiling} {with_attention}  {row['note']}")
     for row in result["rows"]:
         if row.get("top_kernels"):
             lines.append(f"-- top kernels, one {row['stage']} step of {row['student']} / {row['step']}:")

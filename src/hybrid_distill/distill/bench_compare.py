@@ -54,6 +54,7 @@ def row_table(results: list[dict]) -> list[dict]:
         for result in results:
             row = _rows_by_key(result).get(key)
             cells.append(None if row is None else {"tokens_per_s": row.get("tokens_per_s"), "mfu": row.get("mfu"),
+                                                   "mfu_with_attention": row.get("mfu_with_attention"),
                                                    "peak_mem_gb": row.get("peak_mem_gb"),
                                                    "step_ms": step_ms(result, row), "note": row.get("note", "")})
         base = cells[0]["tokens_per_s"] if cells[0] else None
@@ -103,15 +104,17 @@ def format_comparison(results: list[dict], names: list[str], min_kernel_ms: floa
     width = max(len(name) for name in names)
     for entry in row_table(results):
         lines.append(f"{' / '.join(entry['key'])}:")
-        lines.append(f"  {'file':{width}} {'tok/s':>10} {'change':>8} {'step ms':>8} {'MFU':>6} {'peak GB':>8}  note")
+        lines.append(f"  {'file':{width}} {'tok/s':>10} {'change':>8} {'step ms':>8} {'MFU':>6} {'MFU+attn':>8} {'peak GB':>8}  note")
         for name, cell in zip(names, entry["cells"]):
             if cell is None:
                 lines.append(f"  {name:{width}} {'(no such row)':>10}")
                 continue
             change = f"{cell['change'] * 100:+7.2f}%" if cell.get("change") is not None else f"{'-':>8}"
             mfu = f"{cell['mfu'] * 100:5.1f}%" if cell["mfu"] else f"{'-':>6}"
+            with_attention = (f"{cell['mfu_with_attention'] * 100:7.1f}%" if cell.get("mfu_with_attention")
+                              else f"{'-':>8}")
             lines.append(f"  {name:{width}} {_number(cell['tokens_per_s'], ',.0f', 10)} {change} "
-                         f"{_number(cell['step_ms'], '.1f', 8)} {mfu} {_number(cell['peak_mem_gb'], '.1f', 8)}  "
+                         f"{_number(cell['step_ms'], '.1f', 8)} {mfu} {with_attention} {_number(cell['peak_mem_gb'], '.1f', 8)}  "
                          f"{cell['note']}")
         base_row = _rows_by_key(results[0]).get(entry["key"])
         for name, result in zip(names[1:], results[1:]):
