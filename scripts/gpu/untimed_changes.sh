@@ -44,8 +44,8 @@
 #   fused_add_norm_tests  HD_FUSED_ADD_NORM's GPU tests (session 31): our add-and-norm kernels against the CPU maths
 #                 in bf16, compiled layers with the fused operator against HF's, with and without merged projections
 #   fused_add_norm  the graphed all-softmax step by default and with the fused add and norm and merged projections
-#                 (HD_FUSED_ADD_NORM=on HD_MERGED_PROJECTIONS=on), alternated twice, then the fused operator alone
-#                 (40 kernels listed), then compare_benches.py's table against the first
+#                 (HD_FUSED_ADD_NORM=on HD_MERGED_PROJECTIONS=on), alternated twice within HD_PART_SECONDS (480),
+#                 40 kernels listed, then compare_benches.py's table against the first
 #   goal_rows     issue 6's stage-2 rows under the current defaults (session 31: MFU with attention reported): the
 #                 graphed all-softmax step, with HD_MERGED_PROJECTIONS=on, again, at activation memory budget 0.8 (the
 #                 <= 20 GB row), then all-GDN, 40 kernels listed, then compare_benches.py's table against the first
@@ -211,14 +211,13 @@ case $part in
     tests 200 fused_add_norm_tests.log "$root/tests/gpu/test_fused_add_norm_cuda.py" ;;
   fused_add_norm)  # session 31: the add and norm before each MLP as one operator, with merged projections
     common=("${graphed_step[@]}" --students softmax --profile-top 40)
-    rows=(default fused_merged default_again fused_merged_again fused_alone)
+    rows=(default fused_merged default_again fused_merged_again)
     (
-      rows_within 560
-      bench default "$(first 280)"
-      (export HD_FUSED_ADD_NORM=on HD_MERGED_PROJECTIONS=on; bench fused_merged "$(share 4)")
-      bench default_again "$(share 3)"
-      (export HD_FUSED_ADD_NORM=on HD_MERGED_PROJECTIONS=on; bench fused_merged_again "$(share 2)")
-      HD_FUSED_ADD_NORM=on bench fused_alone "$(share 1)"
+      rows_within "${HD_PART_SECONDS:-480}"
+      bench default "$(first 240)"
+      (export HD_FUSED_ADD_NORM=on HD_MERGED_PROJECTIONS=on; bench fused_merged "$(share 3)")
+      bench default_again "$(share 2)"
+      (export HD_FUSED_ADD_NORM=on HD_MERGED_PROJECTIONS=on; bench fused_merged_again "$(share 1)")
     ) | grep -E "^(===|exit|stage2) "
     compare "${rows[@]}" ;;
   goal_rows)  # session 31: where the issue's rows stand on this machine, one process per row
