@@ -20,7 +20,8 @@ import triton.language as tl
 
 __all__ = ["add_rms_norm_forward", "add_rms_norm_backward"]
 
-ROWS = 4  # rows per block: a few KB per program in flight at SmolLM2's 576 columns
+ROWS = 4  # rows per block at most: a few KB per program in flight at SmolLM2's 576 columns
+BLOCK_ELEMENTS = 4096  # at most per block, so that wide rows (3B models' 3,072) keep their registers
 PROGRAMS_PER_SM = 4  # backward: programs looping over the row blocks, each keeping one partial weight gradient
 
 
@@ -29,10 +30,10 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
-def _block(columns: int) -> tuple[int, int]:
-    """(columns per block, warps): one block spans a row."""
+def _block(columns: int) -> tuple[int, int, int]:
+    """(rows per block, columns per block, warps): a block spans whole rows."""
     block = triton.next_power_of_2(columns)
-    return block, 4 if block <= 512 else 8 if block <= 2048 else 16
+    return max(1, min(ROWS, BLOCK_ELEMENTS // block)), block, 4 if block <= 512 else 8 if block <= 2048 else 16
 
 
 @triton.jit
@@ -89,9 +90,9 @@ def add_rms_norm_forward(x: torch.Tensor, a: torch.Tensor, weight: torch.Tensor,
     s = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, a.dtype), device=x.device)
     y = torch.empty(x.shape, dtype=torch.promote_types(weight.dtype, s.dtype), device=x.device)
     rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
-    block, warps = _block(columns)
-    _forward_kernel[(triton.cdiv(rows, ROWS),)](x, a, weight, y, s, rstd, rows, columns, eps, ROWS=ROWS,
-                                                BLOCK=block, num_warps=warps)
+    rows_per_block, block, warps = _block(columns)
+    _forward_kernel[(triton.cdiv(rows, rows_per_block),)](x, a, weight, y, s, rstd, rows, columns, eps,
+                                                          ROWS=rows_per_block, BLOCK=block, num_warps=warps)
     return y, s, rstd
 
 
@@ -102,9 +103,9 @@ def add_rms_norm_backward(dy: torch.Tensor, ds: torch.Tensor | None, s: torch.Te
     columns = s.shape[-1]
     rows = s.numel() // columns
     dx = torch.empty_like(s)
-    programs = max(1, min(triton.cdiv(rows, ROWS), PROGRAMS_PER_SM * _sm_count(s.device)))
+    rows_per_block, block, warps = _block(columns)
+    programs = max(1, min(triton.cdiv(rows, rows_per_block), PROGRAMS_PER_SM * _sm_count(s.device)))
     partial = torch.empty((programs, columns), dtype=torch.float32, device=s.device)
-    block, warps = _block(columns)
     _backward_kernel[(programs,)](dy, dy if ds is None else ds, s, rstd, weight, dx, partial, rows, columns,
-                                  HAS_DS=ds is not None, ROWS=ROWS, BLOCK=block, num_warps=warps)
+                                  HAS_DS=ds is not None, ROWS=rows_per_block, BLOCK=block, num_warps=warps)
     return dx, partial.sum(0).to(weight.dtype)
