@@ -62,3 +62,16 @@ def test_a_file_that_is_not_a_bench_result_is_named(tmp_path, content, named):
     path.write_text(content)
     with pytest.raises(ValueError, match=f"{path}: {named}"):
         load_result(path)
+
+
+def test_the_mfu_with_attention_shows_where_a_result_has_it():
+    """Results written before session 31 lack it: their cells show a dash, not a zero."""
+    old = bench_result([("softmax", 2000.0)])
+    new = bench_result([("softmax", 2100.0)])
+    old["rows"][0]["mfu"] = 0.390
+    new["rows"][0].update(mfu=0.396, mfu_with_attention=0.422)
+    lines = format_comparison([old, new], ["old", "new"]).splitlines()
+    assert "MFU+attn" in next(line for line in lines if "tok/s" in line)
+    old_line = next(line for line in lines if line.strip().startswith("old "))
+    new_line = next(line for line in lines if line.strip().startswith("new "))
+    assert old_line.split()[4:6] == ["39.0%", "-"] and new_line.split()[4:6] == ["39.6%", "42.2%"]
