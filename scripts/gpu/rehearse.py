@@ -26,7 +26,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 # switches a lease script may set that are not the library's own kernel choices (checked below)
-HARNESS_SWITCHES = ("HD_REHEARSE", "HD_FAIL_AT_STEP", "HD_BENCH_EXTRA", "HD_PART_SECONDS")
+HARNESS_SWITCHES = ("HD_REHEARSE", "HD_FAIL_AT_STEP", "HD_BENCH_EXTRA")
 
 
 def record(kind: str, args: list[str]) -> None:

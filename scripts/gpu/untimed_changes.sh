@@ -44,7 +44,7 @@
 #   fused_add_norm_tests  HD_FUSED_ADD_NORM's GPU tests (session 31): our add-and-norm kernels against the CPU maths
 #                 in bf16, compiled layers with the fused operator against HF's, with and without merged projections
 #   fused_add_norm  the graphed all-softmax step by default and with the fused add and norm and merged projections
-#                 (HD_FUSED_ADD_NORM=on HD_MERGED_PROJECTIONS=on), alternated twice within HD_PART_SECONDS (480),
+#                 (HD_FUSED_ADD_NORM=on HD_MERGED_PROJECTIONS=on), alternated twice within 480 s,
 #                 40 kernels listed, then compare_benches.py's table against the first
 #   goal_rows     issue 6's stage-2 rows under the current defaults (session 31: MFU with attention reported): the
 #                 graphed all-softmax step, with HD_MERGED_PROJECTIONS=on, again, at activation memory budget 0.8 (the
@@ -97,17 +97,17 @@ rows_within() {  # rows_within SECONDS, in a part's subshell: its benches write 
 first() { echo $(( deadline - SECONDS - $1 )); }  # first LATER: the first bench's time, LATER seconds kept back
 share() { echo $(( (deadline - SECONDS) / $1 )); }  # share BENCHES: this bench's part of the time left
 
-alternated() {  # alternated SECONDS LATER BASE CHANGED SWITCH=VALUE: the graphed all-softmax step as BASE, as CHANGED
-  # (with the switch set), then both again, within SECONDS (LATER: the seconds each later row is expected to take),
-  # 40 kernels listed, then compare_benches.py's table against BASE
-  local limit=$1 later=$2 base=$3 changed=$4 switch=$5
+alternated() {  # alternated SECONDS LATER BASE CHANGED SWITCH=VALUE...: the graphed all-softmax step as BASE, as
+  # CHANGED (with the switches set), then both again, within SECONDS (LATER: the seconds each later row is expected to
+  # take), 40 kernels listed, then compare_benches.py's table against BASE
+  local limit=$1 later=$2 base=$3 changed=$4 switches=("${@:5}")
   common=("${graphed_step[@]}" --students softmax --profile-top 40)
   (
     rows_within "$limit"
     bench "$base" "$(first $((3 * later)))"
-    (export "$switch"; bench "$changed" "$(share 3)")
+    (export "${switches[@]}"; bench "$changed" "$(share 3)")
     bench "${base}_again" "$(share 2)"
-    (export "$switch"; bench "${changed}_again" "$(share 1)")
+    (export "${switches[@]}"; bench "${changed}_again" "$(share 1)")
   ) | grep -E "^(===|exit|stage2) "
   compare "$base" "$changed" "${base}_again" "${changed}_again"
 }
@@ -210,16 +210,7 @@ case $part in
   fused_add_norm_tests)
     tests 200 fused_add_norm_tests.log "$root/tests/gpu/test_fused_add_norm_cuda.py" ;;
   fused_add_norm)  # session 31: the add and norm before each MLP as one operator, with merged projections
-    common=("${graphed_step[@]}" --students softmax --profile-top 40)
-    rows=(default fused_merged default_again fused_merged_again)
-    (
-      rows_within "${HD_PART_SECONDS:-480}"
-      bench default "$(first 240)"
-      (export HD_FUSED_ADD_NORM=on HD_MERGED_PROJECTIONS=on; bench fused_merged "$(share 3)")
-      bench default_again "$(share 2)"
-      (export HD_FUSED_ADD_NORM=on HD_MERGED_PROJECTIONS=on; bench fused_merged_again "$(share 1)")
-    ) | grep -E "^(===|exit|stage2) "
-    compare "${rows[@]}" ;;
+    alternated 480 80 default fused_merged HD_FUSED_ADD_NORM=on HD_MERGED_PROJECTIONS=on ;;
   goal_rows)  # session 31: where the issue's rows stand on this machine, one process per row
     common=("${graphed_step[@]}" --profile-top 40)
     rows=(softmax merged_on softmax_again softmax_budget_08 gdn)

@@ -11,6 +11,7 @@ from hybrid_distill.distill import add_norm_triton
 from hybrid_distill.distill.compiled_blocks import compile_training_layers
 from hybrid_distill.distill.fused_add_norm import add_rms_norm_backward, fuse_add_norms
 from hybrid_distill.distill.merged_projections import merge_input_projections
+from compiled_training import assert_same_training, loss_and_grads
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run on the lent GPU)")]
@@ -39,14 +40,6 @@ def test_kernels_compute_the_operators_maths(residual_dtype):
         torch.testing.assert_close(g.cpu().float(), w.float(), rtol=0, atol=0.01 * scale, msg=name)
 
 
-def loss_and_grads(model, tokens):
-    model.zero_grad(set_to_none=True)
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        loss = model(tokens, use_cache=False).logits.float().square().mean()
-    loss.backward()
-    return loss.detach(), {name: param.grad.float() for name, param in model.named_parameters()}
-
-
 @pytest.mark.parametrize("merged", ["off", "on"])
 def test_compiled_fused_layers_train_as_hfs(merged, monkeypatch):
     torch.manual_seed(0)
@@ -62,11 +55,6 @@ def test_compiled_fused_layers_train_as_hfs(merged, monkeypatch):
         compile_training_layers(model)
     tokens = torch.randint(0, SHAPE["vocab_size"], (4, 256), device="cuda",
                            generator=torch.Generator("cuda").manual_seed(1))
-    want_loss, want_grads = loss_and_grads(plain, tokens)
-    loss, grads = loss_and_grads(fused, tokens)
-    torch.testing.assert_close(loss, want_loss, rtol=1e-2, atol=0)
-    for name, grad in grads.items():
-        scale = want_grads[name].abs().max().item()
-        torch.testing.assert_close(grad, want_grads[name], rtol=0, atol=0.03 * scale + 1e-8, msg=name)
+    assert_same_training(loss_and_grads(fused, tokens), loss_and_grads(plain, tokens))
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):  # the teacher's forward-only variant
         torch.testing.assert_close(fused(tokens).logits.float(), plain(tokens).logits.float(), rtol=0.05, atol=0.05)

@@ -12,22 +12,17 @@ rounded to the sum's dtype before the weight multiplies it. Rows are the last di
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
+
+from hybrid_distill.distill.sm_count import sm_count
 
 __all__ = ["add_rms_norm_forward", "add_rms_norm_backward"]
 
 ROWS = 4  # rows per block at most: a few KB per program in flight at SmolLM2's 576 columns
 BLOCK_ELEMENTS = 4096  # at most per block, so that wide rows (3B models' 3,072) keep their registers
 PROGRAMS_PER_SM = 4  # backward: programs looping over the row blocks, each keeping one partial weight gradient
-
-
-@functools.cache
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
 def _block(columns: int) -> tuple[int, int, int]:
@@ -104,7 +99,7 @@ def add_rms_norm_backward(dy: torch.Tensor, ds: torch.Tensor | None, s: torch.Te
     rows = s.numel() // columns
     dx = torch.empty_like(s)
     rows_per_block, block, warps = _block(columns)
-    programs = max(1, min(triton.cdiv(rows, rows_per_block), PROGRAMS_PER_SM * _sm_count(s.device)))
+    programs = max(1, min(triton.cdiv(rows, rows_per_block), PROGRAMS_PER_SM * sm_count(s.device)))
     partial = torch.empty((programs, columns), dtype=torch.float32, device=s.device)
     _backward_kernel[(programs,)](dy, dy if ds is None else ds, s, rstd, weight, dx, partial, rows, columns,
                                   HAS_DS=ds is not None, ROWS=rows_per_block, BLOCK=block, num_warps=warps)
