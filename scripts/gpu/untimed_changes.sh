@@ -41,12 +41,6 @@
 #   decode_packed  decode_profile with each token's q/k/v (and a mixer's gates) and gate/up as one GEMV each on
 #                 weights packed once, both models (session 29, HD_PACKED_DECODE=on, the default since session 30),
 #                 after the static-decode GPU tests with it
-#   fused_add_norm_tests  HD_FUSED_ADD_NORM's GPU tests (session 31): our add-and-norm kernels against the CPU maths
-#                 in bf16, compiled layers with the fused operator against HF's, with and without merged projections
-#   fused_add_norm  the graphed all-softmax step by default and with the fused add and norm and merged projections
-#                 (HD_FUSED_ADD_NORM=on HD_MERGED_PROJECTIONS=on), alternated twice within 480 s,
-#                 40 kernels listed, then compare_benches.py's table against the first
-#   fused_add_norm_gdn  the same on the graphed all-GDN step, once each way within 480 s
 #   goal_rows     issue 6's stage-2 rows under the current defaults (session 31: MFU with attention reported): the
 #                 graphed all-softmax step, with HD_MERGED_PROJECTIONS=on, again, at activation memory budget 0.8 (the
 #                 <= 20 GB row), then all-GDN, 40 kernels listed, then compare_benches.py's table against the first
@@ -57,7 +51,7 @@
 set -uo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 out=${OUT:-bench-out}
-parts="decide|conv_tests|conv_bench|stream|kept_states|kl_rows|kl_loop|merged|merged_forward|inductor_tuning|inductor_tuning_gdn|sdpa|stream_tests|qla_tests|qla_bench|goal_rows|fused_add_norm_tests|fused_add_norm|fused_add_norm_gdn|decode_in_place|decode_profile|decode_packed"
+parts="decide|conv_tests|conv_bench|stream|kept_states|kl_rows|kl_loop|merged|merged_forward|inductor_tuning|inductor_tuning_gdn|sdpa|stream_tests|qla_tests|qla_bench|goal_rows|decode_in_place|decode_profile|decode_packed"
 part=${1:?usage: $0 $parts}
 mkdir -p "$out/$part"
 source "$root/scripts/gpu/bench_lib.sh"
@@ -98,11 +92,11 @@ rows_within() {  # rows_within SECONDS, in a part's subshell: its benches write 
 first() { echo $(( deadline - SECONDS - $1 )); }  # first LATER: the first bench's time, LATER seconds kept back
 share() { echo $(( (deadline - SECONDS) / $1 )); }  # share BENCHES: this bench's part of the time left
 
-alternated() {  # alternated SECONDS LATER BASE CHANGED SWITCH=VALUE...: the graphed step of $students (all-softmax
-  # unless set) as BASE, as CHANGED (with the switches set), then both again, within SECONDS (LATER: the seconds each
-  # later row is expected to take), 40 kernels listed, then compare_benches.py's table against BASE
+alternated() {  # alternated SECONDS LATER BASE CHANGED SWITCH=VALUE...: the graphed all-softmax step as BASE, as
+  # CHANGED (with the switches set), then both again, within SECONDS (LATER: the seconds each later row is expected to
+  # take), 40 kernels listed, then compare_benches.py's table against BASE
   local limit=$1 later=$2 base=$3 changed=$4 switches=("${@:5}")
-  common=("${graphed_step[@]}" --students "${students:-softmax}" --profile-top 40)
+  common=("${graphed_step[@]}" --students softmax --profile-top 40)
   (
     rows_within "$limit"
     bench "$base" "$(first $((3 * later)))"
@@ -208,12 +202,6 @@ case $part in
       TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1 bench coordinate_descent_again "$(share 1)"
     ) | grep -E "^(===|exit|stage2) "
     compare "${rows[@]}" ;;
-  fused_add_norm_tests)
-    tests 200 fused_add_norm_tests.log "$root/tests/gpu/test_fused_add_norm_cuda.py" ;;
-  fused_add_norm)  # session 31: the add and norm before each MLP as one operator, with merged projections
-    alternated 480 80 default fused_merged HD_FUSED_ADD_NORM=on HD_MERGED_PROJECTIONS=on ;;
-  fused_add_norm_gdn)  # the same on all-GDN (its rows take about 110 s each; the second pair may not fit)
-    students=gdn alternated 480 110 default fused_merged HD_FUSED_ADD_NORM=on HD_MERGED_PROJECTIONS=on ;;
   goal_rows)  # session 31: where the issue's rows stand on this machine, one process per row
     common=("${graphed_step[@]}" --profile-top 40)
     rows=(softmax merged_on softmax_again softmax_budget_08 gdn)

@@ -22,7 +22,6 @@ from hybrid_distill.config.load import validate_config
 from hybrid_distill.data.packed import PackedTokens, write_packed
 from hybrid_distill.distill.attention_backend import sdpa_choice
 from hybrid_distill.distill.bench_processes import bench_processes, data_parallel, unwrapped
-from hybrid_distill.distill.fused_add_norm import fused_add_norm_choice
 from hybrid_distill.distill.fused_kl import kl_heads_choice, kl_rows_choice, naive_kl
 from hybrid_distill.distill.gemm_ceiling import linear_gemms, time_gemms
 from hybrid_distill.distill.jobs import stage2_objective
@@ -367,7 +366,6 @@ def _run_rows(settings: BenchSettings, rank, world, device) -> dict:
                         "kl_rows": kl_rows_choice() if settings.compile_kl else None,
                         "kl_heads": kl_heads_choice(),
                         "merged_projections": merged_projections_choice() if settings.compile_blocks else None,
-                        "fused_add_norm": fused_add_norm_choice() if settings.compile_blocks else None,
                         "sdpa": sdpa_choice(),
                         **{name.lower(): os.environ[name] for name in mixer_ops.MIXER_OP_SWITCHES
                            if name in os.environ},

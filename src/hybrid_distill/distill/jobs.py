@@ -12,7 +12,6 @@ from hybrid_distill.data.packed import PackedTokens
 from hybrid_distill.distill.atomic import drop_training_state, write_json
 from hybrid_distill.distill.attention_backend import apply_sdpa_choice
 from hybrid_distill.distill.compiled_blocks import compile_training_layers, set_activation_memory_budget
-from hybrid_distill.distill.fused_add_norm import fuse_add_norms
 from hybrid_distill.distill.master_weights import cast_weights
 from hybrid_distill.distill.merged_projections import merge_input_projections
 from hybrid_distill.distill.objectives import (
@@ -77,7 +76,6 @@ def stage2_objective(distill: dict, student, teacher, trainable: str, cache=None
     if distill["compile_blocks"]:  # before the objective, whose recomputation (if on) wraps the compiled layers
         for model in (student, teacher):  # the teacher's forward layers: 2N of the step's 8N FLOPs
             merge_input_projections(model)  # q/k/v and gate/up as one GEMM each, if HD_MERGED_PROJECTIONS=on
-            fuse_add_norms(model)  # the add and norm before each MLP as one operator, if HD_FUSED_ADD_NORM=on
             compile_training_layers(model)
     objective = LogitDistillation(student, teacher, distill["temperature"], distill["kl_chunk_tokens"], trainable,
                                   teacher_cache=cache, activation_checkpointing=distill["activation_checkpointing"],
