@@ -51,7 +51,7 @@ for case, (vocab, temperature, trend, weighted, per_row) in enumerate([
 # programs looping over the rows (PROGRAMS_PER_SM > 0): 5 rows on 2 programs give what one program per row gives
 one_per_row = kl_rows(student, teacher, temperature, weights, scale, torch.bfloat16)
 _PLAIN_CONFIG["PROGRAMS_PER_SM"] = 1
-kl_rows_triton.sm_count = lambda device: 2
+kl_rows_triton._sm_count = lambda device: 2
 looping = kl_rows(student, teacher, temperature, weights, scale, torch.bfloat16)
 _PLAIN_CONFIG["PROGRAMS_PER_SM"] = 0
 worst["looping programs equal"] = all(torch.equal(a, b) for a, b in zip(looping, one_per_row, strict=True))

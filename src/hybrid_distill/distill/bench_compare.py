@@ -104,7 +104,8 @@ def format_comparison(results: list[dict], names: list[str], min_kernel_ms: floa
     width = max(len(name) for name in names)
     for entry in row_table(results):
         lines.append(f"{' / '.join(entry['key'])}:")
-        lines.append(f"  {'file':{width}} {'tok/s':>10} {'change':>8} {'step ms':>8} {'MFU':>6} {'MFU+attn':>8} {'peak GB':>8}  note")
+        lines.append(f"  {'file':{width}} {'tok/s':>10} {'change':>8} {'step ms':>8} {'MFU':>6} {'MFU+attn':>8} "
+                     f"{'peak GB':>8}  note")
         for name, cell in zip(names, entry["cells"]):
             if cell is None:
                 lines.append(f"  {name:{width}} {'(no such row)':>10}")
@@ -114,8 +115,8 @@ def format_comparison(results: list[dict], names: list[str], min_kernel_ms: floa
             with_attention = (f"{cell['mfu_with_attention'] * 100:7.1f}%" if cell.get("mfu_with_attention")
                               else f"{'-':>8}")
             lines.append(f"  {name:{width}} {_number(cell['tokens_per_s'], ',.0f', 10)} {change} "
-                         f"{_number(cell['step_ms'], '.1f', 8)} {mfu} {with_attention} {_number(cell['peak_mem_gb'], '.1f', 8)}  "
-                         f"{cell['note']}")
+                         f"{_number(cell['step_ms'], '.1f', 8)} {mfu} {with_attention} "
+                         f"{_number(cell['peak_mem_gb'], '.1f', 8)}  {cell['note']}")
         base_row = _rows_by_key(results[0]).get(entry["key"])
         for name, result in zip(names[1:], results[1:]):
             row = _rows_by_key(result).get(entry["key"])

@@ -15,13 +15,12 @@ TRITON_INTERPRET=1 (the CPU tests) tl.exp2.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 import triton
 import triton.language as tl
-
-from hybrid_distill.distill.sm_count import sm_count
 
 __all__ = ["kl_rows"]
 
@@ -46,9 +45,15 @@ def _configs(looping: bool = False) -> list[triton.Config]:
 _PLAIN_CONFIG = {"BLOCK": 1024, "PROGRAMS_PER_SM": 0}
 
 
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    """Queried once per device: kl_rows runs once per KL chunk."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
 def _grid(rows: int, device: torch.device):
     """One program per row, or PROGRAMS_PER_SM per SM looping over the rows."""
-    sms = sm_count(device)
+    sms = _sm_count(device)
     return lambda meta: (min(rows, sms * meta["PROGRAMS_PER_SM"]) if meta["PROGRAMS_PER_SM"] else rows,)
 
 
