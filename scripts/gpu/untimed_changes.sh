@@ -46,12 +46,17 @@
 #                 <= 20 GB row), then all-GDN, 40 kernels listed, then compare_benches.py's table against the first
 #   decode_in_place  graphed decoding with GDN's state written in place and one copy of all conv caches: the
 #                 static-decode GPU tests, then decode at 8k x 16 at SmolLM2-135M and Llama-3.2-3B shapes
+#   ahead_tests   distill.teacher_ahead (session 33): the graphed-training GPU test of jobs with the teacher one
+#                 micro-batch ahead, eager and graphed, at each priority, against the job with the teacher in line
+#   teacher_ahead  the graphed all-softmax step at 64 x 512 by default (teacher stream), with the teacher one
+#                 micro-batch ahead below the student's priority, at the same priority, then all three again (40
+#                 kernels listed), then compare_benches.py's table against the first
 # Usage: bash scripts/gpu/untimed_changes.sh PART (HD_REHEARSE=FILE records the commands without running them:
 # scripts/gpu/rehearse.py)
 set -uo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 out=${OUT:-bench-out}
-parts="decide|conv_tests|conv_bench|stream|kept_states|kl_rows|kl_loop|merged|merged_forward|inductor_tuning|inductor_tuning_gdn|sdpa|stream_tests|qla_tests|qla_bench|goal_rows|decode_in_place|decode_profile|decode_packed"
+parts="decide|conv_tests|conv_bench|stream|kept_states|kl_rows|kl_loop|merged|merged_forward|inductor_tuning|inductor_tuning_gdn|sdpa|stream_tests|qla_tests|qla_bench|goal_rows|decode_in_place|decode_profile|decode_packed|ahead_tests|teacher_ahead"
 part=${1:?usage: $0 $parts}
 mkdir -p "$out/$part"
 source "$root/scripts/gpu/bench_lib.sh"
@@ -212,6 +217,21 @@ case $part in
       bench softmax_again "$(share 3)" --students softmax
       bench softmax_budget_08 "$(share 2)" --students softmax --activation-memory-budget 0.8
       bench gdn "$(share 1)" --students gdn
+    ) | grep -E "^(===|exit|stage2) "
+    compare "${rows[@]}" ;;
+  ahead_tests)
+    tests 300 ahead_tests.log "$root/tests/gpu/test_graphed_training_cuda.py" -k teacher_ahead ;;
+  teacher_ahead)  # session 33: the teacher one micro-batch ahead, beside the student's forward and backward
+    common=("${graphed_step[@]}" --students softmax --profile-top 40)
+    rows=(default ahead_low ahead_equal default_again ahead_low_again ahead_equal_again)
+    (
+      rows_within 560
+      bench default "$(first $((5 * 50)))"
+      bench ahead_low "$(share 5)" --teacher-ahead
+      HD_TEACHER_AHEAD_PRIORITY=equal bench ahead_equal "$(share 4)" --teacher-ahead
+      bench default_again "$(share 3)"
+      bench ahead_low_again "$(share 2)" --teacher-ahead
+      HD_TEACHER_AHEAD_PRIORITY=equal bench ahead_equal_again "$(share 1)" --teacher-ahead
     ) | grep -E "^(===|exit|stage2) "
     compare "${rows[@]}" ;;
   sdpa)  # session 28: FlashAttention-2 (HD_SDPA=flash) against PyTorch's pick (cuDNN on an H100), all-softmax

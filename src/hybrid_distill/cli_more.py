@@ -93,7 +93,8 @@ def bench_settings(args) -> dict:
                 activation_checkpointing=args.activation_checkpointing, compile_blocks=args.compile_blocks,
                 bf16_weights=args.bf16_weights, compile_kl=args.compile_kl, profile_top=args.profile_top,
                 gemm_ceiling=args.gemm_ceiling, cuda_graph=args.cuda_graph, micro_batches=args.micro_batches,
-                activation_memory_budget=args.activation_memory_budget, teacher_stream=args.teacher_stream)
+                activation_memory_budget=args.activation_memory_budget, teacher_stream=args.teacher_stream,
+                teacher_ahead=args.teacher_ahead)
 
 
 def step_bench(args):
@@ -172,6 +173,9 @@ def add_steps(steps, add):
                    help="run the live teacher's forward on a second CUDA stream beside the student's, as "
                         "distill.teacher_stream, on by default as there (project steps only; --no-teacher-stream "
                         "runs it in line)")
+    p.add_argument("--teacher-ahead", action="store_true",
+                   help="run the live teacher one micro-batch ahead, beside the student's forward and backward, as "
+                        "distill.teacher_ahead (project steps only; the next batch is the same batch here)")
     p.add_argument("--gemm-ceiling", action="store_true",
                    help="also time each stage-2 row's weight GEMMs alone at the step's shapes: the MFU the step "
                         "would reach if nothing else took time")

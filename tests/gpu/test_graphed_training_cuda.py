@@ -29,7 +29,7 @@ class Tokens:
         return self.rows[(first + torch.arange(size)) % self.num_sequences]
 
 
-def job(out, stage: str, cuda_graphs: bool, **kwargs):
+def job(out, stage: str, cuda_graphs: bool, teacher_ahead: bool = False, **kwargs):
     torch.manual_seed(0)
     teacher = LlamaForCausalLM(LlamaConfig(**SHAPE)).eval().requires_grad_(False)
     student = build_student(teacher, [1], "gdn")
@@ -37,7 +37,7 @@ def job(out, stage: str, cuda_graphs: bool, **kwargs):
         objective = HiddenAlignment(student, teacher)
         kwargs["clip_groups"] = objective.clip_groups()
     else:
-        objective = LogitDistillation(student, teacher, 1.0, 512)
+        objective = LogitDistillation(student, teacher, 1.0, 512, teacher_ahead=teacher_ahead)
     settings = TrainSettings(token_budget=STEPS * 4 * 2 * Tokens.seq_len, micro_batch_size=4, grad_accum=2,
                              lr=1e-3, warmup_steps=2, schedule="cosine", save_every=2)
     return train(objective, Tokens(), settings, out, description="graphs", cuda_graphs=cuda_graphs, **kwargs)
@@ -85,6 +85,23 @@ def test_a_graphed_job_trains_as_the_eager_job_and_resumes_an_eager_state(stage,
     assert resumed.resumed and resumed.step == STEPS
     assert len(replays) == STEPS - 2 - GRAPH_WARMUP_STEPS
     assert_same_job(tmp_path / "resumed", resumed, tmp_path / "eager", eager)
+
+
+@pytest.mark.parametrize("priority", ["low", "equal"])
+@pytest.mark.usefixtures("one_short_conv")
+def test_a_job_with_the_teacher_ahead_trains_as_the_job_with_the_teacher_in_line(priority, tmp_path, monkeypatch):
+    """distill.teacher_ahead, eager (its check of the rows runs at every micro-step) and graphed (the replays run the
+    teacher on a side stream at each priority), against the eager job with the teacher in line."""
+    from hybrid_distill.distill.teacher_ahead import PRIORITY_SWITCH
+
+    monkeypatch.setenv(PRIORITY_SWITCH, priority)
+    in_line = job(tmp_path / "in_line", "stage2", cuda_graphs=False)
+    for cuda_graphs in (False, True):
+        out = tmp_path / f"ahead_{cuda_graphs}"
+        ahead = job(out, "stage2", cuda_graphs=cuda_graphs, teacher_ahead=True)
+        torch.cuda.synchronize()  # a failed check of the rows surfaces here
+        assert ahead.objective.teacher_ahead.stream is not None
+        assert_same_job(out, ahead, tmp_path / "in_line", in_line)
 
 
 @pytest.mark.usefixtures("one_short_conv")

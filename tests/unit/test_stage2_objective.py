@@ -12,10 +12,11 @@ from tiny_models import tiny_teacher
 
 
 def options(compile_blocks=False, checkpointing=False, bf16_weights=False, memory_budget=1.0,
-            teacher_stream=False) -> dict:
+            teacher_stream=False, teacher_ahead=False) -> dict:
     return {"temperature": 1.0, "kl_chunk_tokens": 16, "activation_checkpointing": checkpointing,
             "compile_blocks": compile_blocks, "bf16_weights": bf16_weights, "compile_kl": False,
-            "activation_memory_budget": memory_budget, "teacher_stream": teacher_stream}
+            "activation_memory_budget": memory_budget, "teacher_stream": teacher_stream,
+            "teacher_ahead": teacher_ahead}
 
 
 def compiled(function) -> bool:
@@ -156,3 +157,14 @@ def test_stage2_jobs_run_the_live_teacher_on_its_own_stream_unless_a_config_says
         resolved = validate_config({"distill": distill})["distill"]
         objective = stage2_objective(resolved, build_student(teacher, [0], "gdn"), teacher, "all")
         assert (objective.teacher_stream is not None) is beside
+
+
+def test_stage2_jobs_run_the_teacher_ahead_only_where_a_config_says_so():
+    """distill.teacher_ahead is off until a GPU times it (docs/performance.md, session 33)."""
+    from hybrid_distill.config.load import validate_config
+
+    teacher = tiny_teacher("llama")
+    for distill, ahead in (({}, False), ({"teacher_ahead": True}, True)):
+        resolved = validate_config({"distill": distill})["distill"]
+        objective = stage2_objective(resolved, build_student(teacher, [0], "gdn"), teacher, "all")
+        assert objective.reads_following_ids is ahead

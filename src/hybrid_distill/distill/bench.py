@@ -31,6 +31,7 @@ from hybrid_distill.distill.merged_projections import merged_projections_choice
 from hybrid_distill.distill.objectives import HiddenAlignment, LogitDistillation
 from hybrid_distill.distill.precision import training_autocast_dtype
 from hybrid_distill.distill.step_graph import GraphedStep, set_graph_options
+from hybrid_distill.distill.teacher_ahead import PRIORITY_SWITCH, student_stream_priority
 from hybrid_distill.distill.teacher_cache import TeacherCache, write_teacher_cache
 from hybrid_distill.models.mixers import kernels as mixer_ops
 from hybrid_distill.models.mixers.base import LinearMixer
@@ -111,6 +112,7 @@ class BenchSettings:
     micro_batches: int = 1
     activation_memory_budget: float = 1.0
     teacher_stream: bool = True  # distill.teacher_stream's default
+    teacher_ahead: bool = False
 
     def __post_init__(self):
         if self.micro_batches < 1 or self.batch_size % self.micro_batches:
@@ -131,7 +133,7 @@ def build_objective(stage, step, teacher, softmax_layers, mixer, settings: Bench
                    "compile_blocks": settings.compile_blocks, "bf16_weights": settings.bf16_weights,
                    "compile_kl": settings.compile_kl,  # the schema's defaults for any option the bench does not set
                    "activation_memory_budget": settings.activation_memory_budget,
-                   "teacher_stream": settings.teacher_stream}
+                   "teacher_stream": settings.teacher_stream, "teacher_ahead": settings.teacher_ahead}
         # compile_blocks compiles the teacher in place: a copy keeps the rows after this one (naive ones) eager
         row_teacher = copy.deepcopy(teacher) if settings.compile_blocks else teacher
         objective = stage2_objective(distill, student, row_teacher, "all",
@@ -206,13 +208,20 @@ def train_step(objective, batch, optimizer, cached, device, zero_grad=True, auto
     each part's keyword tensors from the objective's teacher cache (`cached_inputs`), or is empty."""
     autocast_dtype = training_autocast_dtype(on_cpu=device.type != "cuda")
     total = torch.zeros((), device=batch.device)
-    for part, chunk in enumerate(batch.chunk(micro_batches)):
+    parts = batch.chunk(micro_batches)
+    ahead = getattr(unwrapped(objective), "reads_following_ids", False)
+    for part, chunk in enumerate(parts):
+        extra = dict(cached[part]) if cached else {}
+        if ahead:  # the bench's next step trains on the same batch: the last part's successor is the first
+            extra["following_ids"] = parts[(part + 1) % len(parts)]
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None,
                             cache_enabled=autocast_cache):
-            loss, _ = objective(chunk, **(cached[part] if cached else {}))
+            loss, _ = objective(chunk, **extra)
         (loss / micro_batches).backward()
         total += loss.detach().float()
     optimizer.step()
+    if ahead:
+        unwrapped(objective).finish_step()
     if zero_grad:
         optimizer.zero_grad(set_to_none=True)
     return total / micro_batches
@@ -245,7 +254,9 @@ def time_steps(objective, batch, warmup, repeats, device, profile_top=0, cuda_gr
     if cuda_graph:
         graphed = GraphedStep(lambda inputs: train_step(objective, inputs[0], optimizer, inputs[1], device,
                                                         zero_grad=False, autocast_cache=False,
-                                                        micro_batches=micro_batches), optimizer, warmup)
+                                                        micro_batches=micro_batches), optimizer, warmup,
+                               stream_priority=student_stream_priority()
+                               if getattr(unwrapped(objective), "reads_following_ids", False) else 0)
         step = lambda: graphed((batch, cached))  # noqa: E731
         warmup += 1  # the capture: the call after the warm-up steps records the graph before its first replay
     else:
@@ -363,6 +374,9 @@ def _run_rows(settings: BenchSettings, rank, world, device) -> dict:
                         "micro_batches": settings.micro_batches,
                         "activation_memory_budget": settings.activation_memory_budget,
                         "teacher_stream": settings.teacher_stream,
+                        "teacher_ahead": settings.teacher_ahead,
+                        **({"teacher_ahead_priority": os.environ.get(PRIORITY_SWITCH, "low")}
+                           if settings.teacher_ahead else {}),
                         "kl_rows": kl_rows_choice() if settings.compile_kl else None,
                         "kl_heads": kl_heads_choice(),
                         "merged_projections": merged_projections_choice() if settings.compile_blocks else None,

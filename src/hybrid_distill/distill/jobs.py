@@ -79,7 +79,8 @@ def stage2_objective(distill: dict, student, teacher, trainable: str, cache=None
             compile_training_layers(model)
     objective = LogitDistillation(student, teacher, distill["temperature"], distill["kl_chunk_tokens"], trainable,
                                   teacher_cache=cache, activation_checkpointing=distill["activation_checkpointing"],
-                                  compile_kl=distill["compile_kl"], teacher_stream=distill["teacher_stream"])
+                                  compile_kl=distill["compile_kl"], teacher_stream=distill["teacher_stream"],
+                                  teacher_ahead=distill["teacher_ahead"])
     return objective
 
 

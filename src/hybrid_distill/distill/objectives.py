@@ -10,6 +10,7 @@ from hybrid_distill.distill.fused_kl import chunked_kl_from_hidden
 from hybrid_distill.distill.maskless_attention import maskless_causal_attention
 from hybrid_distill.distill.precision import to_device
 from hybrid_distill.distill.recompute import recompute_decoder_layers
+from hybrid_distill.distill.teacher_ahead import TeacherAhead
 from hybrid_distill.distill.teacher_stream import TeacherStream
 from hybrid_distill.models.student import decoder_layers, mixers_of
 
@@ -86,17 +87,21 @@ class LogitDistillation(nn.Module):
     states from it instead of running the teacher's body; other batches run the live teacher.
     `activation_checkpointing` recomputes each student layer in backward (distill/recompute.py); `compile_kl`
     compiles the KL's per-chunk maths (fused_kl.py); `teacher_stream` runs the live teacher's body on a second CUDA
-    stream beside the student's forward (teacher_stream.py).
+    stream beside the student's forward (teacher_stream.py); `teacher_ahead` (without a cache) runs it one
+    micro-batch ahead instead, beside the student's forward and backward (teacher_ahead.py): the caller then passes
+    each micro-step the next micro-batch's ids and calls `finish_step()` after each optimizer step.
     """
 
     def __init__(self, student: nn.Module, teacher: nn.Module, temperature: float, chunk_tokens: int,
                  trainable: str | None = "all", teacher_cache=None, activation_checkpointing: bool = False,
-                 compile_kl: bool = False, teacher_stream: bool = False):
+                 compile_kl: bool = False, teacher_stream: bool = False, teacher_ahead: bool = False):
         super().__init__()
         self.student, self.teacher = student, teacher
         self.temperature, self.chunk_tokens, self.compile_kl = temperature, chunk_tokens, compile_kl
         self.teacher_cache = teacher_cache
         self.teacher_stream = TeacherStream() if teacher_stream else None
+        self.teacher_ahead = TeacherAhead(functools.partial(teacher_final_hidden, teacher)) \
+            if teacher_ahead and teacher_cache is None else None
         if trainable is not None:  # None: leave the student's flags alone (scoring a model mid-training)
             self.student.requires_grad_(trainable == "all")
         if trainable == "attention":  # every layer's attention or mixer module, nothing else
@@ -105,6 +110,17 @@ class LogitDistillation(nn.Module):
         self.teacher.requires_grad_(False).eval()
         if activation_checkpointing:
             recompute_decoder_layers(self.student)
+
+    @property
+    def reads_following_ids(self) -> bool:
+        """Whether each micro-step wants the next micro-batch's ids (`following_ids`): the teacher runs ahead."""
+        return self.teacher_ahead is not None
+
+    def finish_step(self) -> None:
+        """After each optimizer step: the step's stream waits for the teacher running ahead (a graph's capture must
+        join every stream it forked)."""
+        if self.teacher_ahead is not None:
+            self.teacher_ahead.join()
 
     @property
     def reads_sequence_indices(self) -> bool:
@@ -120,12 +136,18 @@ class LogitDistillation(nn.Module):
             return {}
         return {"teacher_hidden": to_device(cache.rows(sequence_indices, device.type), device)}
 
-    def forward(self, input_ids: torch.Tensor, teacher_hidden=None):
+    def forward(self, input_ids: torch.Tensor, teacher_hidden=None, following_ids=None):
         """`teacher_hidden` (the cached rows `cached_inputs` read) skips the teacher's body; without it the live
-        teacher runs."""
+        teacher runs: on `input_ids`, or with `teacher_ahead` on `following_ids` for the next micro-step."""
         cached = teacher_hidden is not None
-        beside = self.teacher_stream is not None and not cached
-        if not cached:
+        ahead = self.teacher_ahead is not None and not cached
+        if ahead != (following_ids is not None):
+            raise ValueError("following_ids goes with teacher_ahead and a live teacher, and only there")
+        beside = self.teacher_stream is not None and not cached and not ahead
+        if ahead:
+            teacher_hidden = self.teacher_ahead.take(input_ids)
+            self.teacher_ahead.start(following_ids)
+        elif not cached:
             run_teacher = functools.partial(teacher_final_hidden, self.teacher, input_ids)
             teacher_hidden = self.teacher_stream.start(run_teacher, input_ids.device) if beside else run_teacher()
         with maskless_causal_attention(self.student):  # training rows: unpadded, from position 0

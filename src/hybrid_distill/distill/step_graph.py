@@ -35,14 +35,16 @@ class GraphedStep:
 
     The warm-up calls are real steps: the compiler and the kernels' autotuning must run before the capture. The
     gradients a capture allocates stay in its graph: each replay's first backward writes them afresh (they were
-    None when captured), so no zeroing is needed, and the graph's clipping and optimizer read them there."""
+    None when captured), so no zeroing is needed, and the graph's clipping and optimizer read them there.
+    `stream_priority` is the CUDA priority of the stream the step runs and is captured on (lower is more urgent):
+    below 0 it goes ahead of work the step queues on default-priority side streams (a teacher running ahead)."""
 
-    def __init__(self, step: Callable, optimizer: torch.optim.Optimizer, warmup: int = 2):
+    def __init__(self, step: Callable, optimizer: torch.optim.Optimizer, warmup: int = 2, stream_priority: int = 0):
         if not all(group.get("capturable", False) for group in optimizer.param_groups):
             raise ValueError("a graphed step needs an optimizer built with capturable=True")
         if warmup < 1:
             raise ValueError(f"a graphed step needs at least one warm-up step before its capture, got {warmup}")
-        self.step, self.optimizer, self.warmup = step, optimizer, warmup
+        self.step, self.optimizer, self.warmup, self.stream_priority = step, optimizer, warmup, stream_priority
         self.calls: dict[Hashable, int] = {}  # by form of the inputs
         self.captures: dict[Hashable, tuple[torch.cuda.CUDAGraph, Any, Any]] = {}  # form -> graph, inputs, outputs
 
@@ -51,7 +53,7 @@ class GraphedStep:
         key = _form(inputs)
         self.calls[key] = self.calls.get(key, 0) + 1
         if self.calls[key] <= self.warmup:
-            side = torch.cuda.Stream()
+            side = torch.cuda.Stream(priority=self.stream_priority)
             side.wait_stream(torch.cuda.current_stream())
             # as torch.cuda.graph requires: warm-up off the capturing stream
             with torch.cuda.stream(side), kernels.graphed_steps():
@@ -76,7 +78,8 @@ class GraphedStep:
         static_inputs = _map(torch.Tensor.clone, example)
         self.optimizer.zero_grad(set_to_none=True)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph), kernels.graphed_steps():
+        stream = torch.cuda.Stream(priority=self.stream_priority)  # torch.cuda.graph's own has the default priority
+        with torch.cuda.graph(graph, stream=stream), kernels.graphed_steps():
             outputs = self.step(static_inputs)
         return graph, static_inputs, outputs
 

@@ -26,6 +26,7 @@ from hybrid_distill.distill.master_weights import adamw_for
 from hybrid_distill.distill.precision import mixed_precision, to_device, train_on_cpu
 from hybrid_distill.distill.schedule import lr_multiplier
 from hybrid_distill.distill.step_graph import GraphedStep, set_graph_options
+from hybrid_distill.distill.teacher_ahead import student_stream_priority
 
 log = get_logger(__name__)  # logs on the main process only
 
@@ -89,7 +90,9 @@ def train(
     Module modes (train/eval) stay as the caller set them, so a frozen teacher can stay in eval mode.
     An objective with `reads_sequence_indices = True` has `cached_inputs(rows, device)` read what a per-sequence
     cache holds for each micro-batch's data rows before the step (on the host, in the step's autocast context);
-    the step passes it to the objective's forward as keyword tensors.
+    the step passes it to the objective's forward as keyword tensors. An objective with `reads_following_ids = True`
+    (stage 2's teacher_ahead) gets each micro-batch's successor as `following_ids` (the last one's: the next
+    step's first) and has its `finish_step()` called after each optimizer step.
     `on_snapshot` is called after every `snapshot_every`-th step and after the last, with what this call would
     have returned had it stopped there (one job can then score every round of a run that resumes nothing).
     `cuda_graphs` (`distill.cuda_graphs`) replays each step after the first GRAPH_WARMUP_STEPS as one CUDA graph
@@ -106,6 +109,7 @@ def train(
     # processes (DDP's gradient hooks are not captured), so one config serves 1-GPU scoring and 4-GPU final jobs
     graphed = cuda_graphs and not on_cpu and launched == 1
     wants_indices = getattr(objective, "reads_sequence_indices", False)
+    wants_following = getattr(objective, "reads_following_ids", False)
     accelerator = Accelerator(
         cpu=on_cpu,  # also makes a multi-process launch on a CPU-only node use gloo
         mixed_precision=mixed_precision(on_cpu),
@@ -179,23 +183,30 @@ def train(
         first_rank_sequence = accelerator.process_index * settings.micro_batch_size * settings.grad_accum
 
         def optimizer_step(inputs):
-            micro_batches, cached = inputs
+            micro_batches, cached, following = inputs
             loss_sum, metric_sums = _accumulate_gradients(accelerator, model, micro_batches, cached,
-                                                          settings.grad_accum)
+                                                          settings.grad_accum, following)
             grad_norm = _clip(clip_params, settings.max_grad_norm)
             optimizer.step()
+            if wants_following:
+                objective.finish_step()
             return loss_sum, metric_sums, grad_norm
 
-        graphed_step = GraphedStep(optimizer_step, optimizer, GRAPH_WARMUP_STEPS) if graphed else None
+        graphed_step = GraphedStep(optimizer_step, optimizer, GRAPH_WARMUP_STEPS,
+                                   stream_priority=student_stream_priority() if wants_following else 0) \
+            if graphed else None
         while step < end_step:
             lr = settings.lr * schedule(step)
             micro_batches, rows = _step_batches(data, next_sequence + first_rank_sequence, settings, wants_indices)
+            # the next step's first micro-batch, for a teacher running one micro-batch ahead (past the last step too)
+            following = to_device(data.batch(next_sequence + sequences_per_step + first_rank_sequence,
+                                             settings.micro_batch_size), accelerator.device) if wants_following else ()
             micro_batches = to_device(micro_batches, accelerator.device)
             cached = _cached_inputs(objective, rows, accelerator, settings.grad_accum)
             if graphed_step is not None:  # one graph per pattern of cached and live micro-batches
-                loss_sum, metric_sums, grad_norm = graphed_step((micro_batches, cached))
+                loss_sum, metric_sums, grad_norm = graphed_step((micro_batches, cached, following))
             else:
-                loss_sum, metric_sums, grad_norm = optimizer_step((micro_batches, cached))
+                loss_sum, metric_sums, grad_norm = optimizer_step((micro_batches, cached, following))
                 optimizer.zero_grad(set_to_none=True)
             scheduler.step()
             step += 1
@@ -317,15 +328,19 @@ def _cached_inputs(objective, rows, accelerator: Accelerator, grad_accum: int) -
 
 
 def _accumulate_gradients(accelerator: Accelerator, model, micro_batches: torch.Tensor, cached: list[dict],
-                          grad_accum: int):
+                          grad_accum: int, following):
     """Backpropagate this process's share of one step, micro-batch by micro-batch; DDP syncs on the last.
-    `cached` holds each micro-batch's keyword tensors from the objective's cache (see `_cached_inputs`)."""
+    `cached` holds each micro-batch's keyword tensors from the objective's cache (see `_cached_inputs`);
+    `following` is the next step's first micro-batch for an objective that reads following_ids, else ()."""
     loss_sum = torch.zeros((), device=accelerator.device)
     metric_sums: dict[str, torch.Tensor | float] = {}
     for micro_step in range(grad_accum):
         last = micro_step == grad_accum - 1
+        extra = dict(cached[micro_step])
+        if isinstance(following, torch.Tensor):
+            extra["following_ids"] = following if last else micro_batches[micro_step + 1]
         with nullcontext() if last else accelerator.no_sync(model):
-            loss, metrics = model(micro_batches[micro_step], **cached[micro_step])
+            loss, metrics = model(micro_batches[micro_step], **extra)
             accelerator.backward(loss / grad_accum)
         loss_sum += loss.detach().float()
         for key, value in metrics.items():  # device tensors stay there: no host sync per step
