@@ -40,6 +40,9 @@ class TeacherAhead:
         self.pending: torch.Tensor | None = None  # written by start, on the side stream
         self.pending_ids: torch.Tensor | None = None
         self.current: torch.Tensor | None = None  # what the micro-step's KL reads while start overwrites pending
+        # whether the side stream has work the current stream has not waited for: a capture must not wait on work
+        # queued before it (CUDA refuses a dependency on uncaptured work), and the step before it ended joined
+        self.unjoined = False
 
     def take(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.pending is None:
@@ -60,12 +63,14 @@ class TeacherAhead:
             self.stream.wait_stream(torch.cuda.current_stream(device))  # the ids, and take's read of pending
             with torch.cuda.stream(self.stream):
                 self._write(following_ids)
+            self.unjoined = True
         else:
             self._write(following_ids)
 
     def join(self) -> None:
-        if self.stream is not None:
+        if self.unjoined:
             torch.cuda.current_stream(self.stream.device).wait_stream(self.stream)
+            self.unjoined = False
 
     def _write(self, following_ids: torch.Tensor) -> None:
         """Into fixed buffers: a replayed graph reads pending where the captured step wrote it."""
