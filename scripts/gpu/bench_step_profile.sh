@@ -110,9 +110,9 @@ for part in "${@:-kl}"; do
     conv_tiles)  # before session 22: our conv's tiled kernels, the backward in two passes
       HD_CONV_KERNELS=tiles bench conv_tiles_graph_gdn_bf16 200 "${graphed_gdn[@]}" ;;
     teacher_stream)  # the live teacher's forward on its own CUDA stream beside the student's (session 23)
-      bench teacher_stream_graph_gdn_bf16 200 "${graphed_gdn[@]}" --teacher-stream
+      bench teacher_stream_graph_gdn_bf16 200 "${graphed_gdn[@]}" --teacher-stream --no-teacher-ahead
       bench teacher_stream_graph_softmax_bf16 200 --students softmax --compile-kl --bf16-weights --batch-size 64 \
-        --seq-len 512 --cuda-graph --teacher-stream ;;
+        --seq-len 512 --cuda-graph --teacher-stream --no-teacher-ahead ;;
     keep_states)  # fla's GDN chunk states kept for backward, not recomputed (session 23)
       HD_GDN_KEEP_STATES=on bench keep_states_graph_gdn_bf16 200 "${graphed_gdn[@]}" ;;
     kl_triton)  # the KL's chunk maths in our kernel: two passes over the logits, where Inductor's made four (session 25)

@@ -132,11 +132,11 @@ case $part in
     (
       rows_within 530
       # the rows before all_three keep the defaults before session 26 but for their one change: teacher in line
-      HD_GDN_KEEP_STATES=off HD_KL_ROWS=compiled bench default "$(first $((4 * 65)))" --no-teacher-stream
-      HD_GDN_KEEP_STATES=on HD_KL_ROWS=compiled bench kept_states "$(share 4)" --no-teacher-stream
-      HD_GDN_KEEP_STATES=off HD_KL_ROWS=triton bench kl_triton "$(share 3)" --no-teacher-stream
-      HD_GDN_KEEP_STATES=off HD_KL_ROWS=compiled bench teacher_stream "$(share 2)" --teacher-stream
-      HD_GDN_KEEP_STATES=on HD_KL_ROWS=triton bench all_three "$(share 1)" --teacher-stream
+      HD_GDN_KEEP_STATES=off HD_KL_ROWS=compiled bench default "$(first $((4 * 65)))" --no-teacher-stream --no-teacher-ahead
+      HD_GDN_KEEP_STATES=on HD_KL_ROWS=compiled bench kept_states "$(share 4)" --no-teacher-stream --no-teacher-ahead
+      HD_GDN_KEEP_STATES=off HD_KL_ROWS=triton bench kl_triton "$(share 3)" --no-teacher-stream --no-teacher-ahead
+      HD_GDN_KEEP_STATES=off HD_KL_ROWS=compiled bench teacher_stream "$(share 2)" --teacher-stream --no-teacher-ahead
+      HD_GDN_KEEP_STATES=on HD_KL_ROWS=triton bench all_three "$(share 1)" --teacher-stream --no-teacher-ahead
     ) | grep -E "^(===|exit|stage2) "
     compare default kept_states kl_triton teacher_stream all_three ;;
   conv_tests)
@@ -150,7 +150,7 @@ case $part in
         | grep -E "^(exit|stage2) "
     done ;;
   stream)  # decide timed all-GDN with the teacher stream; this is all-softmax, in line and on a stream, twice each
-    common=("${graphed_step[@]}" --students softmax)
+    common=("${graphed_step[@]}" --students softmax --no-teacher-ahead)
     (
       rows_within 450  # leaves a short lease time for a profile
       bench in_line "$(first $((3 * 60)))" --no-teacher-stream
@@ -223,13 +223,14 @@ case $part in
     tests 300 ahead_tests.log "$root/tests/gpu/test_graphed_training_cuda.py" -k teacher_ahead ;;
   teacher_ahead)  # session 33: the teacher one micro-batch ahead, beside the student's forward and backward
     common=("${graphed_step[@]}" --students softmax --profile-top 40)
+    # (the default since session 33; the first row is the default before it, the teacher stream)
     rows=(default ahead_low ahead_equal default_again ahead_low_again ahead_equal_again)
     (
       rows_within 560
-      bench default "$(first $((5 * 50)))"
+      bench default "$(first $((5 * 50)))" --no-teacher-ahead
       bench ahead_low "$(share 5)" --teacher-ahead
       HD_TEACHER_AHEAD_PRIORITY=equal bench ahead_equal "$(share 4)" --teacher-ahead
-      bench default_again "$(share 3)"
+      bench default_again "$(share 3)" --no-teacher-ahead
       bench ahead_low_again "$(share 2)" --teacher-ahead
       HD_TEACHER_AHEAD_PRIORITY=equal bench ahead_equal_again "$(share 1)" --teacher-ahead
     ) | grep -E "^(===|exit|stage2) "

@@ -173,9 +173,10 @@ def add_steps(steps, add):
                    help="run the live teacher's forward on a second CUDA stream beside the student's, as "
                         "distill.teacher_stream, on by default as there (project steps only; --no-teacher-stream "
                         "runs it in line)")
-    p.add_argument("--teacher-ahead", action="store_true",
+    p.add_argument("--teacher-ahead", action=argparse.BooleanOptionalAction, default=True,
                    help="run the live teacher one micro-batch ahead, beside the student's forward and backward, as "
-                        "distill.teacher_ahead (project steps only; the next batch is the same batch here)")
+                        "distill.teacher_ahead, on by default as there (project steps only; the next batch is the "
+                        "same batch here; --no-teacher-ahead runs it on each step's own batch, see --teacher-stream)")
     p.add_argument("--gemm-ceiling", action="store_true",
                    help="also time each stage-2 row's weight GEMMs alone at the step's shapes: the MFU the step "
                         "would reach if nothing else took time")

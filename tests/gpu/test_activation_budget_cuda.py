@@ -22,7 +22,8 @@ def step(teacher, budget: float):
     torch.manual_seed(0)
     student = build_student(teacher, [1], "gdn").cuda()
     distill = {**validate_config({})["distill"], "kl_chunk_tokens": 1024, "compile_blocks": True,
-               "compile_kl": True, "bf16_weights": True, "activation_memory_budget": budget}
+               "compile_kl": True, "bf16_weights": True, "activation_memory_budget": budget,
+               "teacher_ahead": False}  # one step, called directly: the teacher on its own batch
     objective = stage2_objective(distill, student, copy.deepcopy(teacher), "all").cuda()
     batch = torch.randint(0, SHAPE["vocab_size"], (4, 512), device="cuda",
                           generator=torch.Generator("cuda").manual_seed(1))

@@ -25,7 +25,7 @@ OPTIONS = {"temperature": 1.0, "kl_chunk_tokens": 1024, "compile_blocks": True, 
 
 def objective_and_optimizer(teacher, student, recompute: bool, capturable: bool, teacher_stream: bool = False):
     distill = {**validate_config({})["distill"], **OPTIONS, "activation_checkpointing": recompute,
-               "teacher_stream": teacher_stream}
+               "teacher_stream": teacher_stream, "teacher_ahead": False}  # a new batch at every call
     objective = stage2_objective(distill, student, copy.deepcopy(teacher), "all").cuda()
     params = [p for p in objective.parameters() if p.requires_grad]
     lr = torch.tensor(1e-3, device="cuda") if capturable else 1e-3  # a graph reads a tensor rate, as the trainer's

@@ -112,7 +112,7 @@ class BenchSettings:
     micro_batches: int = 1
     activation_memory_budget: float = 1.0
     teacher_stream: bool = True  # distill.teacher_stream's default
-    teacher_ahead: bool = False
+    teacher_ahead: bool = True  # distill.teacher_ahead's default
 
     def __post_init__(self):
         if self.micro_batches < 1 or self.batch_size % self.micro_batches:
