@@ -46,8 +46,9 @@
 #                 <= 20 GB row), then all-GDN, 40 kernels listed, then compare_benches.py's table against the first
 #   decode_in_place  graphed decoding with GDN's state written in place and one copy of all conv caches: the
 #                 static-decode GPU tests, then decode at 8k x 16 at SmolLM2-135M and Llama-3.2-3B shapes
-#   ahead_tests   distill.teacher_ahead (session 33): the graphed-training GPU test of jobs with the teacher one
-#                 micro-batch ahead, eager and graphed, at each priority, against the job with the teacher in line
+#   ahead_tests   distill.teacher_ahead (session 33): the graphed-training GPU tests (jobs with the teacher one
+#                 micro-batch ahead, eager and graphed, at each priority, against the job with the teacher in line),
+#                 then the GPU tests its default touches: graphed scoring, replayed steps, the activation budget
 #   teacher_ahead  the graphed all-softmax step at 64 x 512 by default (teacher stream), with the teacher one
 #                 micro-batch ahead below the student's priority, at the same priority, then all three again (40
 #                 kernels listed), then compare_benches.py's table against the first
@@ -132,7 +133,8 @@ case $part in
     (
       rows_within 530
       # the rows before all_three keep the defaults before session 26 but for their one change: teacher in line
-      HD_GDN_KEEP_STATES=off HD_KL_ROWS=compiled bench default "$(first $((4 * 65)))" --no-teacher-stream --no-teacher-ahead
+      HD_GDN_KEEP_STATES=off HD_KL_ROWS=compiled bench default "$(first $((4 * 65)))" --no-teacher-stream \
+        --no-teacher-ahead
       HD_GDN_KEEP_STATES=on HD_KL_ROWS=compiled bench kept_states "$(share 4)" --no-teacher-stream --no-teacher-ahead
       HD_GDN_KEEP_STATES=off HD_KL_ROWS=triton bench kl_triton "$(share 3)" --no-teacher-stream --no-teacher-ahead
       HD_GDN_KEEP_STATES=off HD_KL_ROWS=compiled bench teacher_stream "$(share 2)" --teacher-stream --no-teacher-ahead
@@ -220,7 +222,9 @@ case $part in
     ) | grep -E "^(===|exit|stage2) "
     compare "${rows[@]}" ;;
   ahead_tests)
-    tests 300 ahead_tests.log "$root/tests/gpu/test_graphed_training_cuda.py" -k teacher_ahead ;;
+    tests 250 ahead_tests.log "$root/tests/gpu/test_graphed_training_cuda.py"
+    tests 250 default_tests.log "$root/tests/gpu/test_graphed_scoring_cuda.py" \
+      "$root/tests/gpu/test_activation_budget_cuda.py" "$root/tests/gpu/test_step_graph_cuda.py" -k "not head_dim" ;;
   teacher_ahead)  # session 33: the teacher one micro-batch ahead, beside the student's forward and backward
     common=("${graphed_step[@]}" --students softmax --profile-top 40)
     # (the default since session 33; the first row is the default before it, the teacher stream)
