@@ -31,7 +31,7 @@ from hybrid_distill.distill.merged_projections import merged_projections_choice
 from hybrid_distill.distill.objectives import HiddenAlignment, LogitDistillation
 from hybrid_distill.distill.precision import training_autocast_dtype
 from hybrid_distill.distill.step_graph import GraphedStep, set_graph_options
-from hybrid_distill.distill.teacher_ahead import PRIORITY_SWITCH, student_stream_priority
+from hybrid_distill.distill.teacher_ahead import PRIORITY_SWITCH, graphed_step_priority
 from hybrid_distill.distill.teacher_cache import TeacherCache, write_teacher_cache
 from hybrid_distill.models.mixers import kernels as mixer_ops
 from hybrid_distill.models.mixers.base import LinearMixer
@@ -255,8 +255,7 @@ def time_steps(objective, batch, warmup, repeats, device, profile_top=0, cuda_gr
         graphed = GraphedStep(lambda inputs: train_step(objective, inputs[0], optimizer, inputs[1], device,
                                                         zero_grad=False, autocast_cache=False,
                                                         micro_batches=micro_batches), optimizer, warmup,
-                               stream_priority=student_stream_priority()
-                               if getattr(unwrapped(objective), "reads_following_ids", False) else 0)
+                               stream_priority=graphed_step_priority(unwrapped(objective)))
         step = lambda: graphed((batch, cached))  # noqa: E731
         warmup += 1  # the capture: the call after the warm-up steps records the graph before its first replay
     else:

@@ -28,6 +28,12 @@ def student_stream_priority() -> int:
     return STUDENT_STREAM_PRIORITY if choice == "low" else 0
 
 
+def graphed_step_priority(objective) -> int:
+    """The priority of the stream a graphed step of `objective` runs on: above the teacher's side stream when the
+    objective runs the teacher ahead, else CUDA's default."""
+    return student_stream_priority() if getattr(objective, "reads_following_ids", False) else 0
+
+
 class TeacherAhead:
     """`take(ids)` returns the teacher's final hidden states for ids: those the last `start` computed (it checks
     that it was started on the same ids, outside graph capture) or, on a job's first micro-step, computed in line.

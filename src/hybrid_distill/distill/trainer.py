@@ -26,7 +26,7 @@ from hybrid_distill.distill.master_weights import adamw_for
 from hybrid_distill.distill.precision import mixed_precision, to_device, train_on_cpu
 from hybrid_distill.distill.schedule import lr_multiplier
 from hybrid_distill.distill.step_graph import GraphedStep, set_graph_options
-from hybrid_distill.distill.teacher_ahead import student_stream_priority
+from hybrid_distill.distill.teacher_ahead import graphed_step_priority
 
 log = get_logger(__name__)  # logs on the main process only
 
@@ -193,8 +193,7 @@ def train(
             return loss_sum, metric_sums, grad_norm
 
         graphed_step = GraphedStep(optimizer_step, optimizer, GRAPH_WARMUP_STEPS,
-                                   stream_priority=student_stream_priority() if wants_following else 0) \
-            if graphed else None
+                                   stream_priority=graphed_step_priority(objective)) if graphed else None
         while step < end_step:
             lr = settings.lr * schedule(step)
             micro_batches, rows = _step_batches(data, next_sequence + first_rank_sequence, settings, wants_indices)
