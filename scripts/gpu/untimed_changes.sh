@@ -42,8 +42,9 @@
 #                 weights packed once, both models (session 29, HD_PACKED_DECODE=on, the default since session 30),
 #                 after the static-decode GPU tests with it
 #   goal_rows     issue 6's stage-2 rows under the current defaults (session 31: MFU with attention reported): the
-#                 graphed all-softmax step, with HD_MERGED_PROJECTIONS=on, again, at activation memory budget 0.8 (the
-#                 <= 20 GB row), then all-GDN, 40 kernels listed, then compare_benches.py's table against the first
+#                 graphed all-softmax step, with activation memory budget 0.8 in its first 7 of 30 layers (session
+#                 34, about 19.9 GB), again, at budget 0.8 everywhere (the 16.1 GB row), then all-GDN, 40 kernels
+#                 listed, then compare_benches.py's table against the first
 #   decode_in_place  graphed decoding with GDN's state written in place and one copy of all conv caches: the
 #                 static-decode GPU tests, then decode at 8k x 16 at SmolLM2-135M and Llama-3.2-3B shapes
 #   ahead_tests   distill.teacher_ahead (session 33): the graphed-training GPU tests (jobs with the teacher one
@@ -211,11 +212,12 @@ case $part in
     compare "${rows[@]}" ;;
   goal_rows)  # session 31: where the issue's rows stand on this machine, one process per row
     common=("${graphed_step[@]}" --profile-top 40)
-    rows=(softmax merged_on softmax_again softmax_budget_08 gdn)
+    rows=(softmax budget_08_layers7 softmax_again softmax_budget_08 gdn)
     (
       rows_within 540
       bench softmax "$(first 400)" --students softmax
-      (export HD_MERGED_PROJECTIONS=on; bench merged_on "$(share 4)" --students softmax)
+      bench budget_08_layers7 "$(share 4)" --students softmax --activation-memory-budget 0.8 \
+        --activation-memory-budget-layers 7
       bench softmax_again "$(share 3)" --students softmax
       bench softmax_budget_08 "$(share 2)" --students softmax --activation-memory-budget 0.8
       bench gdn "$(share 1)" --students gdn

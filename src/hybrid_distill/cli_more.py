@@ -93,7 +93,8 @@ def bench_settings(args) -> dict:
                 activation_checkpointing=args.activation_checkpointing, compile_blocks=args.compile_blocks,
                 bf16_weights=args.bf16_weights, compile_kl=args.compile_kl, profile_top=args.profile_top,
                 gemm_ceiling=args.gemm_ceiling, cuda_graph=args.cuda_graph, micro_batches=args.micro_batches,
-                activation_memory_budget=args.activation_memory_budget, teacher_stream=args.teacher_stream,
+                activation_memory_budget=args.activation_memory_budget,
+                activation_memory_budget_layers=args.activation_memory_budget_layers, teacher_stream=args.teacher_stream,
                 teacher_ahead=args.teacher_ahead)
 
 
@@ -188,6 +189,9 @@ def add_steps(steps, add):
     p.add_argument("--activation-memory-budget", type=float, default=1.0, metavar="F",
                    help="share of the compiled code's activations kept for backward; the cheapest of the rest are "
                         "recomputed, as distill.activation_memory_budget (project steps only)")
+    p.add_argument("--activation-memory-budget-layers", type=int, default=None, metavar="N",
+                   help="give --activation-memory-budget to the student's first N decoder layers only, as "
+                        "distill.activation_memory_budget_layers")
     p.add_argument("--micro-batches", type=int, default=1, metavar="N",
                    help="split each step's batch into N micro-batches whose gradients accumulate before one optimizer "
                         "step, as distill grad_accum does (N must divide --batch-size)")

@@ -65,7 +65,8 @@ def test_stage2_objective_takes_the_option():
     teacher = tiny_teacher("llama")
     distill = {"temperature": 1.0, "kl_chunk_tokens": 16, "activation_checkpointing": False,
                "compile_blocks": False, "bf16_weights": False, "compile_kl": False,
-               "activation_memory_budget": 1.0, "teacher_stream": False, "teacher_ahead": False}
+               "activation_memory_budget": 1.0, "activation_memory_budget_layers": None, "teacher_stream": False,
+               "teacher_ahead": False}
     input_ids = torch.randint(0, teacher.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
     losses = {}
     for compile_kl in (False, True):

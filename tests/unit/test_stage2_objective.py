@@ -12,10 +12,11 @@ from tiny_models import tiny_teacher
 
 
 def options(compile_blocks=False, checkpointing=False, bf16_weights=False, memory_budget=1.0,
-            teacher_stream=False, teacher_ahead=False) -> dict:
+            teacher_stream=False, teacher_ahead=False, budgeted_layers=None) -> dict:
     return {"temperature": 1.0, "kl_chunk_tokens": 16, "activation_checkpointing": checkpointing,
             "compile_blocks": compile_blocks, "bf16_weights": bf16_weights, "compile_kl": False,
-            "activation_memory_budget": memory_budget, "teacher_stream": teacher_stream,
+            "activation_memory_budget": memory_budget, "activation_memory_budget_layers": budgeted_layers,
+            "teacher_stream": teacher_stream,
             "teacher_ahead": teacher_ahead}
 
 

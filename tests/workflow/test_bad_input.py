@@ -50,6 +50,8 @@ BAD_CONFIGS = [
     ("early-stop K too large", {"scoring.early_stop.k": 12}, "scoring.early_stop.k=12 is larger than 4 layers"),
     ("activation memory budget above 1", {"distill.activation_memory_budget": 1.5},
      "config: distill.activation_memory_budget: 1.5 is greater than the maximum of 1"),
+    ("budgeted layers zero", {"distill.activation_memory_budget_layers": 0},
+     "config: distill.activation_memory_budget_layers: 0 is less than the minimum of 1"),
     ("unknown recall task", {"evaluate.recall_tasks": ["trivia"]}, "config: evaluate.recall_tasks.0: 'trivia' is not one of"),
     ("run name with a slash", {"run": "a/b"}, "config: run: 'a/b' does not match"),
     ("missing teacher file", {"teacher.spec": "/nonexistent/teacher.gguf"}, "teacher.spec: teacher file not found: /nonexistent/teacher.gguf"),

@@ -111,6 +111,7 @@ class BenchSettings:
     cuda_graph: bool = False
     micro_batches: int = 1
     activation_memory_budget: float = 1.0
+    activation_memory_budget_layers: int | None = None  # null: the budget applies everywhere
     teacher_stream: bool = True  # distill.teacher_stream's default
     teacher_ahead: bool = True  # distill.teacher_ahead's default
 
@@ -133,6 +134,7 @@ def build_objective(stage, step, teacher, softmax_layers, mixer, settings: Bench
                    "compile_blocks": settings.compile_blocks, "bf16_weights": settings.bf16_weights,
                    "compile_kl": settings.compile_kl,  # the schema's defaults for any option the bench does not set
                    "activation_memory_budget": settings.activation_memory_budget,
+                   "activation_memory_budget_layers": settings.activation_memory_budget_layers,
                    "teacher_stream": settings.teacher_stream, "teacher_ahead": settings.teacher_ahead}
         # compile_blocks compiles the teacher in place: a copy keeps the rows after this one (naive ones) eager
         row_teacher = copy.deepcopy(teacher) if settings.compile_blocks else teacher
@@ -372,6 +374,7 @@ def _run_rows(settings: BenchSettings, rank, world, device) -> dict:
                         "compile_kl": settings.compile_kl, "cuda_graph": settings.cuda_graph,
                         "micro_batches": settings.micro_batches,
                         "activation_memory_budget": settings.activation_memory_budget,
+                        "activation_memory_budget_layers": settings.activation_memory_budget_layers,
                         "teacher_stream": settings.teacher_stream,
                         "teacher_ahead": settings.teacher_ahead,
                         **({"teacher_ahead_priority": os.environ.get(PRIORITY_SWITCH, "low")}

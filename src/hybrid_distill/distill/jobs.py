@@ -71,12 +71,15 @@ def stage2_objective(distill: dict, student, teacher, trainable: str, cache=None
     """Stage 2's loss with the `distill` section's speed and memory options applied to the student."""
     if distill["bf16_weights"]:
         cast_weights(student, torch.bfloat16)  # the trainer then keeps float32 master copies (master_weights.py)
-    set_activation_memory_budget(distill["activation_memory_budget"])  # read by the compiled code's partitioner
+    budget, budgeted_layers = distill["activation_memory_budget"], distill["activation_memory_budget_layers"]
+    # read by the compiled code's partitioner: everywhere, or (with a layer count) only in those layers' code
+    set_activation_memory_budget(budget if budgeted_layers is None else 1.0)
     apply_sdpa_choice()  # HD_SDPA: which fused attention kernels the softmax layers may use
     if distill["compile_blocks"]:  # before the objective, whose recomputation (if on) wraps the compiled layers
-        for model in (student, teacher):  # the teacher's forward layers: 2N of the step's 8N FLOPs
-            merge_input_projections(model)  # q/k/v and gate/up as one GEMM each, if HD_MERGED_PROJECTIONS=on
-            compile_training_layers(model)
+        merge_input_projections(student)  # q/k/v and gate/up as one GEMM each, if HD_MERGED_PROJECTIONS=on
+        compile_training_layers(student, budgeted_layers or 0, budget)
+        merge_input_projections(teacher)
+        compile_training_layers(teacher)  # the teacher's forward layers: 2N of the step's 8N FLOPs
     objective = LogitDistillation(student, teacher, distill["temperature"], distill["kl_chunk_tokens"], trainable,
                                   teacher_cache=cache, activation_checkpointing=distill["activation_checkpointing"],
                                   compile_kl=distill["compile_kl"], teacher_stream=distill["teacher_stream"],
