@@ -16,13 +16,15 @@ SHAPE = dict(vocab_size=4096, hidden_size=256, intermediate_size=704, num_hidden
              num_key_value_heads=2, head_dim=64, max_position_embeddings=2048)
 
 
-def step(teacher, budget: float):
-    """(loss, gradients by name, bytes saved for backward) of one compiled stage-2 step under `budget`."""
+def step(teacher, budget: float, budgeted_layers=None):
+    """(loss, gradients by name, bytes saved for backward) of one compiled stage-2 step under `budget` (in the
+    student's first `budgeted_layers` layers only, if given)."""
     torch._dynamo.reset()
     torch.manual_seed(0)
     student = build_student(teacher, [1], "gdn").cuda()
     distill = {**validate_config({})["distill"], "kl_chunk_tokens": 1024, "compile_blocks": True,
                "compile_kl": True, "bf16_weights": True, "activation_memory_budget": budget,
+               "activation_memory_budget_layers": budgeted_layers,
                "teacher_ahead": False}  # one step, called directly: the teacher on its own batch
     objective = stage2_objective(distill, student, copy.deepcopy(teacher), "all").cuda()
     batch = torch.randint(0, SHAPE["vocab_size"], (4, 512), device="cuda",
@@ -52,5 +54,18 @@ def test_a_smaller_budget_saves_less_and_trains_the_same():
     assert saved_bytes < 0.9 * full_bytes
     assert loss == pytest.approx(full_loss, rel=1e-3)
     assert grads.keys() == full_grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, full_grads[name], rtol=5e-2, atol=5e-3, msg=name)
+
+
+def test_a_budget_in_half_the_layers_saves_between_none_and_all():
+    torch.manual_seed(0)
+    teacher = LlamaForCausalLM(LlamaConfig(**SHAPE)).cuda().eval().requires_grad_(False)
+    full_loss, full_grads, full_bytes = step(teacher, 1.0)
+    _, _, everywhere_bytes = step(teacher, 0.5)
+    loss, grads, half_bytes = step(teacher, 0.5, budgeted_layers=SHAPE["num_hidden_layers"] // 2)
+    torch._functorch.config.activation_memory_budget = 1.0
+    assert everywhere_bytes < half_bytes < full_bytes
+    assert loss == pytest.approx(full_loss, rel=1e-3)
     for name, grad in grads.items():
         torch.testing.assert_close(grad, full_grads[name], rtol=5e-2, atol=5e-3, msg=name)
