@@ -94,8 +94,8 @@ def bench_settings(args) -> dict:
                 bf16_weights=args.bf16_weights, compile_kl=args.compile_kl, profile_top=args.profile_top,
                 gemm_ceiling=args.gemm_ceiling, cuda_graph=args.cuda_graph, micro_batches=args.micro_batches,
                 activation_memory_budget=args.activation_memory_budget,
-                activation_memory_budget_layers=args.activation_memory_budget_layers, teacher_stream=args.teacher_stream,
-                teacher_ahead=args.teacher_ahead)
+                activation_memory_budget_layers=args.activation_memory_budget_layers,
+                teacher_stream=args.teacher_stream, teacher_ahead=args.teacher_ahead)
 
 
 def step_bench(args):

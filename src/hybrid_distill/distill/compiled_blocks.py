@@ -110,10 +110,10 @@ def set_activation_memory_budget(fraction: float) -> None:
 
 def budgeted_inductor(fraction: float):
     """A torch.compile backend: Inductor with the partitioner's activation budget at `fraction` while it compiles,
-    so that only the code compiled through it recomputes. Why per layer: every budget from 0.8 to 0.99 gives
-    the partitioner's same plan (its cheap pointwise values recomputed; 21.0 -> 16.1 GB on an H100 at 64 x 512,
-    -1.7%, session 33), so a memory target between the two is reached by giving that plan to some of the layers only. Dynamo
-    keys compiled code by its backend too, so these layers never share code compiled under another budget."""
+    so that only the code compiled through it recomputes. Why per layer: every budget from 0.8 to 0.99 gives the
+    partitioner's same plan (its cheap pointwise values recomputed; 21.0 -> 16.1 GB on an H100 at 64 x 512, -1.7%,
+    session 33), so a memory target between the two is reached by giving that plan to some of the layers only.
+    Dynamo keys compiled code by its backend too, so these layers never share code compiled under another budget."""
     if not 0 < fraction <= 1:
         raise ValueError(f"activation_memory_budget must be in (0, 1], got {fraction}")
     from torch._inductor.compile_fx import compile_fx
