@@ -50,6 +50,9 @@
 #   ahead_tests   distill.teacher_ahead (session 33): the graphed-training GPU tests (jobs with the teacher one
 #                 micro-batch ahead, eager and graphed, at each priority, against the job with the teacher in line),
 #                 then the GPU tests its default touches: graphed scoring, replayed steps, the activation budget
+#   default_tests  ahead_tests' second half alone
+#   budget_layers  the graphed all-softmax step by default and with activation memory budget 0.8 in its first 7 of
+#                 30 layers (session 34), alternated twice, 40 kernels listed, then compare_benches.py's table
 #   teacher_ahead  the graphed all-softmax step at 64 x 512 by default (teacher stream), with the teacher one
 #                 micro-batch ahead below the student's priority, at the same priority, then all three again (40
 #                 kernels listed), then compare_benches.py's table against the first
@@ -58,7 +61,7 @@
 set -uo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 out=${OUT:-bench-out}
-parts="decide|conv_tests|conv_bench|stream|kept_states|kl_rows|kl_loop|merged|merged_forward|inductor_tuning|inductor_tuning_gdn|sdpa|stream_tests|qla_tests|qla_bench|goal_rows|decode_in_place|decode_profile|decode_packed|ahead_tests|teacher_ahead"
+parts="decide|conv_tests|conv_bench|stream|kept_states|kl_rows|kl_loop|merged|merged_forward|inductor_tuning|inductor_tuning_gdn|sdpa|stream_tests|qla_tests|qla_bench|goal_rows|decode_in_place|decode_profile|decode_packed|ahead_tests|default_tests|teacher_ahead|budget_layers"
 part=${1:?usage: $0 $parts}
 mkdir -p "$out/$part"
 source "$root/scripts/gpu/bench_lib.sh"
@@ -223,10 +226,23 @@ case $part in
       bench gdn "$(share 1)" --students gdn
     ) | grep -E "^(===|exit|stage2) "
     compare "${rows[@]}" ;;
-  ahead_tests)
-    tests 250 ahead_tests.log "$root/tests/gpu/test_graphed_training_cuda.py"
+  ahead_tests|default_tests)  # default_tests: the second half alone (session 33 ran the first)
+    [[ $part == ahead_tests ]] && tests 250 ahead_tests.log "$root/tests/gpu/test_graphed_training_cuda.py"
     tests 250 default_tests.log "$root/tests/gpu/test_graphed_scoring_cuda.py" \
       "$root/tests/gpu/test_activation_budget_cuda.py" "$root/tests/gpu/test_step_graph_cuda.py" -k "not head_dim" ;;
+  budget_layers)  # session 34: the graphed all-softmax step by default and with activation memory budget 0.8 in its
+    # first 7 of 30 layers, alternated twice, within BUDGET_LAYERS_S seconds (default 330)
+    common=("${graphed_step[@]}" --students softmax --profile-top 40)
+    layers7=(--activation-memory-budget 0.8 --activation-memory-budget-layers 7)
+    rows=(softmax budget_08_layers7 softmax_again budget_08_layers7_again)
+    (
+      rows_within "${BUDGET_LAYERS_S:-330}"
+      bench softmax "$(first 150)"
+      bench budget_08_layers7 "$(share 3)" "${layers7[@]}"
+      bench softmax_again "$(share 2)"
+      bench budget_08_layers7_again "$(share 1)" "${layers7[@]}"
+    ) | grep -E "^(===|exit|stage2) "
+    compare "${rows[@]}" ;;
   teacher_ahead)  # session 33: the teacher one micro-batch ahead, beside the student's forward and backward
     common=("${graphed_step[@]}" --students softmax --profile-top 40)
     # (the default since session 33; the first row is the default before it, the teacher stream)
