@@ -92,6 +92,8 @@ compare() {  # compare NAME...: compare_benches.py's table of those benches of t
 # The graphed stage-2 step at 64 x 512 that decide, stream and kl_loop time, one student per part.
 graphed_step=(--stages stage2 --stage2-steps project --warmup 3 --repeats 5 --kl-chunk-tokens 4096 --compile-blocks
               --compile-kl --bf16-weights --batch-size 64 --seq-len 512 --cuda-graph)
+# Session 34's budgeted row: activation memory budget 0.8 in the first 7 of 30 layers (19.9 GB on an H100).
+budget_08_layers7=(--activation-memory-budget 0.8 --activation-memory-budget-layers 7)
 
 rows_within() {  # rows_within SECONDS, in a part's subshell: its benches write under $out/$part and share SECONDS;
   # the first compiles and autotunes on a fresh machine, the rest find it in the kernel caches, autotuning choices
@@ -218,8 +220,7 @@ case $part in
     rows=(softmax budget_08_layers7 softmax_again softmax_budget_08 gdn)
     (
       rows_within 540  # the budgeted row first: it compiles both variants of the layer (see budget_layers)
-      bench budget_08_layers7 "$(first 380)" --students softmax --activation-memory-budget 0.8 \
-        --activation-memory-budget-layers 7
+      bench budget_08_layers7 "$(first 380)" --students softmax "${budget_08_layers7[@]}"
       bench softmax "$(share 4)" --students softmax
       bench softmax_again "$(share 3)" --students softmax
       bench softmax_budget_08 "$(share 2)" --students softmax --activation-memory-budget 0.8
@@ -235,13 +236,12 @@ case $part in
     # first: it compiles both variants of the layer (session 34's first lease ran it second, and its 66 s share ran
     # out in the compile of the budgeted one)
     common=("${graphed_step[@]}" --students softmax --profile-top 40)
-    layers7=(--activation-memory-budget 0.8 --activation-memory-budget-layers 7)
     rows=(budget_08_layers7 softmax budget_08_layers7_again softmax_again)
     (
       rows_within "${BUDGET_LAYERS_S:-330}"
-      bench budget_08_layers7 "$(first 120)" "${layers7[@]}"
+      bench budget_08_layers7 "$(first 120)" "${budget_08_layers7[@]}"
       bench softmax "$(share 3)"
-      bench budget_08_layers7_again "$(share 2)" "${layers7[@]}"
+      bench budget_08_layers7_again "$(share 2)" "${budget_08_layers7[@]}"
       bench softmax_again "$(share 1)"
     ) | grep -E "^(===|exit|stage2) "
     compare "${rows[@]}" ;;
