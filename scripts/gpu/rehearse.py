@@ -52,7 +52,7 @@ def _environment(switches: dict[str, str]):
 def switch_errors(switches: dict[str, str]) -> list[str]:
     """Unknown HD_* names and values the library's own validators refuse."""
     from hybrid_distill.distill.attention_backend import sdpa_choice
-    from hybrid_distill.distill.fused_kl import kl_heads_choice, kl_rows_choice
+    from hybrid_distill.distill.fused_kl import kl_heads_choice, kl_rows_choice, kl_teacher_rows
     from hybrid_distill.distill.merged_projections import merged_projections_choice
     from hybrid_distill.distill.teacher_ahead import student_stream_priority
     from hybrid_distill.evaluate.packed_projections import packed_decode_choice
@@ -60,6 +60,7 @@ def switch_errors(switches: dict[str, str]) -> list[str]:
 
     validators = {name: (lambda name=name: kernels.op_choice(name)) for name in kernels.OP_CHOICES}
     validators.update(HD_MIXER_BACKEND=kernels.mixer_backend, HD_KL_ROWS=kl_rows_choice, HD_KL_HEADS=kl_heads_choice,
+                      HD_KL_TEACHER_ROWS=kl_teacher_rows,
                       HD_MERGED_PROJECTIONS=merged_projections_choice, HD_SDPA=sdpa_choice,
                       HD_PACKED_DECODE=packed_decode_choice, HD_TEACHER_AHEAD_PRIORITY=student_stream_priority)
     errors = []

@@ -51,17 +51,22 @@
 #                 micro-batch ahead, eager and graphed, at each priority, against the job with the teacher in line),
 #                 then the GPU tests its default touches: graphed scoring, replayed steps, the activation budget
 #   default_tests  ahead_tests' second half alone
-#   budget_layers  the graphed all-softmax step with activation memory budget 0.8 in its first 7 of 30 layers
-#                 (session 34) and by default, alternated twice, 40 kernels listed, then compare_benches.py's table
+#   budget_layers  the graphed all-softmax step with activation memory budget 0.8 in its first BUDGET_LAYERS (default
+#                 7) of 30 layers (session 34) and by default, alternated twice, 40 kernels listed, then
+#                 compare_benches.py's table
 #   teacher_ahead  the graphed all-softmax step at 64 x 512 by default (teacher stream), with the teacher one
 #                 micro-batch ahead below the student's priority, at the same priority, then all three again (40
 #                 kernels listed), then compare_benches.py's table against the first
+#   kl_memory     the KL chunk's smaller working set (session 35: each gradient written over the student's logits,
+#                 the teacher's logits made HD_KL_TEACHER_ROWS=1024 rows at a time): the compiled-KL GPU tests (its
+#                 peak-memory case included), then the graphed all-softmax step with the teacher's logits in parts
+#                 (the default) and whole (HD_KL_TEACHER_ROWS=0), alternated twice (40 kernels listed)
 # Usage: bash scripts/gpu/untimed_changes.sh PART (HD_REHEARSE=FILE records the commands without running them:
 # scripts/gpu/rehearse.py)
 set -uo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 out=${OUT:-bench-out}
-parts="decide|conv_tests|conv_bench|stream|kept_states|kl_rows|kl_loop|merged|merged_forward|inductor_tuning|inductor_tuning_gdn|sdpa|stream_tests|qla_tests|qla_bench|goal_rows|decode_in_place|decode_profile|decode_packed|ahead_tests|default_tests|teacher_ahead|budget_layers"
+parts="decide|conv_tests|conv_bench|stream|kept_states|kl_rows|kl_loop|merged|merged_forward|inductor_tuning|inductor_tuning_gdn|sdpa|stream_tests|qla_tests|qla_bench|goal_rows|decode_in_place|decode_profile|decode_packed|ahead_tests|default_tests|teacher_ahead|budget_layers|kl_memory"
 part=${1:?usage: $0 $parts}
 mkdir -p "$out/$part"
 source "$root/scripts/gpu/bench_lib.sh"
@@ -94,6 +99,8 @@ graphed_step=(--stages stage2 --stage2-steps project --warmup 3 --repeats 5 --kl
               --compile-kl --bf16-weights --batch-size 64 --seq-len 512 --cuda-graph)
 # Session 34's budgeted row: activation memory budget 0.8 in the first 7 of 30 layers (19.9 GB on an H100).
 budget_08_layers7=(--activation-memory-budget 0.8 --activation-memory-budget-layers 7)
+budget_layers=${BUDGET_LAYERS:-7}  # budget_layers' row: the budget in this many first layers
+budget_08_layers=(--activation-memory-budget 0.8 --activation-memory-budget-layers "$budget_layers")
 
 rows_within() {  # rows_within SECONDS, in a part's subshell: its benches write under $out/$part and share SECONDS;
   # the first compiles and autotunes on a fresh machine, the rest find it in the kernel caches, autotuning choices
@@ -236,13 +243,26 @@ case $part in
     # first: it compiles both variants of the layer (session 34's first lease ran it second, and its 66 s share ran
     # out in the compile of the budgeted one)
     common=("${graphed_step[@]}" --students softmax --profile-top 40)
-    rows=(budget_08_layers7 softmax budget_08_layers7_again softmax_again)
+    budgeted=budget_08_layers$budget_layers
+    rows=("$budgeted" softmax "${budgeted}_again" softmax_again)
     (
       rows_within "${BUDGET_LAYERS_S:-330}"
-      bench budget_08_layers7 "$(first 120)" "${budget_08_layers7[@]}"
+      bench "$budgeted" "$(first 120)" "${budget_08_layers[@]}"
       bench softmax "$(share 3)"
-      bench budget_08_layers7_again "$(share 2)" "${budget_08_layers7[@]}"
+      bench "${budgeted}_again" "$(share 2)" "${budget_08_layers[@]}"
       bench softmax_again "$(share 1)"
+    ) | grep -E "^(===|exit|stage2) "
+    compare "${rows[@]}" ;;
+  kl_memory)  # session 35: the KL chunk's working set, S + T + G (+ the last chunk's G) -> S + T / 4
+    tests 150 kl_tests.log "$root/tests/gpu/test_compiled_kl_cuda.py"
+    common=("${graphed_step[@]}" --students softmax --profile-top 40)
+    rows=(kl_parts kl_whole kl_parts_again kl_whole_again)
+    (
+      rows_within "${KL_MEMORY_S:-390}"
+      bench kl_parts "$(first 120)"
+      HD_KL_TEACHER_ROWS=0 bench kl_whole "$(share 3)"
+      bench kl_parts_again "$(share 2)"
+      HD_KL_TEACHER_ROWS=0 bench kl_whole_again "$(share 1)"
     ) | grep -E "^(===|exit|stage2) "
     compare "${rows[@]}" ;;
   teacher_ahead)  # session 33: the teacher one micro-batch ahead, beside the student's forward and backward

@@ -101,3 +101,42 @@ def test_weight_gradient_chunks_add_in_float32_within_the_gemm():
     fused_kl._add_weight_grad(accumulator, grad_logits, hidden)
     error = ((accumulator.double() - want).norm() / want.norm()).item()
     assert error < 1e-5, error
+
+
+def test_the_kl_chunk_holds_the_student_logits_and_one_part_of_the_teachers(monkeypatch):
+    """Under our kernel a chunk's gradient is written over the student's logits and the teacher's logits are made
+    HD_KL_TEACHER_ROWS rows at a time: the KL's memory above its inputs is one chunk of student logits and one part
+    of the teacher's (the step's peak, with every activation held, comes here), with the same loss and gradients
+    as when the teacher's whole chunk is made at once."""
+    monkeypatch.setenv("HD_KL_ROWS", "triton")
+    generator = torch.Generator("cuda").manual_seed(0)
+    tokens, width, vocab, chunk, part = 8192, 576, 49152, 4096, 1024
+    student_hidden = torch.randn(tokens, width, device="cuda", generator=generator).bfloat16()
+    teacher_hidden = torch.randn(tokens, width, device="cuda", generator=generator).bfloat16()
+    student_weight = (0.05 * torch.randn(vocab, width, device="cuda", generator=generator)).bfloat16()
+    teacher_weight = (0.05 * torch.randn(vocab, width, device="cuda", generator=generator)).bfloat16()
+
+    def run(teacher_rows):
+        monkeypatch.setenv("HD_KL_TEACHER_ROWS", str(teacher_rows))
+        inputs = [student_hidden.clone().requires_grad_(), student_weight.clone().requires_grad_()]
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = chunked_kl_from_hidden(inputs[0], inputs[1], teacher_hidden, teacher_weight, temperature=2.0,
+                                          chunk_tokens=chunk, compiled=True)
+        torch.cuda.synchronize()
+        above = torch.cuda.max_memory_allocated() - before
+        loss.backward()
+        return loss.item(), [tensor.grad for tensor in inputs], above
+
+    run(part)  # the kernel autotunes here (it copies the logits while it times candidates)
+    loss, grads, above = run(part)
+    whole_loss, whole_grads, whole_above = run(0)
+    logits_bytes = 2 * vocab  # one bf16 row
+    head_gradient = 4 * vocab * width  # float32, summed over the chunks
+    print(f"above the inputs: parts {above / 2**20:.0f} MiB, whole chunk {whole_above / 2**20:.0f} MiB")
+    assert above <= (chunk + part) * logits_bytes + head_gradient + 64 * 2**20
+    assert whole_above - above >= 0.9 * (chunk - part) * logits_bytes
+    assert loss == pytest.approx(whole_loss, rel=1e-6)
+    assert all(torch.equal(grad, whole) for grad, whole in zip(grads, whole_grads))

@@ -11,11 +11,11 @@ import sys
 import pytest
 import torch
 
-from hybrid_distill.distill.fused_kl import chunked_kl_from_hidden
+from hybrid_distill.distill.fused_kl import chunked_kl_from_hidden, kl_teacher_rows
 
 CHECK = r"""
-import json, os, torch
-from hybrid_distill.distill import kl_rows_triton
+import json, os, weakref, torch
+from hybrid_distill.distill import fused_kl, kl_rows_triton
 from hybrid_distill.distill.fused_kl import _kl_rows, chunked_kl_from_hidden
 from hybrid_distill.distill.kl_rows_triton import _PLAIN_CONFIG, kl_rows
 
@@ -48,6 +48,17 @@ for case, (vocab, temperature, trend, weighted, per_row) in enumerate([
     record(f"loss without grad {case}", loss_only.double(), want_loss)
     worst[f"grad without scale {case}"] = no_grad
 
+# the gradient written over the student's logits (grad_out aliasing them) is the one written to a buffer of its own
+overwritten = student.clone()
+loss_in_place, grad_in_place = kl_rows(overwritten, teacher, temperature, weights, scale, torch.bfloat16,
+                                       grad_out=overwritten)
+worst["in place equal"] = (torch.equal(grad_in_place, grad) and torch.equal(loss_in_place, loss)
+                           and grad_in_place.data_ptr() == overwritten.data_ptr())
+try:
+    kl_rows(student, teacher, temperature, weights, scale, torch.bfloat16, grad_out=student.float())
+except ValueError as error:
+    worst["wrong grad_out"] = str(error)
+
 # programs looping over the rows (PROGRAMS_PER_SM > 0): 5 rows on 2 programs give what one program per row gives
 one_per_row = kl_rows(student, teacher, temperature, weights, scale, torch.bfloat16)
 _PLAIN_CONFIG["PROGRAMS_PER_SM"] = 1
@@ -58,29 +69,50 @@ worst["looping programs equal"] = all(torch.equal(a, b) for a, b in zip(looping,
 
 # the chunked KL from hidden states with the kernel as its compiled maths, against its eager maths
 os.environ["HD_KL_ROWS"] = "triton"
-called = []
+called, written_over = [], []
 kernel = kl_rows_triton.kl_rows
 
 
 def counted(*args, **options):
     called.append(tuple(args[0].shape))
+    grad_out = options.get("grad_out")
+    written_over.append(grad_out is not None and grad_out.data_ptr() == args[0].data_ptr())
     return kernel(*args, **options)
 
 kl_rows_triton.kl_rows = counted
+
+# [rows x vocab] logits still held whenever the next ones are made: the chunk's working set
+made_logits, held_at_make = [], []
+make_logits = fused_kl._logits
+
+
+def tracked_logits(*args):
+    held_at_make.append(sum(logits() is not None for logits in made_logits))
+    logits = make_logits(*args)
+    made_logits.append(weakref.ref(logits))
+    return logits
+
+fused_kl._logits = tracked_logits
 hidden = torch.randn(13, 6, generator=generator, requires_grad=True)
 weight = torch.randn(3 * block + 3, 6, generator=generator, requires_grad=True)
 teacher_hidden = torch.randn(13, 7, generator=generator)
 teacher_weight = torch.randn(3 * block + 3, 7, generator=generator)
 mask = (torch.arange(13) % 3 != 1).float()
 results = {}
-for compiled in (False, True):
+# eager maths, then the kernel with the teacher's logits 2 rows at a time (the chunks' 5, 5 and 3 rows in parts of
+# 2, 2 and 1), then the whole chunk at once
+for name, teacher_rows in (("eager", None), ("parts", "2"), ("whole", "0")):
+    if teacher_rows is not None:
+        os.environ["HD_KL_TEACHER_ROWS"] = teacher_rows
     loss = chunked_kl_from_hidden(hidden, weight, teacher_hidden, teacher_weight, temperature=2.0, chunk_tokens=5,
-                                  token_mask=mask, compiled=compiled)
-    results[compiled] = (loss, *torch.autograd.grad(loss, [hidden, weight]))
-for name, got, want in zip(("chunked loss", "chunked hidden grad", "chunked weight grad"), results[True],
-                           results[False]):
-    record(name, got, want)
-print(json.dumps({"worst": worst, "called": called}))
+                                  token_mask=mask, compiled=teacher_rows is not None)
+    results[name] = (loss, *torch.autograd.grad(loss, [hidden, weight]))
+    if name == "parts":
+        worst["logits held at make"] = max(held_at_make)
+for kernel_run in ("parts", "whole"):
+    for name, got, want in zip(("loss", "hidden grad", "weight grad"), results[kernel_run], results["eager"]):
+        record(f"chunked {name} {kernel_run}", got, want)
+print(json.dumps({"worst": worst, "called": called, "written_over": written_over}))
 """
 
 
@@ -92,12 +124,21 @@ def test_kernel_computes_the_chunk_maths_alone_and_inside_the_chunked_kl(tmp_pat
     result = json.loads(done.stdout.strip().splitlines()[-1])
     worst = result["worst"]
     assert worst.pop("looping programs equal") is True
+    assert worst.pop("in place equal") is True
+    # each part's teacher logits were freed before the next were made, and each chunk's before the next chunk's:
+    # only the student's logits of the chunk (holding its gradient) were held when teacher logits were made
+    assert worst.pop("logits held at make") == 1
+    assert worst.pop("wrong grad_out").startswith("grad_out must be a [5, 2048] torch.bfloat16 tensor")
     for case in range(3):
         assert worst.pop(f"grad dtype {case}") == "torch.bfloat16"
         assert worst.pop(f"grad without scale {case}") is None
-    # the chunked KL's compiled maths went to the kernel once per chunk of 5, 5 and 3 tokens (vocab 3 blocks + 3)
-    assert result["called"] == [[5, 3075], [5, 3075], [3, 3075]]
-    assert {"loss 1", "grad 1", "loss without grad 2", "chunked weight grad"} <= set(worst)
+    # the chunked KL's compiled maths went to the kernel once per part of 2 teacher rows in the chunks of 5, 5 and 3
+    # tokens (vocab 3 blocks + 3), then once per whole chunk
+    parts = [[2, 3075], [2, 3075], [1, 3075]] * 2 + [[2, 3075], [1, 3075]]
+    assert result["called"] == parts + [[5, 3075], [5, 3075], [3, 3075]]
+    assert all(result["written_over"])  # every gradient went over the student's logits it was computed from
+    assert {"loss 1", "grad 1", "loss without grad 2", "chunked weight grad parts",
+            "chunked hidden grad whole"} <= set(worst)
     # float32 sums in the kernel against float64 (alone, the gradient rounded to bf16) or float32 (chunked) maths
     gradients = {name: error for name, error in worst.items() if name.startswith("grad")}
     assert max(gradients.values()) < 8e-3, gradients  # bf16's half ulp is 3.9e-3 of the largest value
@@ -110,6 +151,12 @@ def test_an_unknown_kernel_choice_is_named(monkeypatch):
     weight = torch.randn(11, 3)
     with pytest.raises(ValueError, match="HD_KL_ROWS must be one of compiled, triton, triton_loop, not 'fast'"):
         chunked_kl_from_hidden(hidden, weight, torch.randn(4, 3), weight, compiled=True)
+
+
+def test_a_bad_teacher_row_count_is_named(monkeypatch):
+    monkeypatch.setenv("HD_KL_TEACHER_ROWS", "-1")
+    with pytest.raises(ValueError, match="HD_KL_TEACHER_ROWS must be a whole number of rows"):
+        kl_teacher_rows()
 
 
 def test_a_cpu_without_the_interpreter_keeps_inductors_maths(monkeypatch):

@@ -112,16 +112,23 @@ def _kl_rows_kernel(s_ptr, t_ptr, kl_ptr, grad_ptr, scale_ptr, rows, V, s_stride
                 tl.store(grad_row + cols, grad.to(grad_ptr.dtype.element_ty), mask=mask)
 
 
-_kl_rows_tuned = triton.autotune(configs=_configs(), key=["V", "WRITE_GRAD"])(_kl_rows_kernel)
-_kl_rows_tuned_looping = triton.autotune(configs=_configs(looping=True), key=["V", "WRITE_GRAD"])(_kl_rows_kernel)
+# The gradient may be written over the student's logits (`grad_out`): timing a candidate then overwrites them, so the
+# autotuner puts them back after each (only while it times, on a GPU's first call per vocabulary).
+_kl_rows_tuned = triton.autotune(configs=_configs(), key=["V", "WRITE_GRAD"], restore_value=["s_ptr"])(_kl_rows_kernel)
+_kl_rows_tuned_looping = triton.autotune(configs=_configs(looping=True), key=["V", "WRITE_GRAD"],
+                                         restore_value=["s_ptr"])(_kl_rows_kernel)
 
 
 def kl_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
             token_weights: torch.Tensor | None, row_scale: torch.Tensor | None,
-            grad_dtype: torch.dtype, looping: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+            grad_dtype: torch.dtype, looping: bool = False, grad_out: torch.Tensor | None = None,
+            ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """fused_kl._kl_rows's contract: (Σ_t w_t KL_t as a float32 scalar, ∂L/∂ℓ_S in `grad_dtype` or None).
     `row_scale` is a scalar tensor or one value per row ([rows, 1]); logits are [rows, vocab], half or float32.
-    `looping` autotunes among candidates whose programs loop over the rows as well (HD_KL_ROWS=triton_loop)."""
+    `looping` autotunes among candidates whose programs loop over the rows as well (HD_KL_ROWS=triton_loop).
+    `grad_out` ([rows, vocab], `grad_dtype`, rows contiguous) receives the gradient; it may be `student_logits`
+    itself: each program reads a block of its row before it writes that block, so the logits' buffer can hold the
+    gradient and the chunk needs no third [rows x vocab] buffer."""
     if student_logits.dtype == torch.float64:
         raise ValueError("kl_rows computes in float32: float64 logits take fused_kl's compiled maths")
     student_logits = student_logits if student_logits.stride(-1) == 1 else student_logits.contiguous()
@@ -131,7 +138,10 @@ def kl_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     per_token = torch.empty(rows, dtype=torch.float32, device=device)
     write_grad = row_scale is not None
     if write_grad:
-        grad = torch.empty((rows, vocab), dtype=grad_dtype, device=device)
+        grad = torch.empty((rows, vocab), dtype=grad_dtype, device=device) if grad_out is None else grad_out
+        if grad.shape != (rows, vocab) or grad.dtype != grad_dtype or grad.stride(-1) != 1:
+            raise ValueError(f"grad_out must be a [{rows}, {vocab}] {grad_dtype} tensor with contiguous rows, "
+                             f"got {tuple(grad.shape)} {grad.dtype} with strides {grad.stride()}")
         scale = row_scale.reshape(-1).to(torch.float32)
         scale_stride = 0 if scale.numel() == 1 else 1
     else:
