@@ -180,12 +180,12 @@ def test_triton_loop_autotunes_looping_programs_besides_one_per_row(monkeypatch)
     """HD_KL_ROWS=triton_loop hands our kernel `looping`, whose candidates add programs that loop over the rows;
     the default's candidates all give each row its own program (the looping ones wait for a GPU check)."""
     from hybrid_distill.distill import kl_rows_triton
-    from hybrid_distill.distill.fused_kl import _fused_kl_rows
+    from hybrid_distill.distill.fused_kl import _our_kernel
 
     cuda = torch.device("cuda")  # only the choice is made here: nothing is launched
     for choice, looping in (("triton", False), ("triton_loop", True)):
         monkeypatch.setenv("HD_KL_ROWS", choice)
-        chosen = _fused_kl_rows(torch.float32, cuda)
+        chosen = _our_kernel(torch.float32, cuda)
         assert chosen.func is kl_rows_triton.kl_rows and chosen.keywords == {"looping": looping}
     programs = {config.kwargs["PROGRAMS_PER_SM"] for config in kl_rows_triton._configs()}
     looping_programs = {config.kwargs["PROGRAMS_PER_SM"] for config in kl_rows_triton._configs(looping=True)}

@@ -128,14 +128,14 @@ class _ChunkedKL(torch.autograd.Function):
                     row_scale = (row_scale * token_weights[rows]).unsqueeze(-1)
             chunk_weights = None if token_weights is None else token_weights[rows]
             if compiled:
-                chunk_maths = _fused_kl_rows(compute_dtype, device)
+                kernel = _our_kernel(compute_dtype, device)
                 student_logits = _logits(wide_hidden, wide_student_weight, wide_student_bias)
-                if isinstance(chunk_maths, functools.partial):  # our kernel
+                if kernel is not None:
                     chunk_loss, grad_logits = _kernel_chunk(
-                        chunk_maths, student_logits, teacher_hidden[rows].to(gemm_dtype), wide_teacher_weight,
+                        kernel, student_logits, teacher_hidden[rows].to(gemm_dtype), wide_teacher_weight,
                         wide_teacher_bias, temperature, chunk_weights, row_scale, grad_dtype)
                 else:
-                    chunk_loss, grad_logits = chunk_maths(
+                    chunk_loss, grad_logits = _compiled_kl_rows()(
                         student_logits,
                         _logits(teacher_hidden[rows].to(gemm_dtype), wide_teacher_weight, wide_teacher_bias),
                         temperature, chunk_weights, row_scale, grad_dtype)
@@ -243,16 +243,17 @@ def kl_rows_choice() -> str:
     return choice
 
 
-def _fused_kl_rows(compute_dtype: torch.dtype, device: torch.device):
-    """The chunk maths `compiled` runs. Ours runs on CUDA, and on CPU under TRITON_INTERPRET=1 (the tests); it
-    computes in float32, so float64 logits keep Inductor's, as does a CPU without the interpreter."""
+def _our_kernel(compute_dtype: torch.dtype, device: torch.device):
+    """The chunk maths `compiled` runs: kl_rows_triton.kl_rows with HD_KL_ROWS's candidates, or None where
+    Inductor's maths (_compiled_kl_rows) run instead. Ours runs on CUDA, and on CPU under TRITON_INTERPRET=1 (the
+    tests); it computes in float32, so float64 logits keep Inductor's, as does a CPU without the interpreter."""
     runs_triton = device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
     choice = kl_rows_choice()
     if choice != "compiled" and runs_triton and compute_dtype != torch.float64:
         from hybrid_distill.distill.kl_rows_triton import kl_rows
 
         return functools.partial(kl_rows, looping=choice == "triton_loop")
-    return _compiled_kl_rows()
+    return None
 
 
 def _kernel_chunk(kernel, student_logits: Tensor, teacher_hidden: Tensor, teacher_weight: Tensor,
@@ -262,7 +263,8 @@ def _kernel_chunk(kernel, student_logits: Tensor, teacher_hidden: Tensor, teache
     written over the student's logits (read there for the last time), and the teacher's logits are made
     `kl_teacher_rows()` rows at a time. The step's memory peaks inside the KL, with every layer's activations still
     held, so each byte of the chunk's working set counts there: at 4,096 rows of a 49,152-token vocabulary in bf16,
-    1.2 GB before, 0.5 GB here. The student's logits stay whole: the weight gradient's GEMM sums over the chunk's
+    three buffers of 0.4 GB become one and a quarter (an H100 step's peak: docs/performance.md, session 35). The
+    student's logits stay whole: the weight gradient's GEMM sums over the chunk's
     rows, and fewer, longer sums cost less (each adds into the float32 gradient of the head)."""
     rows = student_logits.shape[0]
     if row_scale is None:
