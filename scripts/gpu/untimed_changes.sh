@@ -42,8 +42,8 @@
 #                 weights packed once, both models (session 29, HD_PACKED_DECODE=on, the default since session 30),
 #                 after the static-decode GPU tests with it
 #   goal_rows     issue 6's stage-2 rows under the current defaults (session 31: MFU with attention reported): the
-#                 graphed all-softmax step with activation memory budget 0.8 in its first 7 of 30 layers (session
-#                 34, 19.9 GB), by default twice, at budget 0.8 everywhere (the 16.1 GB row), then all-GDN, 40
+#                 graphed all-softmax step with activation memory budget 0.8 in its first BUDGET_LAYERS (default 7)
+#                 of 30 layers, by default twice, at budget 0.8 everywhere (the 16.1 GB row), then all-GDN, 40
 #                 kernels listed, then compare_benches.py's table against the first default row
 #   decode_in_place  graphed decoding with GDN's state written in place and one copy of all conv caches: the
 #                 static-decode GPU tests, then decode at 8k x 16 at SmolLM2-135M and Llama-3.2-3B shapes
@@ -97,9 +97,10 @@ compare() {  # compare NAME...: compare_benches.py's table of those benches of t
 # The graphed stage-2 step at 64 x 512 that decide, stream and kl_loop time, one student per part.
 graphed_step=(--stages stage2 --stage2-steps project --warmup 3 --repeats 5 --kl-chunk-tokens 4096 --compile-blocks
               --compile-kl --bf16-weights --batch-size 64 --seq-len 512 --cuda-graph)
-# Session 34's budgeted row: activation memory budget 0.8 in the first 7 of 30 layers (19.9 GB on an H100).
-budget_08_layers7=(--activation-memory-budget 0.8 --activation-memory-budget-layers 7)
-budget_layers=${BUDGET_LAYERS:-7}  # budget_layers' row: the budget in this many first layers
+# The budgeted row of goal_rows and budget_layers: activation memory budget 0.8 in the first BUDGET_LAYERS (default 7)
+# of 30 layers (session 34: 19.9 GB on an H100 with 7; session 35: 18.8 GiB with 7, 19.7 GiB with 2).
+budget_layers=${BUDGET_LAYERS:-7}
+budgeted=budget_08_layers$budget_layers
 budget_08_layers=(--activation-memory-budget 0.8 --activation-memory-budget-layers "$budget_layers")
 
 rows_within() {  # rows_within SECONDS, in a part's subshell: its benches write under $out/$part and share SECONDS;
@@ -224,10 +225,10 @@ case $part in
     compare "${rows[@]}" ;;
   goal_rows)  # session 31: where the issue's rows stand on this machine, one process per row
     common=("${graphed_step[@]}" --profile-top 40)
-    rows=(softmax budget_08_layers7 softmax_again softmax_budget_08 gdn)
+    rows=(softmax "$budgeted" softmax_again softmax_budget_08 gdn)
     (
       rows_within 540  # the budgeted row first: it compiles both variants of the layer (see budget_layers)
-      bench budget_08_layers7 "$(first 380)" --students softmax "${budget_08_layers7[@]}"
+      bench "$budgeted" "$(first 380)" --students softmax "${budget_08_layers[@]}"
       bench softmax "$(share 4)" --students softmax
       bench softmax_again "$(share 3)" --students softmax
       bench softmax_budget_08 "$(share 2)" --students softmax --activation-memory-budget 0.8
@@ -243,7 +244,6 @@ case $part in
     # first: it compiles both variants of the layer (session 34's first lease ran it second, and its 66 s share ran
     # out in the compile of the budgeted one)
     common=("${graphed_step[@]}" --students softmax --profile-top 40)
-    budgeted=budget_08_layers$budget_layers
     rows=("$budgeted" softmax "${budgeted}_again" softmax_again)
     (
       rows_within "${BUDGET_LAYERS_S:-330}"
