@@ -44,6 +44,7 @@ def main(argv=None):
     from hybrid_distill.evaluate.efficiency import measure_inference
     from hybrid_distill.evaluate.run_eval import write_json_atomic
     from hybrid_distill.evaluate.packed_projections import packed_decode_choice
+    from hybrid_distill.models.mixers.kernels import op_choice
     from hybrid_distill.models.student import build_student
     from hybrid_distill.select.layer_sets import k_from_ratio, uniform_layers
 
@@ -70,10 +71,11 @@ def main(argv=None):
         for model in (teacher, hybrid):  # the same blocks of both (before session 29 the teacher's attention ran eager)
             compile_student(model)
     result = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "dtype": str(dtype),
-              "packed_decode": packed_decode_choice(),
+              "packed_decode": packed_decode_choice(), "gdn_decode": op_choice("HD_GDN_DECODE"),
               "mixer": args.mixer, "k": k, "layers": layers, "compile": args.compile, "shape": dict(args.shape), "rows": {}}
     print(f"{result['device']} {dtype}: teacher vs {args.mixer} hybrid with {k}/{layers} softmax layers"
-          f"{', compiled' if args.compile else ''}, packed decode projections {result['packed_decode']}")
+          f"{', compiled' if args.compile else ''}, packed decode projections {result['packed_decode']}, "
+          f"GDN decode step {result['gdn_decode']}")
     print(f"{'model':14} {'decode':>10} {'context':>8} {'batch':>6} {'prefill ms':>11} {'decode tok/s':>13} "
           f"{'cache MiB':>10} {'peak MiB':>9}", flush=True)
     for name, model in (("teacher", teacher), (f"hybrid_K{k}", hybrid)):

@@ -61,12 +61,16 @@
 #                 the teacher's logits made HD_KL_TEACHER_ROWS=1024 rows at a time): the compiled-KL GPU tests (its
 #                 peak-memory case included), then the graphed all-softmax step with the teacher's logits in parts
 #                 (the default) and whole (HD_KL_TEACHER_ROWS=0), alternated twice (40 kernels listed)
+#   gdn_decode_tests  the static-decode GPU tests, a GDN layer's decode step as one kernel (session 36,
+#                 HD_GDN_DECODE=fused) against HF's dynamic loop and the compiled path included
+#   gdn_decode    graphed decoding at 8k x 16 with HD_GDN_DECODE=compiled, then fused (profiled), at SmolLM2-135M and
+#                 Llama-3.2-3B shapes (DECODE_SHAPES picks some)
 # Usage: bash scripts/gpu/untimed_changes.sh PART (HD_REHEARSE=FILE records the commands without running them:
 # scripts/gpu/rehearse.py)
 set -uo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 out=${OUT:-bench-out}
-parts="decide|conv_tests|conv_bench|stream|kept_states|kl_rows|kl_loop|merged|merged_forward|inductor_tuning|inductor_tuning_gdn|sdpa|stream_tests|qla_tests|qla_bench|goal_rows|decode_in_place|decode_profile|decode_packed|ahead_tests|default_tests|teacher_ahead|budget_layers|kl_memory"
+parts="decide|conv_tests|conv_bench|stream|kept_states|kl_rows|kl_loop|merged|merged_forward|inductor_tuning|inductor_tuning_gdn|sdpa|stream_tests|qla_tests|qla_bench|goal_rows|decode_in_place|decode_profile|decode_packed|ahead_tests|default_tests|teacher_ahead|budget_layers|kl_memory|gdn_decode_tests|gdn_decode"
 part=${1:?usage: $0 $parts}
 mkdir -p "$out/$part"
 source "$root/scripts/gpu/bench_lib.sh"
@@ -130,14 +134,20 @@ alternated() {  # alternated SECONDS LATER BASE CHANGED SWITCH=VALUE...: the gra
 llama3b_shape=(hidden_size=3072 intermediate_size=8192 num_hidden_layers=28 num_attention_heads=24
                num_key_value_heads=8 head_dim=128 vocab_size=128256)
 
-decode_at_8k() {  # decode_at_8k LIMIT NAME ARGS...: bench_inference.py at 8k x 16, 25% softmax, both models compiled
-  # and graphed, at SmolLM2-135M then Llama-3.2-3B shapes, each within LIMIT, into $out/$part/<shapes>_NAME.{log,json}
-  local limit=$1 name=$2 shapes extra; shift 2
+decode_shape() {  # decode_shape LIMIT SHAPES NAME ARGS...: bench_inference.py at 8k x 16, 25% softmax, both models
+  # compiled and graphed, at SHAPES (smollm2: SmolLM2-135M, llama3b: Llama-3.2-3B) within LIMIT, into
+  # $out/$part/SHAPES_NAME.{log,json}
+  local limit=$1 shapes=$2 name=$3 extra=(); shift 3
+  [[ $shapes == llama3b ]] && extra=(--shape "${llama3b_shape[@]}")
+  script "$limit" "${shapes}_$name.log" "$root/scripts/bench_inference.py" --contexts 8192 --batches 16 \
+    --softmax-ratio 0.25 --compile --decode graph "$@" "${extra[@]}" --out "$out/$part/${shapes}_$name.json"
+  echo "$shapes $name: exit $?"; grep -E "cuda_graph|model|^--" "$out/$part/${shapes}_$name.log"
+}
+
+decode_at_8k() {  # decode_at_8k LIMIT NAME ARGS...: decode_shape at SmolLM2-135M then Llama-3.2-3B shapes
+  local limit=$1 name=$2 shapes; shift 2
   for shapes in smollm2 llama3b; do
-    extra=(); [[ $shapes == llama3b ]] && extra=(--shape "${llama3b_shape[@]}")
-    script "$limit" "${shapes}_$name.log" "$root/scripts/bench_inference.py" --contexts 8192 --batches 16 \
-      --softmax-ratio 0.25 --compile --decode graph "$@" "${extra[@]}" --out "$out/$part/${shapes}_$name.json"
-    echo "$shapes $name: exit $?"; grep -E "cuda_graph|model|^--" "$out/$part/${shapes}_$name.log"
+    decode_shape "$limit" "$shapes" "$name" "$@"
   done
 }
 
@@ -284,6 +294,14 @@ case $part in
   decode_in_place)
     tests 150 static_decode_tests.log "$root/tests/gpu/test_static_decode_cuda.py"
     decode_at_8k 200 shapes ;;
+  gdn_decode_tests)  # session 36: the static-decode GPU tests, HD_GDN_DECODE=fused's included
+    tests 280 static_decode_tests.log "$root/tests/gpu/test_static_decode_cuda.py" ;;
+  gdn_decode)  # session 36: a GDN layer's decode step as one kernel (HD_GDN_DECODE=fused) against the compiled
+    # path, at each of DECODE_SHAPES (default both), the fused step profiled
+    for shapes in ${DECODE_SHAPES:-smollm2 llama3b}; do
+      HD_GDN_DECODE=compiled decode_shape 200 "$shapes" compiled
+      HD_GDN_DECODE=fused decode_shape 200 "$shapes" fused --profile-top 25
+    done ;;
   decode_profile|decode_packed)  # session 29: both models compiled alike (the teacher's attention too), each step
     # profiled; decode_packed with q/k/v (and a mixer's gates) and gate/up as one GEMV each (HD_PACKED_DECODE=on)
     if [[ $part == decode_packed ]]; then

@@ -85,7 +85,7 @@ class FixedAddressStateLayer(RecurrentStateLayer):
     def store(self, conv_caches, recurrent_state, new_tokens: int) -> None:
         if recurrent_state is not self.recurrent_state:  # else the mixer's kernel wrote it in place
             self.recurrent_state.copy_(recurrent_state)
-        pairs = list(zip(self.conv_caches or (), conv_caches or ()))
+        pairs = [(buffer, new) for buffer, new in zip(self.conv_caches or (), conv_caches or ()) if new is not buffer]
         if self.deferred_writes is None:
             for buffer, new in pairs:
                 buffer.copy_(new)

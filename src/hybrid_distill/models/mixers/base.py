@@ -56,6 +56,10 @@ class LinearMixer(nn.Module):
         cache = past_key_values if cache is None else cache
         keep = self._keep_mask(hidden_states)
         slot = None if cache is None else state_layer(cache, self.layer_idx)
+        fused = self._fused_decode_step(hidden_states, keep, slot)
+        if fused is not None:   # the caches were updated in place
+            slot.store(slot.conv_caches, slot.recurrent_state, 1)
+            return self.o_proj(fused), None
         conv_caches, recurrent_state = (None, None) if slot is None else (slot.conv_caches, slot.recurrent_state)
         kernel_inputs, conv_caches = self._kernel_inputs(hidden_states, keep, conv_caches)
         output, recurrent_state = self._kernel(kernel_inputs, recurrent_state, slot is not None,
@@ -73,6 +77,11 @@ class LinearMixer(nn.Module):
         """(output [B, T, H, V], final state or None) of the mixer's recurrence; with `state_in_place` the final
         state may be written into `recurrent_state` (a fixed-address cache's buffer) and returned as it."""
         raise NotImplementedError
+
+    def _fused_decode_step(self, hidden_states, keep, slot) -> torch.Tensor | None:
+        """A subclass's whole decode step from the layer input to the output projection's input, with the conv
+        caches and state of a fixed-address `slot` updated in place; None where it has none for this call."""
+        return None
 
     # -- pieces the subclasses combine ---------------------------------------------------------------
     def _keep_mask(self, hidden_states: torch.Tensor) -> torch.Tensor | None:

@@ -16,6 +16,8 @@ instead. Our conv's kernels walk the sequence row by row (`HD_CONV_KERNELS=rows`
 (`tiles`: the two-pass backward of sessions 19-21). `HD_GDN_KEEP_STATES=on` keeps fla's GDN chunk states for
 backward instead of recomputing them (gdn_kept_states.py; on by default: +3.0% on a graphed all-GDN step, H100, session 26; `off` recomputes). A decode step into a
 fixed-address cache has fla's recurrent GDN kernel write its new state over the old one (recurrent_in_place.py).
+`HD_GDN_DECODE=fused` runs a GDN layer's decode step into a
+fixed-address cache, from its input projections to its output norm, as one kernel of ours (gdn_decode_triton.py).
 The switches are read from the environment: set them before the process starts. fla is imported lazily: importing
 it costs seconds and it is useless on CPU.
 """
@@ -31,13 +33,14 @@ from . import torch_ops
 
 # what a benchmark records beside its numbers: ours, and fla's switch for its FlashQLA backend of GDN
 MIXER_OP_SWITCHES = ("HD_MIXER_BACKEND", "HD_SHORT_CONV", "HD_QK_L2NORM", "HD_CONV_GRADS_IN_PLACE",
-                     "HD_CONV_KERNELS", "HD_GDN_KEEP_STATES", "FLA_FLASH_QLA")
+                     "HD_CONV_KERNELS", "HD_GDN_KEEP_STATES", "HD_GDN_DECODE", "FLA_FLASH_QLA")
 # auto: a kernel inside graphed_steps, else torch
 FLA_OP_DEFAULTS = {"HD_SHORT_CONV": "auto", "HD_QK_L2NORM": "torch", "HD_CONV_GRADS_IN_PLACE": "on",
-                   "HD_CONV_KERNELS": "rows", "HD_GDN_KEEP_STATES": "on"}  # on: +3.0%, H100, session 26
+                   "HD_CONV_KERNELS": "rows", "HD_GDN_KEEP_STATES": "on",  # on: +3.0%, H100, session 26
+                   "HD_GDN_DECODE": "compiled"}
 OP_CHOICES = {"HD_SHORT_CONV": ("auto", "torch", "fla", "triton"), "HD_QK_L2NORM": ("torch", "fla"),
               "HD_CONV_GRADS_IN_PLACE": ("off", "on"), "HD_CONV_KERNELS": ("rows", "tiles"),
-              "HD_GDN_KEEP_STATES": ("off", "on")}
+              "HD_GDN_KEEP_STATES": ("off", "on"), "HD_GDN_DECODE": ("compiled", "fused")}
 GRAPHED_SHORT_CONV = "triton"  # the short conv that `auto` records in graphed steps
 KERNEL_CONV_MAX_TAPS = 4  # the widest short conv sent to a kernel: the taps short_conv_triton is written for
 DECODE_MAX_TOKENS = 64  # below this and without grad, fla's fused recurrent kernel beats the chunked one
@@ -85,8 +88,8 @@ def graphed_steps():
 
 def op_choice(variable: str, graphed: bool | None = None) -> str:
     """What the switch `variable` (HD_SHORT_CONV, HD_QK_L2NORM, HD_CONV_GRADS_IN_PLACE, HD_CONV_KERNELS,
-    HD_GDN_KEEP_STATES) picks for CUDA tensors here, or in a recorded step if `graphed` is given: torch, fla, (the
-    short conv) triton, off/on, or rows/tiles; unset, the switch takes its FLA_OP_DEFAULTS value."""
+    HD_GDN_KEEP_STATES, HD_GDN_DECODE) picks for CUDA tensors here, or in a recorded step if `graphed` is given:
+    torch, fla, (the short conv) triton, off/on, rows/tiles, or compiled/fused; unset, the switch takes its FLA_OP_DEFAULTS value."""
     choice = os.environ.get(variable, FLA_OP_DEFAULTS[variable])
     allowed = OP_CHOICES[variable]
     if choice not in allowed:
@@ -103,6 +106,16 @@ def use_kernel_short_conv(x: torch.Tensor) -> bool:
     if choice == "triton" and not x.is_cuda and os.environ.get("TRITON_INTERPRET") == "1":
         return mixer_backend() != "torch"
     return choice in ("fla", "triton") and use_fla(x)
+
+
+def use_fused_gdn_decode(x: torch.Tensor) -> bool:
+    """Whether a GDN decode token `x` runs gdn_decode_triton's one kernel per layer (HD_GDN_DECODE=fused): on CUDA,
+    or on CPU under Triton's interpreter (the tests)."""
+    if op_choice("HD_GDN_DECODE") != "fused":
+        return False
+    if not x.is_cuda and os.environ.get("TRITON_INTERPRET") == "1":
+        return mixer_backend() != "torch"
+    return use_fla(x)
 
 
 def use_fla_qk_l2norm(x: torch.Tensor) -> bool:

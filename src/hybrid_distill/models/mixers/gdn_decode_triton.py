@@ -1,0 +1,136 @@
+"""A GDN layer's whole decode step between its input and output projections, as one Triton kernel per layer.
+
+Why: a graphed decode step at SmolLM2 shapes is launch-bound. Compiled, a GDN layer's step between its projections
+ran about nine small kernels (the three short convs and their caches, the q/k norms, the gates), then fla's
+recurrent kernel and the output norm: 0.55 ms of an 8k x 16 hybrid step of about 1.8 ms on an H100, in kernels
+of 1-8 us each (docs/performance.md, session 31). Here one program per (sequence, head) does all of it on its
+head's channels: it owns those channels of the three conv caches and that head's state, so it shifts the caches
+and overwrites the state in place with no other program reading them.
+
+Per program, in the order and roundings of the eager path (`HD_GDN_DECODE=compiled`, models/mixers/gdn.py):
+  x' = silu(conv(cache, x)) for q, k, v (rounded to the input dtype), cache shifted to end in x;
+  q, k = l2norm(q), l2norm(k) (rounded); decay = -exp(A_log) * softplus(a + dt_bias); beta = sigmoid(b) [x 2];
+  S = exp(decay) S;  v'' = beta (v' - S^T k);  S += k v''^T;  o = S^T q * scale (rounded);
+  out = rmsnorm(o) * weight [* silu(gate)] (rounded).
+Under TRITON_INTERPRET=1 it runs on CPU tensors, which is how the tests check it against the eager path.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _conv_step(x, cache_ptr, weight_ptr, channels, mask, TAPS: tl.constexpr):
+    """silu(conv) of one token over its channels from the cache [channels, TAPS - 1] (oldest first), in float32;
+    shifts the cache in place to end in `x` (the raw input, in the cache's dtype)."""
+    acc = x.to(tl.float32) * tl.load(weight_ptr + channels * TAPS + TAPS - 1, mask=mask, other=0).to(tl.float32)
+    if TAPS > 1:
+        older = tl.load(cache_ptr + channels * (TAPS - 1), mask=mask, other=0)
+        for tap in tl.static_range(TAPS - 1):
+            weight = tl.load(weight_ptr + channels * TAPS + tap, mask=mask, other=0).to(tl.float32)
+            acc += older.to(tl.float32) * weight
+            if tap + 1 < TAPS - 1:   # read the next column before this one is overwritten
+                newer = tl.load(cache_ptr + channels * (TAPS - 1) + tap + 1, mask=mask, other=0)
+            else:
+                newer = x.to(older.dtype)
+            tl.store(cache_ptr + channels * (TAPS - 1) + tap, newer, mask=mask)
+            older = newer
+    return acc * tl.sigmoid(acc)
+
+
+@triton.jit
+def _l2_normalized(x):
+    return x * tl.rsqrt(tl.sum(x * x) + 1e-6)
+
+
+@triton.jit
+def gdn_decode_kernel(q_ptr, k_ptr, v_ptr, a_ptr, b_ptr, row_stride_q, row_stride_k, row_stride_v, row_stride_a,
+                      row_stride_b, q_cache, k_cache, v_cache, q_weight, k_weight, v_weight, a_log_ptr, dt_bias_ptr,
+                      state_ptr, gate_ptr, row_stride_gate, norm_weight_ptr, out_ptr, scale, norm_eps,
+                      HEADS: tl.constexpr, DIM: tl.constexpr, BLOCK: tl.constexpr, TAPS: tl.constexpr,
+                      HAS_CONV: tl.constexpr, HAS_GATE: tl.constexpr, NEG_EIGVAL: tl.constexpr):
+    program = tl.program_id(0).to(tl.int64)
+    row, head = program // HEADS, program % HEADS
+    lanes = tl.arange(0, BLOCK)
+    mask = lanes < DIM
+    columns = head * DIM + lanes
+    dtype = v_ptr.dtype.element_ty
+    q = tl.load(q_ptr + row * row_stride_q + columns, mask=mask, other=0)
+    k = tl.load(k_ptr + row * row_stride_k + columns, mask=mask, other=0)
+    v = tl.load(v_ptr + row * row_stride_v + columns, mask=mask, other=0)
+    if HAS_CONV:
+        inner = HEADS * DIM
+        cache_rows = row * inner * (TAPS - 1)
+        q = _conv_step(q, q_cache + cache_rows, q_weight, columns, mask, TAPS).to(dtype)
+        k = _conv_step(k, k_cache + cache_rows, k_weight, columns, mask, TAPS).to(dtype)
+        v = _conv_step(v, v_cache + cache_rows, v_weight, columns, mask, TAPS).to(dtype)
+    q = _l2_normalized(q.to(tl.float32)).to(dtype).to(tl.float32) * scale
+    k = _l2_normalized(k.to(tl.float32)).to(dtype).to(tl.float32)
+    v = v.to(tl.float32)
+
+    a = tl.load(a_ptr + row * row_stride_a + head).to(tl.float32) + tl.load(dt_bias_ptr + head).to(tl.float32)
+    softplus = tl.where(a > 20.0, a, tl.log(1.0 + tl.exp(a)))
+    decay = -tl.exp(tl.load(a_log_ptr + head).to(tl.float32)) * softplus
+    beta = tl.sigmoid(tl.load(b_ptr + row * row_stride_b + head).to(tl.float32))
+    if NEG_EIGVAL:
+        beta = beta * 2.0
+    beta = beta.to(dtype).to(tl.float32)
+
+    state_at = state_ptr + program * DIM * DIM + lanes[:, None] * DIM + lanes[None, :]   # [key, value]
+    state_mask = mask[:, None] & mask[None, :]
+    state = tl.load(state_at, mask=state_mask, other=0) * tl.exp(decay)
+    update = beta * (v - tl.sum(state * k[:, None], 0))
+    state += k[:, None] * update[None, :]
+    tl.store(state_at, state, mask=state_mask)
+    output = tl.sum(state * q[:, None], 0).to(dtype).to(tl.float32)
+
+    normed = output * tl.rsqrt(tl.sum(output * output) / DIM + norm_eps)
+    normed = normed * tl.load(norm_weight_ptr + lanes, mask=mask, other=0).to(tl.float32)
+    if HAS_GATE:
+        gate = tl.load(gate_ptr + row * row_stride_gate + columns, mask=mask, other=0).to(tl.float32)
+        normed = normed * (gate * tl.sigmoid(gate))
+    tl.store(out_ptr + row * HEADS * DIM + columns, normed.to(dtype), mask=mask)
+
+
+def _rows(tensor: torch.Tensor, width: int, name: str) -> torch.Tensor:
+    """`tensor` [B, 1, width] (a view into a packed GEMV's output may have a longer row) as [B, width] rows whose
+    elements are contiguous."""
+    if tensor.dim() != 3 or tensor.shape[1] != 1 or tensor.shape[2] != width or tensor.stride(-1) != 1:
+        raise ValueError(f"{name} must be [batch, 1, {width}] with contiguous elements, got {tuple(tensor.shape)} "
+                         f"with strides {tensor.stride()}")
+    return tensor[:, 0]
+
+
+def gdn_decode_step(q, k, v, a, b, conv_caches, conv_weights, A_log, dt_bias, state, gate, norm_weight,
+                    norm_eps: float, scale: float, neg_eigval: bool = False) -> torch.Tensor:
+    """One decode token of a GDN layer: q, k, v [B, 1, H*D] and a, b [B, 1, H] from its input projections;
+    conv_caches [B, H*D, taps - 1] x 3 and conv_weights [H*D, taps] x 3 (both None without short convs), shifted in
+    place; state [B, H, D, D] float32, overwritten; gate [B, 1, H*D] or None. Returns the normed output
+    [B, 1, H*D] for the output projection."""
+    heads, dim = state.shape[1], state.shape[2]
+    if state.dtype != torch.float32 or not state.is_contiguous() or state.shape[3] != dim:
+        raise ValueError(f"the state must be a contiguous float32 [B, H, D, D] buffer, got {state.dtype} "
+                         f"{tuple(state.shape)}")
+    inner = heads * dim
+    q_rows, k_rows, v_rows = (_rows(x, inner, name) for x, name in ((q, "q"), (k, "k"), (v, "v")))
+    a_rows, b_rows = _rows(a, heads, "a"), _rows(b, heads, "b")
+    gate_rows = _rows(gate, inner, "gate") if gate is not None else v_rows
+    has_conv = conv_caches is not None
+    if has_conv:
+        for cache in conv_caches:
+            if not cache.is_contiguous() or cache.shape[:2] != (state.shape[0], inner):
+                raise ValueError(f"conv caches must be contiguous [B, {inner}, taps - 1], got {tuple(cache.shape)}")
+        taps = conv_weights[0].shape[-1]
+        conv_weights = [weight.reshape(inner, taps).contiguous() for weight in conv_weights]
+    else:
+        conv_caches, conv_weights, taps = (state,) * 3, (state,) * 3, 1
+    output = torch.empty(state.shape[0], 1, inner, dtype=v.dtype, device=v.device)
+    gdn_decode_kernel[(state.shape[0] * heads,)](
+        q_rows, k_rows, v_rows, a_rows, b_rows, q_rows.stride(0), k_rows.stride(0), v_rows.stride(0),
+        a_rows.stride(0), b_rows.stride(0), *conv_caches, *conv_weights, A_log, dt_bias, state, gate_rows,
+        gate_rows.stride(0), norm_weight, output, scale, norm_eps, HEADS=heads, DIM=dim,
+        BLOCK=triton.next_power_of_2(dim), TAPS=taps, HAS_CONV=has_conv, HAS_GATE=gate is not None,
+        NEG_EIGVAL=neg_eigval, num_warps=4 if dim <= 64 else 8)
+    return output

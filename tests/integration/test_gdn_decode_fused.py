@@ -1,0 +1,110 @@
+"""A GDN layer's decode step as one kernel (`HD_GDN_DECODE=fused`, models/mixers/gdn_decode_triton.py) decodes what
+the compiled path decodes: checked on CPU with our Triton kernel under Triton's interpreter, in greedy decoding
+into fixed-address caches (tests/gpu/test_static_decode_cuda.py replays it as a CUDA graph)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from fla_interpreter import run_with_fla_interpreted
+
+pytestmark = pytest.mark.integration
+
+CHECK = r"""
+import json, os, sys, torch
+sys.path.insert(0, os.environ["HD_TESTS"])
+from tiny_models import tiny_teacher
+from hybrid_distill.evaluate.static_decode import StaticGreedyDecoder
+from hybrid_distill.models.student import build_student, mixers_of
+from hybrid_distill.models.mixers import gdn_decode_triton
+
+launches = []
+kernel_step = gdn_decode_triton.gdn_decode_step
+gdn_decode_triton.gdn_decode_step = lambda *args, **kwargs: launches.append(1) or kernel_step(*args, **kwargs)
+
+
+def hybrid(family, dtype, options):
+    model = build_student(tiny_teacher(family), [1], "gdn", **options).eval()
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():   # live gates, convs, norms: every parameter the kernel reads differs from its init
+        for mixer in mixers_of(model).values():
+            for name, parameter in mixer.named_parameters():
+                if not name.startswith(("q_proj", "k_proj", "v_proj", "o_proj")):
+                    parameter.add_(0.3 * torch.randn(parameter.shape, generator=generator))
+    return model.to(dtype)
+
+
+def decode(model, prompt, choice, steps=5):
+    os.environ["HD_GDN_DECODE"] = choice
+    launches.clear()
+    decoder = StaticGreedyDecoder.after_prefill(model, prompt, steps)
+    addresses = [tensor.data_ptr() for tensor in decoder.small_state]
+    logits = []
+    for _ in range(steps):
+        decoder.step()
+        logits.append(decoder.last_logits.clone())
+    return {"logits": torch.stack(logits), "tokens": decoder.tokens, "launches": len(launches),
+            "moved": addresses != [tensor.data_ptr() for tensor in decoder.small_state],
+            "deferred": len(decoder.deferred_writes)}
+
+
+report = {}
+cases = {"llama fp32": ("llama", torch.float32, {}),
+         "qwen2 fp32, output gate, negative eigenvalues": ("qwen2", torch.float32,
+                                                          dict(use_output_gate=True, allow_neg_eigval=True)),
+         "llama fp32, no short conv": ("llama", torch.float32, dict(use_short_conv=False)),
+         "llama bf16": ("llama", torch.bfloat16, {})}
+for case, (family, dtype, options) in cases.items():
+    model = hybrid(family, dtype, options)
+    prompt = torch.randint(model.config.vocab_size, (3, 9), generator=torch.Generator().manual_seed(0))
+    compiled, fused = decode(model, prompt, "compiled"), decode(model, prompt, "fused")
+    report[case] = {"difference": (compiled["logits"] - fused["logits"]).abs().max().item(),
+                    "scale": compiled["logits"].abs().max().item(),
+                    "same tokens": bool(torch.equal(compiled["tokens"], fused["tokens"])),
+                    "launches": [compiled["launches"], fused["launches"]],
+                    "moved": fused["moved"], "deferred": fused["deferred"]}
+print(json.dumps(report))
+"""
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    import os
+    from pathlib import Path
+
+    os.environ["HD_TESTS"] = str(Path(__file__).parents[1])
+    return run_with_fla_interpreted(CHECK, tmp_path_factory.mktemp("fused_decode"))
+
+
+@pytest.mark.parametrize("case", ["llama fp32", "qwen2 fp32, output gate, negative eigenvalues",
+                                  "llama fp32, no short conv"])
+def test_fused_step_decodes_what_the_compiled_path_decodes_in_float32(report, case):
+    found = report[case]
+    # 3 GDN layers x 5 steps through the kernel, none without the switch
+    assert found["launches"] == [0, 15], found
+    assert found["same tokens"], found
+    assert found["difference"] <= 2e-6 * max(found["scale"], 1.0), found
+    assert not found["moved"] and found["deferred"] == 0, found   # conv caches and states written in place
+
+
+def test_fused_step_keeps_the_eager_roundings_in_bfloat16(report):
+    found = report["llama bf16"]
+    assert found["launches"] == [0, 15] and found["same tokens"], found
+    assert found["difference"] <= 0.03 * found["scale"], found
+
+
+def test_the_step_names_a_buffer_it_cannot_use():
+    from hybrid_distill.models.mixers.gdn_decode_triton import gdn_decode_step
+
+    rows = torch.zeros(2, 1, 8)
+    heads = torch.zeros(2, 1, 2)
+    state = torch.zeros(2, 2, 4, 4)
+    with pytest.raises(ValueError, match="contiguous float32"):
+        gdn_decode_step(rows, rows, rows, heads, heads, None, None, heads[0, 0], heads[0, 0], state.double(), None,
+                        torch.ones(4), 1e-6, 0.5)
+    with pytest.raises(ValueError, match=r"^k must be \[batch, 1, 8\]"):
+        gdn_decode_step(rows, rows.transpose(0, 2), rows, heads, heads, None, None, heads[0, 0], heads[0, 0], state,
+                        None, torch.ones(4), 1e-6, 0.5)
+    with pytest.raises(ValueError, match="conv caches must be contiguous"):
+        caches = [torch.zeros(2, 3, 8).transpose(1, 2)] * 3
+        gdn_decode_step(rows, rows, rows, heads, heads, caches, [torch.zeros(8, 4)] * 3, heads[0, 0], heads[0, 0],
+                        state, None, torch.ones(4), 1e-6, 0.5)
