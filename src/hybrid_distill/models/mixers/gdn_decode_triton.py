@@ -22,22 +22,19 @@ import triton.language as tl
 
 
 @triton.jit
-def _conv_step(x, cache_ptr, weight_ptr, channels, mask, TAPS: tl.constexpr):
-    """silu(conv) of one token over its channels from the cache [channels, TAPS - 1] (oldest first), in float32;
-    shifts the cache in place to end in `x` (the raw input, in the cache's dtype)."""
+def _conv_step(x, cache_ptr, weight_ptr, channels, mask, TAPS: tl.constexpr, HISTORY: tl.constexpr):
+    """(silu(conv) of one token over its channels, in float32; the cache [channels, TAPS - 1] (oldest first) shifted
+    to end in `x`, to be stored after the program's barrier)."""
     acc = x.to(tl.float32) * tl.load(weight_ptr + channels * TAPS + TAPS - 1, mask=mask, other=0).to(tl.float32)
-    if TAPS > 1:
-        older = tl.load(cache_ptr + channels * (TAPS - 1), mask=mask, other=0)
-        for tap in tl.static_range(TAPS - 1):
-            weight = tl.load(weight_ptr + channels * TAPS + tap, mask=mask, other=0).to(tl.float32)
-            acc += older.to(tl.float32) * weight
-            if tap + 1 < TAPS - 1:   # read the next column before this one is overwritten
-                newer = tl.load(cache_ptr + channels * (TAPS - 1) + tap + 1, mask=mask, other=0)
-            else:
-                newer = x.to(older.dtype)
-            tl.store(cache_ptr + channels * (TAPS - 1) + tap, newer, mask=mask)
-            older = newer
-    return acc * tl.sigmoid(acc)
+    taps = tl.arange(0, HISTORY)[None, :]
+    kept = mask[:, None] & (taps < TAPS - 1)
+    at = cache_ptr + channels[:, None] * (TAPS - 1) + taps
+    history = tl.load(at, mask=kept, other=0)
+    weights = tl.load(weight_ptr + channels[:, None] * TAPS + taps, mask=kept, other=0).to(tl.float32)
+    acc += tl.sum(history.to(tl.float32) * weights, 1)
+    later = tl.load(at + 1, mask=mask[:, None] & (taps < TAPS - 2), other=0)
+    shifted = tl.where(taps == TAPS - 2, x[:, None].to(history.dtype), later)
+    return acc * tl.sigmoid(acc), shifted
 
 
 @triton.jit
@@ -50,7 +47,7 @@ def gdn_decode_kernel(q_ptr, k_ptr, v_ptr, a_ptr, b_ptr, row_stride_q, row_strid
                       row_stride_b, q_cache, k_cache, v_cache, q_weight, k_weight, v_weight, a_log_ptr, dt_bias_ptr,
                       state_ptr, gate_ptr, row_stride_gate, norm_weight_ptr, out_ptr, scale, norm_eps,
                       HEADS: tl.constexpr, DIM: tl.constexpr, BLOCK: tl.constexpr, TAPS: tl.constexpr,
-                      HAS_CONV: tl.constexpr, HAS_GATE: tl.constexpr, NEG_EIGVAL: tl.constexpr):
+                      HISTORY: tl.constexpr, HAS_CONV: tl.constexpr, HAS_GATE: tl.constexpr, NEG_EIGVAL: tl.constexpr):
     program = tl.program_id(0).to(tl.int64)
     row, head = program // HEADS, program % HEADS
     lanes = tl.arange(0, BLOCK)
@@ -61,11 +58,13 @@ def gdn_decode_kernel(q_ptr, k_ptr, v_ptr, a_ptr, b_ptr, row_stride_q, row_strid
     k = tl.load(k_ptr + row * row_stride_k + columns, mask=mask, other=0)
     v = tl.load(v_ptr + row * row_stride_v + columns, mask=mask, other=0)
     if HAS_CONV:
-        inner = HEADS * DIM
-        cache_rows = row * inner * (TAPS - 1)
-        q = _conv_step(q, q_cache + cache_rows, q_weight, columns, mask, TAPS).to(dtype)
-        k = _conv_step(k, k_cache + cache_rows, k_weight, columns, mask, TAPS).to(dtype)
-        v = _conv_step(v, v_cache + cache_rows, v_weight, columns, mask, TAPS).to(dtype)
+        cache_row = row * HEADS * DIM * (TAPS - 1)
+        cache_at = cache_row + columns[:, None] * (TAPS - 1) + tl.arange(0, HISTORY)[None, :]
+        cache_mask = mask[:, None] & (tl.arange(0, HISTORY)[None, :] < TAPS - 1)
+        q, q_shifted = _conv_step(q, q_cache + cache_row, q_weight, columns, mask, TAPS, HISTORY)
+        k, k_shifted = _conv_step(k, k_cache + cache_row, k_weight, columns, mask, TAPS, HISTORY)
+        v, v_shifted = _conv_step(v, v_cache + cache_row, v_weight, columns, mask, TAPS, HISTORY)
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     q = _l2_normalized(q.to(tl.float32)).to(dtype).to(tl.float32) * scale
     k = _l2_normalized(k.to(tl.float32)).to(dtype).to(tl.float32)
     v = v.to(tl.float32)
@@ -81,6 +80,14 @@ def gdn_decode_kernel(q_ptr, k_ptr, v_ptr, a_ptr, b_ptr, row_stride_q, row_strid
     state_at = state_ptr + program * DIM * DIM + lanes[:, None] * DIM + lanes[None, :]   # [key, value]
     state_mask = mask[:, None] & mask[None, :]
     state = tl.load(state_at, mask=state_mask, other=0) * tl.exp(decay)
+    # Every read of the caches and the state comes before this barrier, every write after it: a vector of one
+    # head's channels is held twice or more over the program's threads, and a warp running ahead must not shift a
+    # cache column that a slower warp's copy has still to read (on an H100 it did, before the barrier).
+    tl.debug_barrier()
+    if HAS_CONV:
+        tl.store(q_cache + cache_at, q_shifted, mask=cache_mask)
+        tl.store(k_cache + cache_at, k_shifted, mask=cache_mask)
+        tl.store(v_cache + cache_at, v_shifted, mask=cache_mask)
     update = beta * (v - tl.sum(state * k[:, None], 0))
     state += k[:, None] * update[None, :]
     tl.store(state_at, state, mask=state_mask)
@@ -131,6 +138,6 @@ def gdn_decode_step(q, k, v, a, b, conv_caches, conv_weights, A_log, dt_bias, st
         q_rows, k_rows, v_rows, a_rows, b_rows, q_rows.stride(0), k_rows.stride(0), v_rows.stride(0),
         a_rows.stride(0), b_rows.stride(0), *conv_caches, *conv_weights, A_log, dt_bias, state, gate_rows,
         gate_rows.stride(0), norm_weight, output, scale, norm_eps, HEADS=heads, DIM=dim,
-        BLOCK=triton.next_power_of_2(dim), TAPS=taps, HAS_CONV=has_conv, HAS_GATE=gate is not None,
+        BLOCK=triton.next_power_of_2(dim), TAPS=taps, HISTORY=triton.next_power_of_2(max(taps - 1, 1)), HAS_CONV=has_conv, HAS_GATE=gate is not None,
         NEG_EIGVAL=neg_eigval, num_warps=4 if dim <= 64 else 8)
     return output
