@@ -16,8 +16,9 @@ instead. Our conv's kernels walk the sequence row by row (`HD_CONV_KERNELS=rows`
 (`tiles`: the two-pass backward of sessions 19-21). `HD_GDN_KEEP_STATES=on` keeps fla's GDN chunk states for
 backward instead of recomputing them (gdn_kept_states.py; on by default: +3.0% on a graphed all-GDN step, H100, session 26; `off` recomputes). A decode step into a
 fixed-address cache has fla's recurrent GDN kernel write its new state over the old one (recurrent_in_place.py).
-`HD_GDN_DECODE=fused` runs a GDN layer's decode step into a
-fixed-address cache, from its input projections to its output norm, as one kernel of ours (gdn_decode_triton.py).
+`HD_GDN_DECODE=fused` (the default since session 36) runs a GDN layer's
+decode step into a fixed-address cache, from its input projections to its output norm, as one kernel of ours
+(gdn_decode_triton.py); `compiled` runs the compiled mixer maths and fla's recurrent kernel instead.
 The switches are read from the environment: set them before the process starts. fla is imported lazily: importing
 it costs seconds and it is useless on CPU.
 """
@@ -37,7 +38,7 @@ MIXER_OP_SWITCHES = ("HD_MIXER_BACKEND", "HD_SHORT_CONV", "HD_QK_L2NORM", "HD_CO
 # auto: a kernel inside graphed_steps, else torch
 FLA_OP_DEFAULTS = {"HD_SHORT_CONV": "auto", "HD_QK_L2NORM": "torch", "HD_CONV_GRADS_IN_PLACE": "on",
                    "HD_CONV_KERNELS": "rows", "HD_GDN_KEEP_STATES": "on",  # on: +3.0%, H100, session 26
-                   "HD_GDN_DECODE": "compiled"}
+                   "HD_GDN_DECODE": "fused"}  # fused: +30% (SmolLM2) and +5.6% (3B) decode, H100, session 36
 OP_CHOICES = {"HD_SHORT_CONV": ("auto", "torch", "fla", "triton"), "HD_QK_L2NORM": ("torch", "fla"),
               "HD_CONV_GRADS_IN_PLACE": ("off", "on"), "HD_CONV_KERNELS": ("rows", "tiles"),
               "HD_GDN_KEEP_STATES": ("off", "on"), "HD_GDN_DECODE": ("compiled", "fused")}
