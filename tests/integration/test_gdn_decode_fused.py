@@ -11,7 +11,7 @@ pytestmark = pytest.mark.integration
 
 CHECK = r"""
 import json, os, sys, torch
-sys.path.insert(0, os.environ["HD_TESTS"])
+sys.path.insert(0, TESTS_DIR)
 from tiny_models import tiny_teacher
 from hybrid_distill.evaluate.static_decode import StaticGreedyDecoder
 from hybrid_distill.models.student import build_student, mixers_of
@@ -68,11 +68,10 @@ print(json.dumps(report))
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
-    import os
     from pathlib import Path
 
-    os.environ["HD_TESTS"] = str(Path(__file__).parents[1])
-    return run_with_fla_interpreted(CHECK, tmp_path_factory.mktemp("fused_decode"))
+    tests = f"TESTS_DIR = {str(Path(__file__).parents[1])!r}\n"   # where tiny_models lives
+    return run_with_fla_interpreted(tests + CHECK, tmp_path_factory.mktemp("fused_decode"))
 
 
 @pytest.mark.parametrize("case", ["llama fp32", "qwen2 fp32, output gate, negative eigenvalues",
@@ -108,3 +107,14 @@ def test_the_step_names_a_buffer_it_cannot_use():
         caches = [torch.zeros(2, 3, 8).transpose(1, 2)] * 3
         gdn_decode_step(rows, rows, rows, heads, heads, caches, [torch.zeros(8, 4)] * 3, heads[0, 0], heads[0, 0],
                         state, None, torch.ones(4), 1e-6, 0.5)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message a machine without CUDA gets")
+def test_the_kernel_bench_names_what_it_needs_without_a_gpu(capsys):
+    import runpy
+    from pathlib import Path
+
+    bench = runpy.run_path(str(Path(__file__).parents[2] / "scripts" / "bench_gdn_decode_step.py"))
+    with pytest.raises(SystemExit):
+        bench["main"](["--warps", "4"])
+    assert "run it on a CUDA device" in capsys.readouterr().err

@@ -111,11 +111,12 @@ def _rows(tensor: torch.Tensor, width: int, name: str) -> torch.Tensor:
 
 
 def gdn_decode_step(q, k, v, a, b, conv_caches, conv_weights, A_log, dt_bias, state, gate, norm_weight,
-                    norm_eps: float, scale: float, neg_eigval: bool = False) -> torch.Tensor:
+                    norm_eps: float, scale: float, neg_eigval: bool = False, num_warps: int | None = None) -> torch.Tensor:
     """One decode token of a GDN layer: q, k, v [B, 1, H*D] and a, b [B, 1, H] from its input projections;
     conv_caches [B, H*D, taps - 1] x 3 and conv_weights [H*D, taps] x 3 (both None without short convs), shifted in
     place; state [B, H, D, D] float32, overwritten; gate [B, 1, H*D] or None. Returns the normed output
-    [B, 1, H*D] for the output projection."""
+    [B, 1, H*D] for the output projection. `num_warps` per program: 2 up to head size 64, else 4, unless given
+    (scripts/bench_gdn_decode_step.py times the choices)."""
     heads, dim = state.shape[1], state.shape[2]
     if state.dtype != torch.float32 or not state.is_contiguous() or state.shape[3] != dim:
         raise ValueError(f"the state must be a contiguous float32 [B, H, D, D] buffer, got {state.dtype} "
@@ -139,5 +140,5 @@ def gdn_decode_step(q, k, v, a, b, conv_caches, conv_weights, A_log, dt_bias, st
         a_rows.stride(0), b_rows.stride(0), *conv_caches, *conv_weights, A_log, dt_bias, state, gate_rows,
         gate_rows.stride(0), norm_weight, output, scale, norm_eps, HEADS=heads, DIM=dim,
         BLOCK=triton.next_power_of_2(dim), TAPS=taps, HISTORY=triton.next_power_of_2(max(taps - 1, 1)), HAS_CONV=has_conv, HAS_GATE=gate is not None,
-        NEG_EIGVAL=neg_eigval, num_warps=4 if dim <= 64 else 8)
+        NEG_EIGVAL=neg_eigval, num_warps=num_warps or (2 if dim <= 64 else 4))
     return output
