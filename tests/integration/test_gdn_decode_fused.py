@@ -22,8 +22,8 @@ kernel_step = gdn_decode_triton.gdn_decode_step
 gdn_decode_triton.gdn_decode_step = lambda *args, **kwargs: launches.append(1) or kernel_step(*args, **kwargs)
 
 
-def hybrid(family, dtype, options):
-    model = build_student(tiny_teacher(family), [1], "gdn", **options).eval()
+def hybrid(family, dtype, options, **shape):
+    model = build_student(tiny_teacher(family, **shape), [1], "gdn", **options).eval()
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():   # live gates, convs, norms: every parameter the kernel reads differs from its init
         for mixer in mixers_of(model).values():
@@ -52,9 +52,10 @@ cases = {"llama fp32": ("llama", torch.float32, {}),
          "qwen2 fp32, output gate, negative eigenvalues": ("qwen2", torch.float32,
                                                           dict(use_output_gate=True, allow_neg_eigval=True)),
          "llama fp32, no short conv": ("llama", torch.float32, dict(use_short_conv=False)),
+         "llama fp32, head size 24": ("llama", torch.float32, {}),   # not a power of 2: masked lanes
          "llama bf16": ("llama", torch.bfloat16, {})}
 for case, (family, dtype, options) in cases.items():
-    model = hybrid(family, dtype, options)
+    model = hybrid(family, dtype, options, **({"hidden_size": 96} if "head size 24" in case else {}))
     prompt = torch.randint(model.config.vocab_size, (3, 9), generator=torch.Generator().manual_seed(0))
     compiled, fused = decode(model, prompt, "compiled"), decode(model, prompt, "fused")
     report[case] = {"difference": (compiled["logits"] - fused["logits"]).abs().max().item(),
@@ -75,7 +76,7 @@ def report(tmp_path_factory):
 
 
 @pytest.mark.parametrize("case", ["llama fp32", "qwen2 fp32, output gate, negative eigenvalues",
-                                  "llama fp32, no short conv"])
+                                  "llama fp32, no short conv", "llama fp32, head size 24"])
 def test_fused_step_decodes_what_the_compiled_path_decodes_in_float32(report, case):
     found = report[case]
     # 3 GDN layers x 5 steps through the kernel, none without the switch
