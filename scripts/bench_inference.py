@@ -72,10 +72,11 @@ def main(argv=None):
             compile_student(model)
     result = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "dtype": str(dtype),
               "packed_decode": packed_decode_choice(), "gdn_decode": op_choice("HD_GDN_DECODE"),
+              "gla_decode": op_choice("HD_GLA_DECODE"),
               "mixer": args.mixer, "k": k, "layers": layers, "compile": args.compile, "shape": dict(args.shape), "rows": {}}
     print(f"{result['device']} {dtype}: teacher vs {args.mixer} hybrid with {k}/{layers} softmax layers"
           f"{', compiled' if args.compile else ''}, packed decode projections {result['packed_decode']}, "
-          f"GDN decode step {result['gdn_decode']}")
+          f"decode step {result[args.mixer + '_decode']}")
     print(f"{'model':14} {'decode':>10} {'context':>8} {'batch':>6} {'prefill ms':>11} {'decode tok/s':>13} "
           f"{'cache MiB':>10} {'peak MiB':>9}", flush=True)
     for name, model in (("teacher", teacher), (f"hybrid_K{k}", hybrid)):

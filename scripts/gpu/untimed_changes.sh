@@ -61,16 +61,18 @@
 #                 the teacher's logits made HD_KL_TEACHER_ROWS=1024 rows at a time): the compiled-KL GPU tests (its
 #                 peak-memory case included), then the graphed all-softmax step with the teacher's logits in parts
 #                 (the default) and whole (HD_KL_TEACHER_ROWS=0), alternated twice (40 kernels listed)
-#   gdn_decode_tests  the static-decode GPU tests, a GDN layer's decode step as one kernel (session 36,
+#   gdn_decode_tests  the static-decode GPU tests but GLA's, a GDN layer's decode step as one kernel (session 36,
 #                 HD_GDN_DECODE=fused) against HF's dynamic loop and the compiled path included
 #   gdn_decode    graphed decoding at 8k x 16 with HD_GDN_DECODE=compiled, then fused (profiled), at SmolLM2-135M and
 #                 Llama-3.2-3B shapes (DECODE_SHAPES picks some)
+#   fused_decode_tests  every static-decode GPU test, GLA's one-kernel decode step (HD_GLA_DECODE=fused) included
+#   gla_decode    gdn_decode for a GLA hybrid: HD_GLA_DECODE=compiled, then fused (profiled)
 # Usage: bash scripts/gpu/untimed_changes.sh PART (HD_REHEARSE=FILE records the commands without running them:
 # scripts/gpu/rehearse.py)
 set -uo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 out=${OUT:-bench-out}
-parts="decide|conv_tests|conv_bench|stream|kept_states|kl_rows|kl_loop|merged|merged_forward|inductor_tuning|inductor_tuning_gdn|sdpa|stream_tests|qla_tests|qla_bench|goal_rows|decode_in_place|decode_profile|decode_packed|ahead_tests|default_tests|teacher_ahead|budget_layers|kl_memory|gdn_decode_tests|gdn_decode"
+parts="decide|conv_tests|conv_bench|stream|kept_states|kl_rows|kl_loop|merged|merged_forward|inductor_tuning|inductor_tuning_gdn|sdpa|stream_tests|qla_tests|qla_bench|goal_rows|decode_in_place|decode_profile|decode_packed|ahead_tests|default_tests|teacher_ahead|budget_layers|kl_memory|gdn_decode_tests|gdn_decode|fused_decode_tests|gla_decode"
 part=${1:?usage: $0 $parts}
 mkdir -p "$out/$part"
 source "$root/scripts/gpu/bench_lib.sh"
@@ -294,8 +296,17 @@ case $part in
   decode_in_place)
     tests 150 static_decode_tests.log "$root/tests/gpu/test_static_decode_cuda.py"
     decode_at_8k 200 shapes ;;
-  gdn_decode_tests)  # session 36: the static-decode GPU tests, HD_GDN_DECODE=fused's included
-    tests 280 static_decode_tests.log "$root/tests/gpu/test_static_decode_cuda.py" ;;
+  gdn_decode_tests)  # session 36: the static-decode GPU tests, HD_GDN_DECODE=fused's included (GLA's left out)
+    tests 280 static_decode_tests.log "$root/tests/gpu/test_static_decode_cuda.py" -k "not gla" ;;
+  fused_decode_tests)  # session 36: every static-decode GPU test, GLA's one-kernel step (HD_GLA_DECODE=fused) too;
+    # fla's GLA kernels autotune for minutes on a fresh machine
+    tests 540 static_decode_tests.log "$root/tests/gpu/test_static_decode_cuda.py" ;;
+  gla_decode)  # session 36: graphed decoding of a GLA hybrid with HD_GLA_DECODE=compiled, then fused (profiled), at
+    # each of DECODE_SHAPES (default both)
+    for shapes in ${DECODE_SHAPES:-smollm2 llama3b}; do
+      HD_GLA_DECODE=compiled decode_shape 270 "$shapes" gla_compiled --mixer gla
+      HD_GLA_DECODE=fused decode_shape 200 "$shapes" gla_fused --mixer gla --profile-top 25
+    done ;;
   gdn_decode)  # session 36: a GDN layer's decode step as one kernel (HD_GDN_DECODE=fused) against the compiled
     # path, at each of DECODE_SHAPES (default both), the fused step profiled
     for shapes in ${DECODE_SHAPES:-smollm2 llama3b}; do

@@ -70,12 +70,12 @@ def test_graph_replay_equals_hf_dynamic_loop_in_float32(name):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3, msg=lambda m: f"step {step}: {m}")
 
 
-def fused_hybrid(dtype, head_dim, options):
-    """A hybrid whose GDN parameters (gates, convs, norm) all differ from their init, at the given head size."""
+def fused_hybrid(dtype, head_dim, options, mixer="gdn"):
+    """A hybrid whose mixer parameters (gates, convs, norm) all differ from their init, at the given head size."""
     torch.manual_seed(0)
     shape = {**SHAPE, "head_dim": head_dim, "hidden_size": 4 * head_dim}
     teacher = LlamaForCausalLM(LlamaConfig(**shape)).cuda().to(dtype).eval()
-    hybrid = build_student(teacher, [1], "gdn", **options).eval()
+    hybrid = build_student(teacher, [1], mixer, **options).eval()
     with torch.no_grad():
         for mixer in mixers_of(hybrid).values():
             for name, parameter in mixer.named_parameters():
@@ -84,17 +84,21 @@ def fused_hybrid(dtype, head_dim, options):
     return hybrid
 
 
-@pytest.mark.parametrize("head_dim,options", [(64, {}), (128, {}), (64, dict(use_output_gate=True))])
-def test_fused_gdn_step_replayed_equals_hf_dynamic_loop_in_float32(monkeypatch, head_dim, options):
-    """HD_GDN_DECODE=fused (one kernel per GDN layer and token) in a graph gives HF's dynamic loop's logits."""
-    from hybrid_distill.models.mixers import gdn_decode_triton
+@pytest.mark.parametrize("mixer,head_dim,options", [("gdn", 64, {}), ("gdn", 128, {}),
+                                                     ("gdn", 64, dict(use_output_gate=True)), ("gla", 64, {}),
+                                                     ("gla", 128, dict(use_output_gate=True))])
+def test_fused_step_replayed_equals_hf_dynamic_loop_in_float32(monkeypatch, mixer, head_dim, options):
+    """HD_GDN_DECODE / HD_GLA_DECODE=fused (one kernel per linear layer and token) in a graph gives HF's dynamic
+    loop's logits (fla's recurrent kernels)."""
+    from hybrid_distill.models.mixers import decode_step_triton
 
     torch.backends.cuda.matmul.allow_tf32 = False
     launches = []
-    step = gdn_decode_triton.gdn_decode_step
-    monkeypatch.setattr(gdn_decode_triton, "gdn_decode_step", lambda *a, **k: launches.append(1) or step(*a, **k))
-    monkeypatch.setenv("HD_GDN_DECODE", "fused")
-    model = fused_hybrid(torch.float32, head_dim, options)
+    name = f"{mixer}_decode_step"
+    step = getattr(decode_step_triton, name)
+    monkeypatch.setattr(decode_step_triton, name, lambda *a, **k: launches.append(1) or step(*a, **k))
+    monkeypatch.setenv(f"HD_{mixer.upper()}_DECODE", "fused")
+    model = fused_hybrid(torch.float32, head_dim, options, mixer)
     prompt = torch.randint(SHAPE["vocab_size"], (2, 300), device="cuda")
     expected = dynamic_greedy(model, prompt)
     assert not launches   # HF's dynamic cache is not a fixed-address one
@@ -104,13 +108,14 @@ def test_fused_gdn_step_replayed_equals_hf_dynamic_loop_in_float32(monkeypatch, 
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3, msg=lambda m: f"step {index}: {m}")
 
 
-@pytest.mark.parametrize("head_dim", [64, 128])
-def test_fused_gdn_step_in_bfloat16_replays_exactly_and_stays_near_the_compiled_path(monkeypatch, head_dim):
-    model = fused_hybrid(torch.bfloat16, head_dim, {})
+@pytest.mark.parametrize("mixer,head_dim", [("gdn", 64), ("gdn", 128), ("gla", 128)])
+def test_fused_step_in_bfloat16_replays_exactly_and_stays_near_the_compiled_path(monkeypatch, mixer, head_dim):
+    model = fused_hybrid(torch.bfloat16, head_dim, {}, mixer)
     prompt = torch.randint(SHAPE["vocab_size"], (4, 300), device="cuda")
-    monkeypatch.setenv("HD_GDN_DECODE", "compiled")
+    switch = f"HD_{mixer.upper()}_DECODE"
+    monkeypatch.setenv(switch, "compiled")
     _, compiled = decode(model, prompt, use_graph=True)
-    monkeypatch.setenv("HD_GDN_DECODE", "fused")
+    monkeypatch.setenv(switch, "fused")
     graphed, graph_logits = decode(model, prompt, use_graph=True)
     eager, eager_logits = decode(model, prompt, use_graph=False)
     assert torch.equal(graphed.tokens, eager.tokens)

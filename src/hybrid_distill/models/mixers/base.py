@@ -83,6 +83,14 @@ class LinearMixer(nn.Module):
         caches and state of a fixed-address `slot` updated in place; None where it has none for this call."""
         return None
 
+    def _fuses_decode(self, hidden_states, keep, slot, variable: str) -> bool:
+        """Whether this call is a decode token that the one-kernel step (decode_step_triton.py, switch `variable`)
+        can take: unpadded, without autograd, into a fixed-address cache, with bias-free short convs (or none)."""
+        convs = self._convs() if self.spec.use_short_conv else ()
+        return (slot is not None and slot.state_in_place and keep is None and hidden_states.shape[1] == 1
+                and not torch.is_grad_enabled() and kernels.use_fused_decode(hidden_states, variable)
+                and all(conv.bias is None for conv in convs))
+
     # -- pieces the subclasses combine ---------------------------------------------------------------
     def _keep_mask(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
         """[B, T] float mask of real tokens for this call, or None when nothing is padded."""

@@ -61,14 +61,12 @@ class GatedDeltaNetMixer(LinearMixer):
         return (q, k, v, decay_log, beta.to(v.dtype)), conv_caches
 
     def _fused_decode_step(self, hidden_states, keep, slot):
-        """gdn_decode_triton's one kernel (HD_GDN_DECODE=fused) for a decode token into a fixed-address cache."""
-        convs = self._convs() if self.spec.use_short_conv else ()
-        if not (slot is not None and slot.state_in_place and keep is None and hidden_states.shape[1] == 1
-                and not torch.is_grad_enabled() and kernels.use_fused_gdn_decode(hidden_states)
-                and all(conv.bias is None for conv in convs)):
+        """decode_step_triton's one kernel (HD_GDN_DECODE=fused) for a decode token into a fixed-address cache."""
+        if not self._fuses_decode(hidden_states, keep, slot, "HD_GDN_DECODE"):
             return None
-        from .gdn_decode_triton import gdn_decode_step
+        from .decode_step_triton import gdn_decode_step
 
+        convs = self._convs() if self.spec.use_short_conv else ()
         (q, k, v), (a_logits, b_logits) = self._project_inputs(hidden_states)
         gate = self.g_proj(hidden_states) if self.spec.use_output_gate else None
         return gdn_decode_step(q, k, v, a_logits, b_logits, slot.conv_caches if convs else None,

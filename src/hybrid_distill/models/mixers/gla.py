@@ -49,6 +49,22 @@ class GatedLinearAttentionMixer(LinearMixer):
             decay_log = decay_log * keep[..., None, None]
         return (q, k, v, decay_log), conv_caches
 
+    def _fused_decode_step(self, hidden_states, keep, slot):
+        """decode_step_triton's one kernel (HD_GLA_DECODE=fused) for a decode token into a fixed-address cache: the
+        low-rank decay's second factor, the convs, the recurrence and the output norm in one launch."""
+        if not self._fuses_decode(hidden_states, keep, slot, "HD_GLA_DECODE"):
+            return None
+        from .decode_step_triton import gla_decode_step
+
+        convs = self._convs() if self.spec.use_short_conv else ()
+        (q, k, v), (low_rank,) = self._project_inputs(hidden_states)
+        gate = self.g_proj(hidden_states) if self.spec.use_output_gate else None
+        factor = self.gk_proj[1]
+        return gla_decode_step(q, k, v, low_rank, factor.weight, factor.bias, self.spec.gate_logit_normalizer,
+                               slot.conv_caches if convs else None, [conv.weight for conv in convs] or None,
+                               slot.recurrent_state, gate, self.g_norm.weight, self.g_norm.eps,
+                               self.spec.head_dim ** -0.5)
+
     def _gate_linears(self):
         return (self.gk_proj[0],)
 

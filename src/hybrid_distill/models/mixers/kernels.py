@@ -18,7 +18,8 @@ backward instead of recomputing them (gdn_kept_states.py; on by default: +3.0% o
 fixed-address cache has fla's recurrent GDN kernel write its new state over the old one (recurrent_in_place.py).
 `HD_GDN_DECODE=fused` (the default since session 36) runs a GDN layer's
 decode step into a fixed-address cache, from its input projections to its output norm, as one kernel of ours
-(gdn_decode_triton.py); `compiled` runs the compiled mixer maths and fla's recurrent kernel instead.
+(decode_step_triton.py); `compiled` runs the compiled mixer maths and fla's recurrent kernel instead.
+`HD_GLA_DECODE=fused` does the same for GLA layers (off until it has run on a GPU).
 The switches are read from the environment: set them before the process starts. fla is imported lazily: importing
 it costs seconds and it is useless on CPU.
 """
@@ -34,14 +35,16 @@ from . import torch_ops
 
 # what a benchmark records beside its numbers: ours, and fla's switch for its FlashQLA backend of GDN
 MIXER_OP_SWITCHES = ("HD_MIXER_BACKEND", "HD_SHORT_CONV", "HD_QK_L2NORM", "HD_CONV_GRADS_IN_PLACE",
-                     "HD_CONV_KERNELS", "HD_GDN_KEEP_STATES", "HD_GDN_DECODE", "FLA_FLASH_QLA")
+                     "HD_CONV_KERNELS", "HD_GDN_KEEP_STATES", "HD_GDN_DECODE", "HD_GLA_DECODE", "FLA_FLASH_QLA")
 # auto: a kernel inside graphed_steps, else torch
 FLA_OP_DEFAULTS = {"HD_SHORT_CONV": "auto", "HD_QK_L2NORM": "torch", "HD_CONV_GRADS_IN_PLACE": "on",
                    "HD_CONV_KERNELS": "rows", "HD_GDN_KEEP_STATES": "on",  # on: +3.0%, H100, session 26
-                   "HD_GDN_DECODE": "fused"}  # fused: +30% (SmolLM2) and +5.6% (3B) decode, H100, session 36
+                   "HD_GDN_DECODE": "fused",  # fused: +30% (SmolLM2) and +7.7% (3B) decode, H100, session 36
+                   "HD_GLA_DECODE": "compiled"}  # fused: built in session 36, not yet run on a GPU
 OP_CHOICES = {"HD_SHORT_CONV": ("auto", "torch", "fla", "triton"), "HD_QK_L2NORM": ("torch", "fla"),
               "HD_CONV_GRADS_IN_PLACE": ("off", "on"), "HD_CONV_KERNELS": ("rows", "tiles"),
-              "HD_GDN_KEEP_STATES": ("off", "on"), "HD_GDN_DECODE": ("compiled", "fused")}
+              "HD_GDN_KEEP_STATES": ("off", "on"), "HD_GDN_DECODE": ("compiled", "fused"),
+              "HD_GLA_DECODE": ("compiled", "fused")}
 GRAPHED_SHORT_CONV = "triton"  # the short conv that `auto` records in graphed steps
 KERNEL_CONV_MAX_TAPS = 4  # the widest short conv sent to a kernel: the taps short_conv_triton is written for
 DECODE_MAX_TOKENS = 64  # below this and without grad, fla's fused recurrent kernel beats the chunked one
@@ -89,7 +92,7 @@ def graphed_steps():
 
 def op_choice(variable: str, graphed: bool | None = None) -> str:
     """What the switch `variable` (HD_SHORT_CONV, HD_QK_L2NORM, HD_CONV_GRADS_IN_PLACE, HD_CONV_KERNELS,
-    HD_GDN_KEEP_STATES, HD_GDN_DECODE) picks for CUDA tensors here, or in a recorded step if `graphed` is given:
+    HD_GDN_KEEP_STATES, HD_GDN_DECODE, HD_GLA_DECODE) picks for CUDA tensors here, or in a recorded step if `graphed` is given:
     torch, fla, (the short conv) triton, off/on, rows/tiles, or compiled/fused; unset, the switch takes its FLA_OP_DEFAULTS value."""
     choice = os.environ.get(variable, FLA_OP_DEFAULTS[variable])
     allowed = OP_CHOICES[variable]
@@ -109,10 +112,10 @@ def use_kernel_short_conv(x: torch.Tensor) -> bool:
     return choice in ("fla", "triton") and use_fla(x)
 
 
-def use_fused_gdn_decode(x: torch.Tensor) -> bool:
-    """Whether a GDN decode token `x` runs gdn_decode_triton's one kernel per layer (HD_GDN_DECODE=fused): on CUDA,
-    or on CPU under Triton's interpreter (the tests)."""
-    if op_choice("HD_GDN_DECODE") != "fused":
+def use_fused_decode(x: torch.Tensor, variable: str) -> bool:
+    """Whether a decode token `x` of a GDN (variable HD_GDN_DECODE) or GLA (HD_GLA_DECODE) layer runs
+    decode_step_triton's one kernel per layer (`fused`): on CUDA, or on CPU under Triton's interpreter (the tests)."""
+    if op_choice(variable) != "fused":
         return False
     if not x.is_cuda and os.environ.get("TRITON_INTERPRET") == "1":
         return mixer_backend() != "torch"

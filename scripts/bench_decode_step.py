@@ -1,7 +1,7 @@
-"""Times gdn_decode_triton's kernel alone (one GDN layer's decode step) at SmolLM2-135M and Llama-3.2-3B head shapes,
+"""Times decode_step_triton's kernel alone (one GDN layer's decode step) at SmolLM2-135M and Llama-3.2-3B head shapes,
 for several warps per program, and prints a table: microseconds per call and the state's bytes moved per second.
 
-Usage (GPU): python scripts/bench_gdn_decode_step.py [--batch 16] [--warps 2 4 8 16] [--out FILE.json]
+Usage (GPU): python scripts/bench_decode_step.py [--batch 16] [--warps 2 4 8 16] [--out FILE.json]
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def time_call(call, repeats: int = 200) -> float:
 
 def main(argv=None) -> int:
     from hybrid_distill.evaluate.run_eval import write_json_atomic
-    from hybrid_distill.models.mixers.gdn_decode_triton import gdn_decode_step
+    from hybrid_distill.models.mixers.decode_step_triton import gdn_decode_step
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=16)
