@@ -14,12 +14,12 @@ q, k and v's gradients straight into the mixer's input-GEMM gradient (short_conv
 all-GDN steps 1.2% faster on an H200, session 21); `HD_CONV_GRADS_IN_PLACE=off` runs the three convs apart
 instead. Our conv's kernels walk the sequence row by row (`HD_CONV_KERNELS=rows`: one-pass backward) or in tiles
 (`tiles`: the two-pass backward of sessions 19-21). `HD_GDN_KEEP_STATES=on` keeps fla's GDN chunk states for
-backward instead of recomputing them (gdn_kept_states.py; on by default: +3.0% on a graphed all-GDN step, H100, session 26; `off` recomputes). A decode step into a
-fixed-address cache has fla's recurrent GDN kernel write its new state over the old one (recurrent_in_place.py).
-`HD_GDN_DECODE=fused` (the default since session 36) runs a GDN layer's
-decode step into a fixed-address cache, from its input projections to its output norm, as one kernel of ours
-(decode_step_triton.py); `compiled` runs the compiled mixer maths and fla's recurrent kernel instead.
-`HD_GLA_DECODE=fused` does the same for GLA layers (off until it has run on a GPU).
+backward instead of recomputing them (gdn_kept_states.py; on by default: +3.0% on a graphed all-GDN step, H100,
+session 26; `off` recomputes). `HD_GDN_DECODE=fused` (the default since session 36) runs a GDN layer's decode step
+into a fixed-address cache, from its input projections to its output norm, as one kernel of ours
+(decode_step_triton.py); `compiled` runs the compiled mixer maths and fla's recurrent kernel, which then writes
+its new state over the old one (recurrent_in_place.py). `HD_GLA_DECODE=fused` does the same for GLA layers (off
+until it has run on a GPU).
 The switches are read from the environment: set them before the process starts. fla is imported lazily: importing
 it costs seconds and it is useless on CPU.
 """
@@ -92,8 +92,9 @@ def graphed_steps():
 
 def op_choice(variable: str, graphed: bool | None = None) -> str:
     """What the switch `variable` (HD_SHORT_CONV, HD_QK_L2NORM, HD_CONV_GRADS_IN_PLACE, HD_CONV_KERNELS,
-    HD_GDN_KEEP_STATES, HD_GDN_DECODE, HD_GLA_DECODE) picks for CUDA tensors here, or in a recorded step if `graphed` is given:
-    torch, fla, (the short conv) triton, off/on, rows/tiles, or compiled/fused; unset, the switch takes its FLA_OP_DEFAULTS value."""
+    HD_GDN_KEEP_STATES, HD_GDN_DECODE, HD_GLA_DECODE) picks for CUDA tensors here, or in a recorded step if
+    `graphed` is given: torch, fla, (the short conv) triton, off/on, rows/tiles, or compiled/fused; unset, the
+    switch takes its FLA_OP_DEFAULTS value."""
     choice = os.environ.get(variable, FLA_OP_DEFAULTS[variable])
     allowed = OP_CHOICES[variable]
     if choice not in allowed:
