@@ -37,7 +37,7 @@ def hybrid(family, mixer, dtype, options, **shape):
     return model.to(dtype)
 
 
-def decode(model, prompt, choice, steps=5):
+def decode(model, prompt, choice, steps=3):   # the second step reads what the first wrote
     os.environ["HD_GDN_DECODE"] = os.environ["HD_GLA_DECODE"] = choice
     launches.clear()
     decoder = StaticGreedyDecoder.after_prefill(model, prompt, steps)
@@ -89,8 +89,8 @@ def report(tmp_path_factory):
                                   "gla qwen2 fp32, output gate, rank 5", "gla llama fp32, no short conv, head size 24"])
 def test_fused_step_decodes_what_the_compiled_path_decodes_in_float32(report, case):
     found = report[case]
-    # 3 GDN layers x 5 steps through the kernel, none without the switch
-    assert found["launches"] == [0, 15], found
+    # 3 linear layers x 3 steps through the kernel, none without the switch
+    assert found["launches"] == [0, 9], found
     assert found["same tokens"], found
     assert found["difference"] <= 2e-6 * max(found["scale"], 1.0), found
     assert not found["moved"] and found["deferred"] == 0, found   # conv caches and states written in place
@@ -99,7 +99,7 @@ def test_fused_step_decodes_what_the_compiled_path_decodes_in_float32(report, ca
 @pytest.mark.parametrize("mixer", ["gdn", "gla"])
 def test_fused_step_keeps_the_eager_roundings_in_bfloat16(report, mixer):
     found = report[f"{mixer} llama bf16"]
-    assert found["launches"] == [0, 15] and found["same tokens"], found
+    assert found["launches"] == [0, 9] and found["same tokens"], found
     assert found["difference"] <= 0.03 * found["scale"], found
 
 
